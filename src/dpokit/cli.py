@@ -1,0 +1,131 @@
+"""The `dpokit` command. Commands stay thin: parse options, call one entry function, print.
+
+User errors (`UserError`) print one line on stderr and exit 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from dpokit.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Direct Preference Optimization on the Hugging Face stack: data -> train -> eval -> report.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect, convert and generate preference data.")
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a config key: --set section.key=value (repeatable).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dpokit import __version__
+
+        typer.echo(f"dpokit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug or os.environ.get("DPOKIT_DEBUG") == "1"
+
+
+def _load(config: str, overrides: list[str] | None, overwrite: bool = False):
+    from dpokit.config import load_config
+
+    extra = list(overrides or [])
+    if overwrite:
+        extra.append("output.overwrite=true")
+    return load_config(config, extra)
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Argument(help="Run config YAML, e.g. configs/tiny.yaml")],
+    set_: SetOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")] = False,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the evaluation at the end.")] = False,
+) -> None:
+    """Train with DPO as the config says; writes the run folder (output.dir)."""
+    from dpokit.train.trainer import run_training
+
+    cfg = _load(config, set_, overwrite)
+    result = run_training(cfg, resume=resume, evaluate=False if no_eval else None)
+    typer.echo(f"run folder: {result.run_dir}  ({result.wall_seconds:.1f} s)")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[str, typer.Argument(help="A run folder written by `dpokit train`.")],
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass.")] = None,
+) -> None:
+    """Evaluate a trained run on its held-out pairs; writes RUN_DIR/eval.json."""
+    from dpokit.eval import evaluate_run
+
+    evaluate_run(run_dir, batch_size=batch_size)
+    typer.echo(f"wrote {os.path.join(run_dir, 'eval.json')}")
+
+
+@app.command("config-keys")
+def config_keys() -> None:
+    """Print every config key with its default and help."""
+    from dpokit.config import RunConfig
+
+    typer.echo(describe_config(RunConfig))
+
+
+def describe_config(model, prefix: str = "") -> str:
+    from pydantic import BaseModel
+
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is not None:
+            lines.append(f"{prefix}{name}:  {field.description or ''}".rstrip())
+            lines.append(describe_config(sub, prefix + "  "))
+        else:
+            default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            lines.append(f"{prefix}{name} = {default}  # {field.description or ''}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

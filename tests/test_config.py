@@ -1,0 +1,86 @@
+"""Run config: validation errors name the key and the fix; overrides; shipped configs load."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpokit.config import load_config
+from dpokit.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, data, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def base(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    return {"data": {"source": str(data)}, "output": {"dir": str(tmp_path / "out")}}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.data.source
+
+
+def test_unknown_key_names_key_and_valid_keys(tmp_path):
+    raw = base(tmp_path)
+    raw["train"] = {"betta": 0.2}
+    with pytest.raises(UserError, match=r"train\.betta: unknown key; valid keys in train: .*beta"):
+        load_config(write(tmp_path, raw))
+
+
+def test_wrong_type_and_all_problems_at_once(tmp_path):
+    raw = base(tmp_path)
+    raw["train"] = {"beta": "high", "batch_size": 0}
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, raw))
+    msg = str(err.value)
+    assert "train.beta" in msg and "train.batch_size" in msg and "\n" not in msg
+
+
+def test_missing_data_file(tmp_path):
+    raw = base(tmp_path)
+    raw["data"]["source"] = str(tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match=r"data\.source: .*nope\.jsonl.* not found"):
+        load_config(write(tmp_path, raw))
+
+
+def test_missing_required_section(tmp_path):
+    with pytest.raises(UserError, match=r"data: required"):
+        load_config(write(tmp_path, {"train": {"beta": 0.1}}))
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    with pytest.raises(UserError, match=r"line 2.*malformed YAML"):
+        load_config(write(tmp_path, "data:\n  source: a: b\n"))
+
+
+def test_set_overrides_parse_types(tmp_path):
+    cfg = load_config(write(tmp_path, base(tmp_path)), ["train.beta=0.25", "train.lora.r=4", "eval.enabled=false"])
+    assert cfg.train.beta == 0.25 and cfg.train.lora.r == 4 and cfg.eval.enabled is False
+
+
+def test_bad_override_syntax(tmp_path):
+    with pytest.raises(UserError, match="section.key=value"):
+        load_config(write(tmp_path, base(tmp_path)), ["beta"])
+
+
+def test_relative_data_path_resolves_against_config_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    cfg = load_config(write(tmp_path / "sub", {"data": {"source": "d.jsonl"}}))
+    assert Path(cfg.data.source) == (tmp_path / "sub" / "d.jsonl").resolve()
+
+
+def test_adapter_reference_needs_lora(tmp_path):
+    raw = base(tmp_path)
+    raw["train"] = {"reference": "adapter"}
+    with pytest.raises(UserError, match="needs train.lora"):
+        load_config(write(tmp_path, raw))
