@@ -1,0 +1,60 @@
+"""Batched sampling with left padding, seeded so base and tuned models see the same randomness."""
+
+from __future__ import annotations
+
+import torch
+
+from dpokit.data.templates import is_conversational
+
+
+def prompt_text(prompt, tokenizer, system_prompt: str | None = None) -> str:
+    """A canonical prompt (string or messages) as the text the model continues."""
+    if isinstance(prompt, str):
+        return prompt
+    messages = list(prompt)
+    if system_prompt and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, max_new_tokens: int = 64,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+             system_prompt: str | None = None, progress=None) -> list[list[str]]:
+    """`num_samples` completions per prompt (decoded, special tokens stripped). temperature 0 = greedy.
+
+    Each batch reseeds torch from (seed, batch index), so two models sampled with the same arguments draw the same
+    random numbers batch by batch.
+    """
+    texts = [prompt_text(p, tokenizer, system_prompt) for p in prompts]
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    model.eval()
+    outputs: list[list[str]] = [[] for _ in texts]
+    jobs = [(i, s) for i in range(len(texts)) for s in range(num_samples)]
+    try:
+        for b, start in enumerate(range(0, len(jobs), batch_size)):
+            chunk = jobs[start:start + batch_size]
+            batch_texts = [texts[i] for i, _ in chunk]
+            add_special = not (tokenizer.bos_token and all(t.startswith(tokenizer.bos_token) for t in batch_texts))
+            enc = tokenizer(batch_texts, return_tensors="pt", padding=True, add_special_tokens=add_special).to(device)
+            torch.manual_seed(seed * 100003 + b)
+            sampling = temperature > 0
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=sampling,
+                temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                top_k=0 if sampling else None,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1]:]
+            for (i, _), ids in zip(chunk, new):
+                outputs[i].append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+__all__ = ["generate", "is_conversational", "prompt_text"]
