@@ -94,7 +94,7 @@ def print_report(report: dict) -> None:
     table.add_column("examples (where)")
 
     def row(name, tally, note=""):
-        wheres = ", ".join(e["where"] for e in tally.get("examples", []))
+        wheres = ", ".join(Path(e["where"]).name for e in tally.get("examples", []))  # file:line, short
         table.add_row(name + (f" [dim]{note}[/]" if note else ""), str(tally["count"]), wheres)
 
     table.add_row("rows read", str(counts["rows_in"]), "")
