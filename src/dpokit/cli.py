@@ -18,6 +18,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, convert and generate preference data.")
 app.add_typer(data_app, name="data")
 
+from dpokit.data.commands import register as _register_data_commands  # noqa: E402
+
+_register_data_commands(data_app)
+
 _state = {"debug": False}
 
 SetOption = Annotated[list[str] | None, typer.Option(

@@ -66,6 +66,14 @@ class DataConfig(Section):
         "the right if still too long); drop removes the pair; error stops.",
     )
     on_error: Literal["raise", "skip"] = Field("raise", description="Malformed rows: stop, or skip and count.")
+    pairing: Literal["best_worst", "best_random"] = Field(
+        "best_worst", description="Scored completions (format scored): chosen = highest score; rejected = lowest "
+        "(best_worst) or a random lower-scored one (best_random, seeded by data.seed). Ties are dropped."
+    )
+    min_score_gap: float = Field(
+        0.0, ge=0.0, description="Drop pairs whose chosen and rejected scores differ by less than this (formats "
+        "with scores: scored, ultrafeedback_binarized, shp), in the dataset's score units."
+    )
     seed: int = Field(42, description="Seed for the train/eval split.")
 
 
