@@ -88,7 +88,11 @@ class LoraConfig(Section):
 
 class TrainConfig(Section):
     engine: Literal["native", "trl"] = Field("native", description="native (dpokit) or trl (trl.DPOTrainer).")
-    loss: str = Field("sigmoid", description="DPO loss; see `dpokit train --list-losses`.")
+    loss: str | list[str] | dict[str, float] = Field(
+        "sigmoid", description="DPO loss, or weighted losses: 'sigmoid:1.0,sft:0.5', a list, or {name: weight}. "
+        "Names: see `dpokit train --list-losses` and the README's loss table.")
+    simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target reward margin gamma (loss: simpo).")
+    sft_weight: float = Field(0.0, ge=0.0, description="Weight of an NLL term on the chosen response (RPO); 0 = off.")
     beta: float = Field(0.1, gt=0.0, description="Strength of the KL penalty toward the reference (DPO beta).")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO label noise rate.")
     learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate.")
@@ -146,6 +150,12 @@ class RunConfig(Section):
             problems.append("train.reference: 'adapter' needs train.lora; set train.lora or use reference: model")
         if self.train.reference_model and self.train.reference not in ("auto", "model", "precomputed"):
             problems.append("train.reference_model: only used with reference: model or precomputed")
+        from dpokit.train.losses import parse_loss_spec  # the loss registry names the valid losses
+
+        try:
+            parse_loss_spec(self.train.loss, self.train.sft_weight)
+        except ValueError as err:
+            problems.append(f"train.loss: {err}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
