@@ -122,6 +122,15 @@ class TrainConfig(Section):
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most N checkpoints.")
     eval_steps: int = Field(0, ge=0, description="Evaluate held-out loss every N steps (0 = never during training).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    packing: bool = Field(
+        True, description="Prefix-shared, padding-free batches ([prompt, chosen, rejected] once per pair, 4-D "
+        "attention masks). A start-up self-check falls back to padded batches (with a warning) where the model "
+        "disagrees. false = padded batches.",
+    )
+    max_tokens_per_batch: int | None = Field(
+        None, ge=1, description="With packing: length-grouped training batches of up to this many tokens (prompt "
+        "once plus both responses) instead of batch_size pairs; loss normalised per pair. None = batch_size pairs.",
+    )
 
 
 class EvalConfig(Section):

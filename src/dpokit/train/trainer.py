@@ -22,8 +22,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dpokit.config import RunConfig
 from dpokit.errors import UserError
-from dpokit.train.batching import PairCollator, sequence_logps
 from dpokit.train.losses import LOSSES, PairLogps, combined_loss, needs_reference, parse_loss_spec
+from dpokit.train.packing import PackingTrainerMixin, batch_logps, choose_collator
 from dpokit.utils import atomic_write_text, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class TrainResult:
     wall_seconds: float
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(PackingTrainerMixin, Trainer):
     """Overrides: compute_loss (the DPO objective), prediction_step (eval loss without logits), log (adds the
     averaged DPO metrics to every logged row)."""
 
@@ -61,19 +61,22 @@ class DPOTrainer(Trainer):
         self.reference_forwards += 1
         with torch.no_grad():
             if self.ref_model is not None:
-                out = sequence_logps(self.ref_model, batch)
+                out = batch_logps(self.ref_model, batch)
             else:  # LoRA: the base model is the policy with its adapter switched off
                 with self.accelerator.unwrap_model(model).disable_adapter():
-                    out = sequence_logps(model, batch)
+                    out = batch_logps(model, batch)
         return out["chosen"], out["rejected"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy = sequence_logps(model, inputs)
+        policy = batch_logps(model, inputs)
         lp = PairLogps(policy["chosen"], policy["rejected"], chosen_tokens=policy["chosen_tokens"],
                        rejected_tokens=policy["rejected_tokens"])
         if self.needs_reference:
             lp.ref_chosen, lp.ref_rejected = self.reference_logps(model, inputs)
-        loss = combined_loss(self.loss_terms, lp, self.dpo_cfg).mean()
+        losses = combined_loss(self.loss_terms, lp, self.dpo_cfg)
+        # num_items_in_batch is set only for token-budget batches (PackingTrainerMixin): pairs in the whole step.
+        loss = losses.mean() if num_items_in_batch is None else (
+            losses.sum() * self.current_gradient_accumulation_steps / num_items_in_batch)
         if model.training and self.state.global_step == 0 and self.step0_check is None and lp.ref_chosen is not None:
             self._check_step0(lp)
         self._store_metrics(lp, "train" if model.training else "eval")
@@ -353,6 +356,7 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     args = training_arguments(cfg, run_dir, has_eval=bool(eval_enc))
     if ref_model is not None:
         ref_model.to(args.device)
+    collator, budget_sampler = choose_collator(cfg.train, model, ref_model, train_enc, tokenizer.pad_token_id)
     if cfg.train.engine == "trl":
         from dpokit.train.trl_engine import build_trl_trainer
 
@@ -360,9 +364,10 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     else:
         trainer = DPOTrainer(
             model=model, args=args, train_dataset=train_enc, eval_dataset=eval_enc or None,
-            data_collator=PairCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+            data_collator=collator, processing_class=tokenizer,
             dpo_cfg=cfg.train, ref_model=ref_model,
         )
+        trainer.token_budget_sampler = budget_sampler
     if not resume and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
     trainer.add_callback(MetricsFileCallback(run_dir / "metrics.jsonl"))
