@@ -5,9 +5,18 @@ import math
 import pytest
 
 from dpokit.eval.likelihood import preference_metrics
-from dpokit.eval.metrics import (histogram, histogram_edges, kl_summary, length_bucket, length_buckets,
-                                 length_summary, outcome_summary, ratio_interval, response_logps,
-                                 score_length_regression)
+from dpokit.eval.metrics import (
+    histogram,
+    histogram_edges,
+    kl_summary,
+    length_bucket,
+    length_buckets,
+    length_summary,
+    outcome_summary,
+    ratio_interval,
+    response_logps,
+    score_length_regression,
+)
 from dpokit.eval.stats import mean_interval, wilson_interval
 
 Z = 1.959963984540054
@@ -131,7 +140,7 @@ def test_response_logps_and_kl_of_a_model_with_itself(tiny_llama):
     sums, counts = response_logps(model, prompts, responses, tok.pad_token_id, batch_size=2)
     assert counts == [len(r) for r in responses]
     with torch.no_grad():
-        for p, r, s in zip(prompts, responses, sums):
+        for p, r, s in zip(prompts, responses, sums, strict=False):
             ids = torch.tensor([p + r])
             lp = token_logps(model(input_ids=ids).logits[:, :-1], ids[:, 1:])[0, len(p) - 1:].sum().item()
             assert s == pytest.approx(lp, abs=1e-4)

@@ -19,7 +19,7 @@ def test_sentiment_judge_pointwise_compare():
     judge = build_judge("sentiment", {})
     res = compare(judge, PROMPTS, GOOD, BAD)
     assert res.outcomes == [1, 1]
-    assert all(a > 0 > b for a, b in zip(res.scores_a, res.scores_b))
+    assert all(a > 0 > b for a, b in zip(res.scores_a, res.scores_b, strict=False))
     assert compare(judge, PROMPTS, GOOD, GOOD).outcomes == [0, 0]  # identical answers tie
     # A tie margin wider than the score gap turns wins into ties.
     assert compare(build_judge("sentiment", {"tie_margin": 5.0}), PROMPTS, GOOD, BAD).outcomes == [0, 0]
@@ -71,10 +71,10 @@ def test_reward_model_judge_matches_direct_forward(tiny_classifier):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
     tok = AutoTokenizer.from_pretrained(tiny_classifier)
     with torch.no_grad():  # one at a time, no padding: the reference the batched judge must match
-        direct = [model(**tok(p + r, return_tensors="pt")).logits[0, 0].item() for p, r in zip(prompts, responses)]
+        direct = [model(**tok(p + r, return_tensors="pt")).logits[0, 0].item() for p, r in zip(prompts, responses, strict=False)]
     assert scores == pytest.approx(direct, abs=1e-4)
     res = compare(judge, prompts, responses, list(reversed(responses)))
-    assert res.outcomes == [(x > y) - (x < y) for x, y in zip(res.scores_a, res.scores_b)]
+    assert res.outcomes == [(x > y) - (x < y) for x, y in zip(res.scores_a, res.scores_b, strict=False)]
 
 
 def test_reward_model_judge_needs_model():

@@ -59,11 +59,11 @@ def training_curves(rows: list[dict]) -> bytes | None:
     panels = [("loss", ["loss"]), ("rewards/accuracies", ["rewards/accuracies"]),
               ("rewards/margins", ["rewards/margins"]), ("rewards", ["rewards/chosen", "rewards/rejected"])]
     fig, axes = _figure(4, 3.4, 2.8)
-    for ax, (title, keys) in zip(axes, panels):
+    for ax, (title, keys) in zip(axes, panels, strict=False):
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if pts:
-                ax.plot(*zip(*pts), marker=".", label=key.split("/")[-1])
+                ax.plot(*zip(*pts, strict=False), marker=".", label=key.split("/")[-1])
         ax.set_title(title)
         ax.set_xlabel("step")
         if len(keys) > 1:
@@ -108,9 +108,9 @@ def outcome_bars(outcomes: dict, buckets: list[dict]) -> bytes:
     totals = [max(sum(g[1:]), 1) for g in groups]
     left = [0.0] * len(groups)
     for k, (name, color) in enumerate((("win", "#3a9d5d"), ("tie", "#bbbbbb"), ("loss", "#c44e52"))):
-        shares = [g[k + 1] / t for g, t in zip(groups, totals)]
+        shares = [g[k + 1] / t for g, t in zip(groups, totals, strict=False)]
         ax.barh(labels, shares, left=left, color=color, label=name)
-        left = [a + b for a, b in zip(left, shares)]
+        left = [a + b for a, b in zip(left, shares, strict=False)]
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of judged pairs (tuned vs base)")
     ax.legend(loc="lower right", fontsize=8)
@@ -285,7 +285,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples
              '<p class="note">Win/tie/loss is the tuned model\'s answer against the base model\'s answer for the same '
              "prompt and seed. Proportions use Wilson intervals, means normal intervals. KL is estimated on the tuned "
              "model's own samples.</p>"]
-    for key, (caption, png) in plots.items():
+    for caption, png in plots.values():
         parts += [f"<h2>{html.escape(caption)}</h2>", _img(png, caption)]
     if samples:
         parts += [f"<h2>Samples (first {min(len(samples), max_samples)} of {len(samples)})</h2>",

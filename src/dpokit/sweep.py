@@ -32,7 +32,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, li
 def sweep_points(swept: list[tuple[str, list[str]]]) -> list[list[str]]:
     """Every combination of swept values, as lists of `key=value` overrides."""
     keys = [k for k, _ in swept]
-    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(vals for _, vals in swept))]
+    return [[f"{k}={v}" for k, v in zip(keys, combo, strict=False)] for combo in itertools.product(*(vals for _, vals in swept))]
 
 
 def summarize_run(run_dir: Path, label: str) -> dict:

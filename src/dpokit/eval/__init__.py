@@ -118,8 +118,14 @@ def generation_metrics(cfg, judge, prompts: list, tuned, base, tokenizer, batch_
     Returns (generation dict, kl dict, per-sample records)."""
     from dpokit.eval.generation import sample
     from dpokit.eval.judges import compare
-    from dpokit.eval.metrics import (kl_summary, length_buckets, length_summary, outcome_summary,
-                                     response_logps, score_length_regression)
+    from dpokit.eval.metrics import (
+        kl_summary,
+        length_buckets,
+        length_summary,
+        outcome_summary,
+        response_logps,
+        score_length_regression,
+    )
 
     e = cfg.eval
     decoding = dict(num_samples=e.samples_per_prompt, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
@@ -159,7 +165,7 @@ def generation_metrics(cfg, judge, prompts: list, tuned, base, tokenizer, batch_
     kl = kl_summary(lp_t, lp_b, n_tok)
     kl["exact_sampling"] = e.temperature == 1.0 and e.top_p == 1.0
     records = []
-    for k, (p, t, b) in enumerate(zip(flat_prompts, tuned_s, base_s)):
+    for k, (p, t, b) in enumerate(zip(flat_prompts, tuned_s, base_s, strict=False)):
         records.append({"prompt": p, "sample": k % e.samples_per_prompt, "base": b.text, "tuned": t.text,
                         "base_tokens": len_b[k], "tuned_tokens": len_t[k], "outcome": cmp.outcomes[k],
                         "base_score": cmp.scores_b[k] if cmp.scores_b else None,

@@ -46,11 +46,11 @@ def compare_prompt(run_dir: str | Path, prompt: str, *, samples: int | None = No
     with _as_base(tuned, base) as base_model:
         base_s = sample(base_model, tokenizer, [the_prompt], **decoding)[0]
     out = [{"sample": k, "base": b.text, "tuned": t.text, "base_score": None, "tuned_score": None}
-           for k, (b, t) in enumerate(zip(base_s, tuned_s))]
+           for k, (b, t) in enumerate(zip(base_s, tuned_s, strict=False))]
     if judge is not None:
         prompts = [the_prompt] * n
         for row, bs, ts in zip(out, judge.score(prompts, [r["base"] for r in out]),
-                               judge.score(prompts, [r["tuned"] for r in out])):
+                               judge.score(prompts, [r["tuned"] for r in out]), strict=False):
             row.update(base_score=bs, tuned_score=ts)
     return out
 

@@ -50,7 +50,7 @@ def compare(judge, prompts: list, a: list[str], b: list[str]) -> Comparison:
     scores_a = [float(s) for s in judge.score(prompts, a)]
     scores_b = [float(s) for s in judge.score(prompts, b)]
     margin = float(getattr(judge, "tie_margin", 0.0))
-    return Comparison(outcomes=[sign(x - y, margin) for x, y in zip(scores_a, scores_b)],
+    return Comparison(outcomes=[sign(x - y, margin) for x, y in zip(scores_a, scores_b, strict=False)],
                       scores_a=scores_a, scores_b=scores_b)
 
 
@@ -137,7 +137,7 @@ class RewardModelJudge:
     def score(self, prompts: list, responses: list[str]) -> list[float]:
         import torch
 
-        texts = [self.text(p, r) for p, r in zip(prompts, responses)]
+        texts = [self.text(p, r) for p, r in zip(prompts, responses, strict=False)]
         scores: list[float] = []
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
@@ -263,14 +263,14 @@ class LLMJudge:
 
     def compare(self, prompts: list, a: list[str], b: list[str]) -> list[int | None]:
         texts = [_prompt_str(p) for p in prompts]
-        forward = [self.template.format(prompt=p, a=x, b=y) for p, x, y in zip(texts, a, b)]
-        swapped = [self.template.format(prompt=p, a=y, b=x) for p, x, y in zip(texts, a, b)]
+        forward = [self.template.format(prompt=p, a=x, b=y) for p, x, y in zip(texts, a, b, strict=False)]
+        swapped = [self.template.format(prompt=p, a=y, b=x) for p, x, y in zip(texts, a, b, strict=False)]
         replies = self._ask(forward + swapped)
         first = [parse_verdict(r) for r in replies[:len(forward)]]
         second = [parse_verdict(r) for r in replies[len(forward):]]
         outcomes: list[int | None] = []
         consistent = inconsistent = unparseable_answers = 0
-        for v1, v2 in zip(first, second):
+        for v1, v2 in zip(first, second, strict=False):
             unparseable_answers += (v1 is None) + (v2 is None)
             if v1 is None or v2 is None:
                 outcomes.append(None)
@@ -347,7 +347,7 @@ class PythonJudge:
 
     def score(self, prompts: list, responses: list[str]) -> list[float]:
         out = []
-        for p, r in zip(prompts, responses):
+        for p, r in zip(prompts, responses, strict=False):
             value = self.function(p, r)
             try:
                 out.append(float(value))

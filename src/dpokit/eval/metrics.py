@@ -86,7 +86,7 @@ def length_buckets(outcomes: list[int | None], len_tuned: list[int], len_base: l
     """Win/tie/loss of tuned vs base within each length bucket: a win rate that holds within length_matched is not
     a verbosity effect."""
     groups: dict[str, list[int | None]] = {name: [] for name in BUCKETS}
-    for o, lt, lb in zip(outcomes, len_tuned, len_base):
+    for o, lt, lb in zip(outcomes, len_tuned, len_base, strict=False):
         groups[length_bucket(lt, lb, tolerance)].append(o)
     rows = []
     for name in BUCKETS:
@@ -136,7 +136,7 @@ def ratio_interval(numerators: list[float], denominators: list[float], z: float 
     if n == 1:
         return {"value": r, "ci": [float("nan"), float("nan")], "n": n}
     mean_x = total_x / n
-    resid = [y - r * x for y, x in zip(numerators, denominators)]
+    resid = [y - r * x for y, x in zip(numerators, denominators, strict=False)]
     var = sum(e * e for e in resid) / (n - 1) / (n * mean_x * mean_x)
     half = z * math.sqrt(var)
     return {"value": r, "ci": [r - half, r + half], "n": n}
@@ -146,7 +146,7 @@ def kl_summary(logp_tuned: list[float], logp_base: list[float], n_tokens: list[i
     """Monte-Carlo KL(tuned || base) from samples y ~ pi_tuned: the mean over samples of
     sum_t [log pi_tuned(y_t|...) - log pi_base(y_t|...)], with a 95% interval; per token: total log-ratio over
     total tokens."""
-    diffs = [t - b for t, b in zip(logp_tuned, logp_base)]
+    diffs = [t - b for t, b in zip(logp_tuned, logp_base, strict=False)]
     return {"n_samples": len(diffs), "total_tokens": int(sum(n_tokens)), "sequence": _interval(diffs),
             "per_token": ratio_interval(diffs, [float(n) for n in n_tokens])}
 
@@ -161,12 +161,12 @@ def response_logps(model, prompt_ids: list[list[int]], response_ids: list[list[i
     counts: list[int] = []
     for start in range(0, len(prompt_ids), batch_size):
         prompts, responses = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
-        seqs = [p + r for p, r in zip(prompts, responses)]
+        seqs = [p + r for p, r in zip(prompts, responses, strict=False)]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         attention = torch.zeros_like(ids)
         mask = torch.zeros_like(ids)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=False)):
             ids[i, :len(p) + len(r)] = torch.tensor(p + r)
             attention[i, :len(p) + len(r)] = 1
             mask[i, len(p):len(p) + len(r)] = 1
