@@ -82,6 +82,11 @@ def eval_(
     typer.echo(f"wrote {os.path.join(run_dir, 'eval.json')}")
 
 
+from dpokit.eval.commands import register as _register_eval_commands  # noqa: E402
+
+_register_eval_commands(app)  # compare, report, sweep
+
+
 @app.command("config-keys")
 def config_keys() -> None:
     """Print every config key with its default and help."""
