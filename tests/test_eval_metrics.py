@@ -65,10 +65,16 @@ def test_win_tie_loss_with_ties_and_unparseable():
     assert (s["n"], s["wins"], s["ties"], s["losses"], s["unparseable"]) == (8, 4, 2, 2, 2)
     assert s["win"]["value"] == 0.5 and s["win"]["ci"] == pytest.approx(list(wilson_interval(4, 8)))
     assert s["tie"]["value"] == 0.25 and s["loss"]["value"] == 0.25
-    # Win rate with a tie worth half: (4 + 1) / 8; interval from the scores 1,1,1,1,.5,.5,0,0.
+    # Win rate with a tie worth half: (4 + 1) / 8; Wilson interval of 5 successes in 8.
     assert s["win_rate"]["value"] == pytest.approx(0.625)
-    _, low, high = mean_interval([1, 1, 1, 1, 0.5, 0.5, 0, 0])
-    assert s["win_rate"]["ci"] == pytest.approx([low, high])
+    z = 1.959963984540054
+    centre = (0.625 + z * z / 16) / (1 + z * z / 8)
+    half = z * (0.625 * 0.375 / 8 + z * z / 256) ** 0.5 / (1 + z * z / 8)
+    assert s["win_rate"]["ci"] == pytest.approx([centre - half, centre + half])
+    # All wins still leave an interval with width (a normal interval would collapse to [1, 1]).
+    all_wins = outcome_summary([1] * 10)["win_rate"]
+    assert all_wins["value"] == 1.0 and all_wins["ci"][0] == pytest.approx(wilson_interval(10, 10)[0])
+    assert all_wins["ci"][0] < 0.75
 
 
 def test_length_buckets_by_hand():

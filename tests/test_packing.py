@@ -13,7 +13,6 @@ from conftest import CONFIGS
 from dpokit.config import TrainConfig
 from dpokit.train.batching import PairCollator, sequence_logps
 from dpokit.train.losses import PairLogps, sigmoid_loss
-from dpokit.train.trainer import disable_dropout
 from dpokit.train.packing import (
     PackedPairCollator,
     TokenBudgetBatchSampler,
@@ -22,6 +21,7 @@ from dpokit.train.packing import (
     packed_sequence_logps,
     packing_self_check,
 )
+from dpokit.train.trainer import disable_dropout
 
 TOL = 1e-5
 

@@ -21,8 +21,9 @@ class Prepared:
 
 def data_config(source: str, overrides: dict, sets: list[str] | None = None):
     """A validated DataConfig from the command's options and `--set key=value` (or data.key=value)."""
-    from dpokit.config import DataConfig, parse_override
     from pydantic import ValidationError
+
+    from dpokit.config import DataConfig, parse_override
 
     raw = {"source": source, **{k: v for k, v in overrides.items() if v is not None}}
     for item in sets or []:

@@ -18,9 +18,15 @@ def _interval(values: list[float]) -> dict:
     return {"value": mean, "ci": [low, high], "n": len(values)}
 
 
+def _win_rate(wins: int, ties: int, n: int) -> dict:
+    low, high = wilson_interval(wins + 0.5 * ties, n)
+    return {"value": (wins + 0.5 * ties) / n if n else float("nan"), "ci": [low, high], "n": n}
+
+
 def outcome_summary(outcomes: list[int | None]) -> dict:
     """Counts and rates of +1 (win), 0 (tie), -1 (loss) over the parsed outcomes; None (unparseable) is counted and
-    excluded. win_rate scores a tie as half a win; its interval is the normal interval of the 1 / 0.5 / 0 scores."""
+    excluded. win_rate scores a tie as half a win; its interval is Wilson's on (wins + ties/2) of n, which, unlike a
+    normal interval, keeps a width when every outcome is the same (10 wins of 10 is not certainty)."""
     parsed = [o for o in outcomes if o is not None]
     wins, ties, losses = (sum(o == v for o in parsed) for v in (1, 0, -1))
     return {
@@ -29,7 +35,7 @@ def outcome_summary(outcomes: list[int | None]) -> dict:
         "win": proportion([o == 1 for o in parsed]),
         "tie": proportion([o == 0 for o in parsed]),
         "loss": proportion([o == -1 for o in parsed]),
-        "win_rate": _interval([(o + 1) / 2 for o in parsed]),
+        "win_rate": _win_rate(wins, ties, len(parsed)),
     }
 
 
