@@ -4,8 +4,8 @@
 import json
 
 import pytest
-from conftest import FIXTURES
 
+from conftest import FIXTURES
 from dpokit.config import DataConfig
 from dpokit.data import load_preferences, prompt_key
 from dpokit.data.templates import encode_rows, render, setup_chat_template

@@ -21,8 +21,9 @@ class Prepared:
 
 def data_config(source: str, overrides: dict, sets: list[str] | None = None):
     """A validated DataConfig from the command's options and `--set key=value` (or data.key=value)."""
-    from dpokit.config import DataConfig, parse_override
     from pydantic import ValidationError
+
+    from dpokit.config import DataConfig, parse_override
 
     raw = {"source": source, **{k: v for k, v in overrides.items() if v is not None}}
     for item in sets or []:
@@ -35,7 +36,7 @@ def data_config(source: str, overrides: dict, sets: list[str] | None = None):
     except ValidationError as err:
         from dpokit.config import _format_validation_error
 
-        raise UserError(_format_validation_error(err, "data options").replace("invalid config", "invalid option"))
+        raise UserError(_format_validation_error(err, "data options").replace("invalid config", "invalid option")) from None
 
 
 def run_checks(data_cfg, model: str | None = None) -> Prepared:
