@@ -44,7 +44,7 @@ def row_checks(rows: list[dict], locations: list[str]) -> dict:
     empty = {name: Tally() for name in ("prompt", "chosen", "rejected")}
     duplicates = Tally()
     seen: dict[str, str] = {}
-    for row, where in zip(rows, locations):
+    for row, where in zip(rows, locations, strict=True):
         for name, tally in empty.items():
             value = row[name]
             if not text_of(value).strip() or (isinstance(value, list) and any(not m["content"].strip() for m in value)):

@@ -36,7 +36,7 @@ def data_config(source: str, overrides: dict, sets: list[str] | None = None):
     except ValidationError as err:
         from dpokit.config import _format_validation_error
 
-        raise UserError(_format_validation_error(err, "data options").replace("invalid config", "invalid option"))
+        raise UserError(_format_validation_error(err, "data options").replace("invalid config", "invalid option")) from None
 
 
 def run_checks(data_cfg, model: str | None = None) -> Prepared:
