@@ -111,6 +111,16 @@ def describe_config(model, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+def _click_exception_types():
+    import importlib
+
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            yield importlib.import_module(module).ClickException
+        except ImportError:
+            pass
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
@@ -128,9 +138,9 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as err:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(err, click.ClickException):
+        # typer >= 0.20 vendors click as typer._click; older typer raises click's own exceptions.
+        click_errors = tuple(_click_exception_types())
+        if isinstance(err, click_errors):
             err.show()
             sys.exit(err.exit_code)
         raise
