@@ -157,6 +157,11 @@ def test_template_checks_fail_loudly(tiny_llama):
     setup_chat_template(tok, never)
     with pytest.raises(UserError, match="0 EOS"):
         encode_rows([row], tok, DataConfig(source="x.jsonl", chat_template=never), "x")
+    # A template that closes turns with its own special end-of-turn token (Gemma, Llama 3 style) is accepted.
+    turn_token = CHATML.replace("'<|im_end|>\n'", "'</s>\n'")
+    setup_chat_template(tok, turn_token)
+    encoded, _ = encode_rows([row], tok, DataConfig(source="x.jsonl", chat_template=turn_token), "x")
+    assert tok.convert_tokens_to_ids("</s>") in encoded[0]["chosen_ids"]
     # A template that writes the BOS itself does not get a second one from the tokenizer.
     with_bos = "{{ bos_token }}" + CHATML
     setup_chat_template(tok, with_bos)

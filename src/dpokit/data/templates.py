@@ -136,7 +136,10 @@ def check_template(pair: dict, texts: tuple[str, str, str], tokenizer, where: st
         if eos is not None:
             n_eos = ids.count(eos)
             tail = tokenizer.decode(ids[ids.index(eos) + 1:]) if n_eos == 1 else ""
-            if n_eos != 1 or tail.strip():
+            # Some chat templates close a turn with their own end-of-turn token rather than the EOS (Gemma's
+            # <end_of_turn>, Llama 3's <|eot_id|> when eos is <|end_of_text|>): accept one special token closing it.
+            closed_by_turn_token = n_eos == 0 and _ends_with_special(ids, tokenizer)
+            if (n_eos != 1 or tail.strip()) and not closed_by_turn_token:
                 raise UserError(
                     f"{where}: the {name} response has {n_eos} EOS token(s) "
                     f"{'not at its end ' if n_eos == 1 else ''}(expected exactly one, closing the response); "
@@ -156,6 +159,18 @@ def check_template(pair: dict, texts: tuple[str, str, str], tokenizer, where: st
                     "prompt on a clean boundary (e.g. a newline)"
                 )
     return merged
+
+
+def _ends_with_special(ids: list[int], tokenizer) -> bool:
+    """True when the last token that is not whitespace is a special (added, special=True) token."""
+    special = set(tokenizer.all_special_ids) | {
+        i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(tok, "special", False)}
+    for token_id in reversed(ids):
+        if token_id in special:
+            return True
+        if tokenizer.decode([token_id]).strip():
+            return False
+    return False
 
 
 def preview_text(text: str, limit: int = 60) -> str:
