@@ -87,6 +87,16 @@ from dpokit.eval.commands import register as _register_eval_commands  # noqa: E4
 _register_eval_commands(app)  # compare, report, sweep
 
 
+@app.command("losses")
+def losses_() -> None:
+    """List the DPO losses for train.loss (from the loss registry), with their paper and whether they need a reference."""
+    from dpokit.train.losses import LOSSES
+
+    for name, (fn, needs_ref) in LOSSES.items():
+        first = (fn.__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:10s} {'reference' if needs_ref else 'no reference':13s} {first}")
+
+
 @app.command("config-keys")
 def config_keys() -> None:
     """Print every config key with its default and help."""

@@ -90,7 +90,7 @@ class TrainConfig(Section):
     engine: Literal["native", "trl"] = Field("native", description="native (dpokit) or trl (trl.DPOTrainer).")
     loss: str | list[str] | dict[str, float] = Field(
         "sigmoid", description="DPO loss, or weighted losses: 'sigmoid:1.0,sft:0.5', a list, or {name: weight}. "
-        "Names: see `dpokit train --list-losses` and the README's loss table.")
+        "Names: see `dpokit losses`.")
     simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target reward margin gamma (loss: simpo).")
     sft_weight: float = Field(0.0, ge=0.0, description="Weight of an NLL term on the chosen response (RPO); 0 = off.")
     beta: float = Field(0.1, gt=0.0, description="Strength of the KL penalty toward the reference (DPO beta).")

@@ -237,6 +237,7 @@ def fingerprint_model(model) -> str:
         for name, p in model.named_parameters():
             h.update(name.encode())
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel())).long()
+            # float64: float32 linspace can round the last index up to numel on large tensors
+            idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel()), dtype=torch.float64).long()
             h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -329,6 +329,10 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     from dpokit.models import load_model_and_tokenizer
 
     reference = resolve_reference(cfg)
+    if cfg.train.engine == "trl":
+        from dpokit.train.trl_engine import check_trl_config
+
+        reference = check_trl_config(cfg.train, reference)
     run_dir = prepare_run_dir(cfg, resume)
 
     # 1. Data and models: everything that can fail on user input happens before the run folder is written.

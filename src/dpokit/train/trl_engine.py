@@ -29,6 +29,17 @@ def trl_loss_types(train_cfg) -> tuple[list[str], list[float]]:
     return [TRL_LOSSES[name] for name, _ in terms], [weight for _, weight in terms]
 
 
+def check_trl_config(train_cfg, reference: str) -> str:
+    """Validate before anything is written; returns the reference TRL will use (it always has one)."""
+    trl_loss_types(train_cfg)
+    if reference == "none":
+        return "adapter" if train_cfg.lora is not None else "model"
+    if reference not in ("model", "adapter"):
+        raise UserError(f"train.reference: {reference} is not supported with engine: trl; use model or adapter "
+                        "(or engine: native)")
+    return reference
+
+
 def dpo_config(args: TrainingArguments, train_cfg):
     from trl import DPOConfig
 
@@ -44,9 +55,6 @@ def build_trl_trainer(cfg, model, tokenizer, args, train_enc, eval_enc, ref_mode
     from datasets import Dataset
     from trl import DPOTrainer as TRLDPOTrainer
 
-    if reference not in ("model", "adapter"):
-        raise UserError(f"train.reference: {reference} is not supported with engine: trl; use model or adapter "
-                        "(or engine: native)")
     trl_args = dpo_config(args, cfg.train)
     peft_config = None
     if cfg.train.lora is not None and hasattr(model, "peft_config"):
