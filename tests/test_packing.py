@@ -175,7 +175,7 @@ def test_token_budget_training_resumes_with_the_same_data_order(cli, tmp_path):
     shutil.rmtree(part / "checkpoints" / "checkpoint-4")
     rows = (part / "metrics.jsonl").read_text().splitlines()
     (part / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= 2))
-    res = cli("train", part / "config.yaml", "--resume", "--no-eval")
+    res = cli("train", part / "config.yaml", "--set", f"output.dir={part}", "--resume", "--no-eval")
     assert res.returncode == 0, res.stderr[-2000:]
     want = dict(read_losses(full))
     got = dict(read_losses(part))

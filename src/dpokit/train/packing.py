@@ -124,6 +124,12 @@ def _model_dtype(model) -> torch.dtype:
     return torch.float32
 
 
+def _attn_impl(model) -> str | None:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
 def _split_head(model):
     """(decoder, lm_head) when the logits are a plain linear map of the decoder output, else None."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
@@ -140,10 +146,12 @@ def _split_head(model):
 
 def packed_sequence_logps(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Same output as `batching.sequence_logps` (chosen/rejected sums and token counts), from a packed batch."""
-    dtype = _model_dtype(model)
     allowed = batch["attention_mask"]
-    # Additive float mask: eager attention adds the mask to the scores, so a bool mask would be wrong there.
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    if _attn_impl(model) == "sdpa":
+        mask = allowed  # sdpa takes the bool mask as is, whatever the compute dtype (autocast included)
+    else:  # eager adds the mask to the scores: additive float mask
+        dtype = _model_dtype(model)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
     split = _split_head(model)
     rows, pos = batch["score_row"], batch["score_pos"]
