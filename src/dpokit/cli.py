@@ -63,7 +63,8 @@ def train(
 
     cfg = _load(config, set_, overwrite)
     result = run_training(cfg, resume=resume, evaluate=False if no_eval else None)
-    typer.echo(f"run folder: {result.run_dir}  ({result.wall_seconds:.1f} s)")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per job, not per rank
+        typer.echo(f"run folder: {result.run_dir}  ({result.wall_seconds:.1f} s)")
 
 
 @app.command("eval")
