@@ -128,6 +128,10 @@ class AtomicCheckpointMixin:
                 shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
             else:
                 os.replace(os.path.join(staging_root, name), target)
+            try:
+                os.rmdir(staging_root)  # leave no empty staging folder behind
+            except OSError:
+                pass
             rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
