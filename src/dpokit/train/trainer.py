@@ -251,7 +251,8 @@ def prepare_data(cfg: RunConfig, tokenizer):
 
 def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = None) -> TrainResult:
     start = time.time()
-    from dpokit.models import load_model_and_tokenizer
+    from dpokit.models import load_model_and_tokenizer, load_tokenizer
+    from dpokit.secrets import apply_token_env
 
     quiet_non_main_process()
 
@@ -261,8 +262,12 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     run_dir = prepare_run_dir(cfg, resume)
 
     # 1. Data and models: everything that can fail on user input happens before the run folder is written.
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    # Tokenizer and data first: bad data fails in seconds, before the weights load.
+    apply_token_env(cfg.model)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
+                               trust_remote_code=cfg.model.trust_remote_code)
     data, train_enc, eval_enc = prepare_data(cfg, tokenizer)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, tokenizer=tokenizer)
     if cfg.train.disable_dropout:
         disable_dropout(model)
     ref_model = build_reference(cfg, model, reference)
