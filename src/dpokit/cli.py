@@ -79,6 +79,21 @@ def eval_(
     typer.echo(f"wrote {os.path.join(run_dir, 'eval.json')}")
 
 
+@app.command("export")
+def export(
+    run_dir: Annotated[str, typer.Argument(help="A run folder written by `dpokit train`.")],
+    out: Annotated[str, typer.Option("--out", help="Folder to write the HF model to.")],
+    merge: Annotated[bool, typer.Option("--merge", help="Merge a LoRA adapter into the base weights.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", help="Also upload to this hub repo (user/name); token from HF_TOKEN.")] = None,
+) -> None:
+    """Export a trained run as a standalone Hugging Face model folder with a model card."""
+    from dpokit.export import export_run
+
+    path = export_run(run_dir, out, merge=merge, overwrite=overwrite, push_to_hub=push_to_hub)
+    typer.echo(f"exported {path}" + (f" and pushed to {push_to_hub}" if push_to_hub else ""))
+
+
 @app.command("config-keys")
 def config_keys() -> None:
     """Print every config key with its default and help."""

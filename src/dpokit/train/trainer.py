@@ -321,6 +321,7 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     if trainer.is_world_process_zero() and cfg.output.save_model:
         trainer.save_model(str(run_dir / "model"))
         tokenizer.save_pretrained(str(run_dir / "model"))
+        (run_dir / "model" / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has it all
     final = dict(output.metrics)
     wall = time.time() - start
     if trainer.is_world_process_zero():
