@@ -318,10 +318,12 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
             f"{_last_checkpoint(run_dir)}; continue with: dpokit train CONFIG --resume", stopper.received)
 
     # 4. Save.
-    if trainer.is_world_process_zero() and cfg.output.save_model:
+    if cfg.output.save_model:
+        # Every rank calls save_model (FSDP / ZeRO-3 gather the shards); Trainer writes from rank 0 only.
         trainer.save_model(str(run_dir / "model"))
-        tokenizer.save_pretrained(str(run_dir / "model"))
-        (run_dir / "model" / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has it all
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(str(run_dir / "model"))
+            (run_dir / "model" / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has it all
     final = dict(output.metrics)
     wall = time.time() - start
     if trainer.is_world_process_zero():
