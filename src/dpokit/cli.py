@@ -67,7 +67,8 @@ def train(
 
     cfg = _load(config, set_, overwrite)
     result = run_training(cfg, resume=resume, evaluate=False if no_eval else None)
-    typer.echo(f"run folder: {result.run_dir}  ({result.wall_seconds:.1f} s)")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per job, not per rank
+        typer.echo(f"run folder: {result.run_dir}  ({result.wall_seconds:.1f} s)")
 
 
 @app.command("eval")
@@ -95,6 +96,21 @@ def losses_() -> None:
     for name, (fn, needs_ref) in LOSSES.items():
         first = (fn.__doc__ or "").strip().splitlines()[0]
         typer.echo(f"{name:10s} {'reference' if needs_ref else 'no reference':13s} {first}")
+
+
+@app.command("export")
+def export(
+    run_dir: Annotated[str, typer.Argument(help="A run folder written by `dpokit train`.")],
+    out: Annotated[str, typer.Option("--out", help="Folder to write the HF model to.")],
+    merge: Annotated[bool, typer.Option("--merge", help="Merge a LoRA adapter into the base weights.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", help="Also upload to this hub repo (user/name); token from HF_TOKEN.")] = None,
+) -> None:
+    """Export a trained run as a standalone Hugging Face model folder with a model card."""
+    from dpokit.export import export_run
+
+    path = export_run(run_dir, out, merge=merge, overwrite=overwrite, push_to_hub=push_to_hub)
+    typer.echo(f"exported {path}" + (f" and pushed to {push_to_hub}" if push_to_hub else ""))
 
 
 @app.command("config-keys")

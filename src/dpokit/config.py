@@ -36,6 +36,11 @@ class ModelConfig(Section):
     allow_pickle_weights: bool = Field(
         False, description="Allow loading .bin (pickle) weights when no safetensors exist. Off for safety."
     )
+    token_env: str | None = Field(
+        None, description="Name of the environment variable holding a hub access token (private models), e.g. "
+        "HF_TOKEN. Only the name goes in the config; the value is never logged or written. None = hub default.",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+    )
 
 
 class DataConfig(Section):
@@ -250,7 +255,7 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
             if key == "(top level)":
                 problems.append(msg)
             else:
-                problems.append(f"{key}: {msg} (got {got!r})")
+                problems.append(f"{key}: {msg} (got {got!r}); see `dpokit config-keys` for its type")
     return f"{origin}: invalid config: " + "; ".join(problems)
 
 

@@ -213,10 +213,14 @@ def load_model(name_or_path: str, *, dtype: str = "auto", revision=None, trust_r
     return model
 
 
-def load_model_and_tokenizer(model_cfg):
-    """Both halves from a `ModelConfig`."""
-    tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path, revision=model_cfg.revision,
-                               trust_remote_code=model_cfg.trust_remote_code)
+def load_model_and_tokenizer(model_cfg, tokenizer=None):
+    """Both halves from a `ModelConfig` (pass `tokenizer` when it is already loaded)."""
+    from dpokit.secrets import apply_token_env
+
+    apply_token_env(model_cfg)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path, revision=model_cfg.revision,
+                                   trust_remote_code=model_cfg.trust_remote_code)
     model = load_model(model_cfg.name_or_path, dtype=model_cfg.dtype, revision=model_cfg.revision,
                        trust_remote_code=model_cfg.trust_remote_code,
                        attn_implementation=model_cfg.attn_implementation,

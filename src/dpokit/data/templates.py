@@ -43,9 +43,10 @@ def render(row: dict, tokenizer, system_prompt: str | None = None) -> tuple[str,
     if not is_conversational(row):
         return row["prompt"], row["chosen"], row["rejected"]
     if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
         raise UserError(
-            "conversational data needs a chat template, and this tokenizer has none; set data.chat_template "
-            "to 'chatml', 'plain' or a Jinja template"
+            f"conversational data (messages) needs a chat template, and the tokenizer of {name} has none; set "
+            "data.chat_template to 'chatml', 'plain' or a Jinja template, or use a chat model"
         )
     messages = _messages(row["prompt"], system_prompt)
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -10,7 +10,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections import defaultdict
@@ -24,6 +23,18 @@ from dpokit.config import RunConfig
 from dpokit.errors import UserError
 from dpokit.train.losses import LOSSES, PairLogps, combined_loss, needs_reference, parse_loss_spec
 from dpokit.train.packing import PackingTrainerMixin, batch_logps, choose_collator
+from dpokit.train.resilience import (
+    AtomicCheckpointMixin,
+    StopOnSignal,
+    TrainingStopped,
+    checkpoint_step,
+    clean_staging,
+    is_main_process,
+    last_complete_checkpoint,
+    no_accelerator,
+    quiet_non_main_process,
+    trim_metrics,
+)
 from dpokit.utils import atomic_write_text, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -39,7 +50,7 @@ class TrainResult:
     wall_seconds: float
 
 
-class DPOTrainer(PackingTrainerMixin, Trainer):
+class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
     """Overrides: compute_loss (the DPO objective), prediction_step (eval loss without logits), log (adds the
     averaged DPO metrics to every logged row)."""
 
@@ -192,18 +203,19 @@ def pick_precision(precision: str) -> tuple[bool, bool]:
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    """Check the run folder can be used; changes nothing (an --overwrite deletes only after validation passes)."""
     run_dir = Path(cfg.output.dir).expanduser()
     if resume:
-        if not (run_dir / "checkpoints").is_dir():
-            raise UserError(f"--resume: {run_dir} has no checkpoints to resume from; drop --resume to start fresh")
+        if last_complete_checkpoint(run_dir / "checkpoints") is None:
+            raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from; drop --resume to start "
+                            "fresh, or set train.save_steps to checkpoint during training")
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.output.overwrite:
-            raise UserError(
-                f"output.dir: {run_dir} already exists and is not empty; pass --overwrite, choose another "
-                "--set output.dir=..., or --resume to continue it"
-            )
-        shutil.rmtree(run_dir)
+    # Only the main process checks: other ranks may start after it has created the folder.
+    if is_main_process() and run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
+        raise UserError(
+            f"output.dir: {run_dir} already exists and is not empty; pass --overwrite, choose another "
+            "--set output.dir=..., or --resume to continue it"
+        )
     return run_dir
 
 
@@ -279,6 +291,8 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> Trainin
         remove_unused_columns=False,
         dataloader_num_workers=t.num_workers,
         report_to=[],
+        use_cpu=no_accelerator(),  # CPU-only: lets torchrun / accelerate launch set up a gloo process group
+        ddp_find_unused_parameters=False,  # every parameter takes part in the DPO forward
     )
     return TrainingArguments(**kwargs)
 
@@ -326,7 +340,10 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
                  callbacks: list | None = None) -> TrainResult:
     """`callbacks`: extra transformers TrainerCallbacks (API users; the tests stop a run midway with one)."""
     start = time.time()
-    from dpokit.models import load_model_and_tokenizer
+    from dpokit.models import load_model_and_tokenizer, load_tokenizer
+    from dpokit.secrets import apply_token_env
+
+    quiet_non_main_process()
 
     reference = resolve_reference(cfg)
     if cfg.train.engine == "trl":
@@ -336,8 +353,12 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     run_dir = prepare_run_dir(cfg, resume)
 
     # 1. Data and models: everything that can fail on user input happens before the run folder is written.
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    # Tokenizer and data first: bad data fails in seconds, before the weights load.
+    apply_token_env(cfg.model)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
+                               trust_remote_code=cfg.model.trust_remote_code)
     data, train_enc, eval_enc = prepare_data(cfg, tokenizer)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, tokenizer=tokenizer)
     if cfg.train.disable_dropout:
         disable_dropout(model)
     precomputed = precompute_reference(cfg, model, tokenizer, train_enc, eval_enc) if reference == "precomputed" else None
@@ -349,12 +370,16 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     if cfg.train.gradient_checkpointing and cfg.train.lora is not None:
         model.enable_input_require_grads()
 
-    # 2. Run folder: resolved config and the exact data used, so eval and reports read only artifacts.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    write_jsonl(run_dir / "data" / "train.jsonl", data.train)
-    write_jsonl(run_dir / "data" / "eval.jsonl", data.eval)
-    atomic_write_text(run_dir / "data" / "report.json", json.dumps(data.report, indent=2))
+    # 2. Run folder (main process only): resolved config and the exact data used, so eval and reports read only
+    # artifacts. The split is seeded, so every rank holds the same rows without reading them back.
+    if is_main_process():
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # --overwrite, now that everything validated
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        write_jsonl(run_dir / "data" / "train.jsonl", data.train)
+        write_jsonl(run_dir / "data" / "eval.jsonl", data.eval)
+        atomic_write_text(run_dir / "data" / "report.json", json.dumps(data.report, indent=2))
 
     # 3. Train.
     args = training_arguments(cfg, run_dir, has_eval=bool(eval_enc))
@@ -372,19 +397,35 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
             dpo_cfg=cfg.train, ref_model=ref_model,
         )
         trainer.token_budget_sampler = budget_sampler
-    if not resume and (run_dir / "metrics.jsonl").exists():
+    if not resume and (run_dir / "metrics.jsonl").exists() and is_main_process():
         (run_dir / "metrics.jsonl").unlink()
     trainer.add_callback(MetricsFileCallback(run_dir / "metrics.jsonl"))
     trainer.add_callback(FiniteGradientCallback(trainer.model))
     for callback in callbacks or []:
         trainer.add_callback(callback)
     checkpoint = _last_checkpoint(run_dir) if resume else None
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint:
+        clean_staging(run_dir / "checkpoints")
+        trim_metrics(run_dir / "metrics.jsonl", checkpoint_step(checkpoint))
+    stopper = StopOnSignal()
+    trainer.add_callback(stopper)
+    stopper.install()
+    try:
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        stopper.uninstall()
+    if stopper.received is not None:
+        raise TrainingStopped(
+            f"training stopped by {stopper.signal_name} at step {trainer.state.global_step}; checkpoint saved in "
+            f"{_last_checkpoint(run_dir)}; continue with: dpokit train CONFIG --resume", stopper.received)
 
     # 4. Save.
-    if trainer.is_world_process_zero() and cfg.output.save_model:
+    if cfg.output.save_model:
+        # Every rank calls save_model (FSDP / ZeRO-3 gather the shards); Trainer writes from rank 0 only.
         trainer.save_model(str(run_dir / "model"))
-        tokenizer.save_pretrained(str(run_dir / "model"))
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(str(run_dir / "model"))
+            (run_dir / "model" / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has it all
     final = dict(output.metrics)
     wall = time.time() - start
     if trainer.is_world_process_zero():
@@ -401,7 +442,7 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
 
     # 5. Evaluate on the held-out split.
     if (cfg.eval.enabled if evaluate is None else evaluate) and data.eval and cfg.output.save_model:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
             from dpokit.eval import evaluate_run
 
             evaluate_run(run_dir)
@@ -409,8 +450,5 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
 
 
 def _last_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    ckpt_dir = run_dir / "checkpoints"
-    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    return last_complete_checkpoint(run_dir / "checkpoints")
 

@@ -1,0 +1,154 @@
+"""`dpokit export RUN_DIR --out DIR [--merge]`: a trained run as a plain Hugging Face model folder.
+
+The folder holds safetensors weights, the tokenizer (with the chat template used in training), a generation config
+and a model card (README.md: base model, data summary, training config, evaluation results). It is built in a
+temporary sibling folder and renamed into place, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from dpokit.errors import UserError
+
+
+def _check_out(out: Path, run_dir: Path, overwrite: bool) -> None:
+    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
+        raise UserError(f"--out: {out} is inside the run folder {run_dir}; export to a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} exists and is a file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out: {out} already exists and is not empty; pass --overwrite or choose another --out")
+
+
+def load_export_model(run_dir: Path, cfg, merge: bool):
+    """(model, tokenizer, kind): kind is 'full', 'merged' (LoRA folded into the base) or 'adapter'."""
+    from transformers import AutoTokenizer
+
+    from dpokit.models import load_model, load_model_and_tokenizer
+
+    model_dir = run_dir / "model"
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
+    if (model_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, _ = load_model_and_tokenizer(cfg.model, tokenizer=tokenizer)
+        model = PeftModel.from_pretrained(base, str(model_dir))
+        if merge:
+            return model.merge_and_unload(), tokenizer, "merged"
+        return model, tokenizer, "adapter"
+    model = load_model(str(model_dir), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    return model, tokenizer, "full"
+
+
+def generation_config_for(model, tokenizer):
+    """The model's generation config with the tokenizer's special tokens filled in (greedy unless told)."""
+    from transformers import GenerationConfig
+
+    gen = getattr(model, "generation_config", None)
+    gen = GenerationConfig.from_dict(gen.to_dict()) if gen is not None else GenerationConfig()
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(gen, attr, None) is None and getattr(tokenizer, attr, None) is not None:
+            setattr(gen, attr, getattr(tokenizer, attr))
+    return gen
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def model_card(run_dir: Path, cfg, kind: str) -> str:
+    """README.md for the exported folder, from the run's own artifacts."""
+    report = _read_json(run_dir / "data" / "report.json") or {}
+    evaluation = _read_json(run_dir / "eval.json")
+    base = cfg.model.name_or_path
+    lines = ["---", yaml.safe_dump({"base_model": base, "library_name": "peft" if kind == "adapter" else "transformers",
+                                    "tags": ["dpo", "dpokit", "preference-optimization"]}, sort_keys=False).strip(),
+             "---", "", f"# DPO fine-tune of {base}", "",
+             f"Trained with dpokit using Direct Preference Optimization (loss "
+             f"`{cfg.train.loss}`, beta {cfg.train.beta}, {'LoRA' if cfg.train.lora else 'full fine-tune'}).", "",
+             "## Base model", "", f"`{base}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else ""),
+             ""]
+    if kind == "adapter":
+        lines += ["This folder is a LoRA adapter: load it with `peft` on top of the base model.", ""]
+    elif kind == "merged":
+        lines += ["The LoRA adapter is merged into the base weights: a standalone model.", ""]
+    lines += ["## Training data", "", "| field | value |", "|---|---|"]
+    for key in ("source", "format", "n_train", "n_eval"):
+        if key in report:
+            lines.append(f"| {key} | {report[key]} |")
+    counts = report.get("train_counts")
+    if counts:
+        lines.append(f"| rows in / kept | {counts.get('rows_in')} / {counts.get('rows_out')} |")
+    lines += ["", "## Training config", "", "```yaml", cfg.to_yaml().rstrip(), "```", "", "## Evaluation", ""]
+    if evaluation:
+        pref = evaluation["preference"]
+        lines += [f"Held-out preference pairs: {pref.get('n_pairs')}", "", "| metric | value | 95% CI |", "|---|---|---|"]
+        rows = [("implicit-reward accuracy", pref.get("implicit_reward_accuracy")),
+                ("reward margin", pref.get("reward_margin"))]
+        for who in ("base", "tuned"):
+            lik = (pref.get("likelihood_accuracy") or {}).get(who) or {}
+            rows.append((f"likelihood accuracy, {who} (sum)", lik.get("sum")))
+        for name, metric in rows:
+            if metric:
+                low, high = metric["ci"]
+                lines.append(f"| {name} | {metric['value']:.4f} | [{low:.4f}, {high:.4f}] |")
+    else:
+        lines.append("Not evaluated (run `dpokit eval RUN_DIR` before exporting to include results).")
+    usage_load = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(PATH)"
+                  if kind == "adapter" else
+                  "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)")
+    lines += ["", "## Usage", "", "```python", "from transformers import AutoTokenizer", usage_load,
+              "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]
+    return "\n".join(lines)
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, merge: bool = False, overwrite: bool = False,
+               push_to_hub: str | None = None) -> Path:
+    """Write the run's model as a standalone HF folder at `out`; optionally upload it to a hub repo."""
+    from dpokit.eval import load_run
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = load_run(run_dir)
+    _check_out(out, run_dir, overwrite)
+    model, tokenizer, kind = load_export_model(run_dir, cfg, merge)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if kind != "adapter":
+            generation_config_for(model, tokenizer).save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(model_card(run_dir, cfg, kind), encoding="utf-8")
+        for stray in tmp.glob("*.bin"):  # safetensors only (no pickled training args or weights)
+            stray.unlink()
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if push_to_hub:
+        push_folder(out, push_to_hub)
+    return out
+
+
+def push_folder(folder: Path, repo_id: str) -> None:
+    """Upload to the hub; the token comes from the environment (HF_TOKEN) or `huggingface-cli login`."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True, private=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload DPO model from dpokit")
+    except Exception as err:  # auth, network, permissions: all user-facing
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--push-to-hub {repo_id}: upload failed ({first}); set HF_TOKEN to a token with write "
+                        "access and check the repo name (user/name)") from None

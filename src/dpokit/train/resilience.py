@@ -1,0 +1,194 @@
+"""Holding up at scale: main-process-only side effects, atomic checkpoints, graceful stop on SIGINT/SIGTERM.
+
+- `is_main_process()`: rank 0 of the whole job (torchrun / accelerate launch set RANK); only it writes the run folder.
+- `AtomicCheckpointMixin`: Trainer writes `checkpoint-N` straight into its output folder, so a kill during a save
+  leaves a half-written checkpoint that `get_last_checkpoint` would pick. The mixin makes Trainer write into
+  `checkpoints/.staging/checkpoint-N` and renames the folder into place once every rank has finished.
+- `last_complete_checkpoint()`: what `--resume` continues from (only renamed, complete checkpoints).
+- `StopOnSignal`: the first SIGINT/SIGTERM asks Trainer to save a checkpoint and stop at the end of the current
+  step (agreed across ranks, so no rank waits in a collective for one that left); a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
+
+from dpokit.errors import UserError
+
+STAGING = ".staging"
+TRAINER_STATE = "trainer_state.json"  # Trainer writes it last, so its presence marks a finished save
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the job. Launchers (torchrun, accelerate launch, deepspeed) export RANK; a plain run has none."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def quiet_non_main_process() -> None:
+    """Other ranks print nothing but errors: one job, one set of messages."""
+    if is_main_process():
+        return
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.disable_progress_bar()
+
+
+def no_accelerator() -> bool:
+    """True on a CPU-only machine. Trainer then needs use_cpu=True, or under torchrun it sets up no gloo group and
+    every rank silently trains alone on all the data."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None:
+        return not acc.is_available()
+    return not torch.cuda.is_available()
+
+
+def last_complete_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The highest-step `checkpoint-N` folder holding a trainer state; staging folders and partial saves are ignored."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for child in ckpt_dir.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and (child / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), child))
+    return str(max(found)[1]) if found else None
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"]
+
+
+def clean_staging(ckpt_dir: str | os.PathLike) -> None:
+    """Remove saves that a kill interrupted (main process only)."""
+    if is_main_process():
+        shutil.rmtree(Path(ckpt_dir) / STAGING, ignore_errors=True)
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop metric rows logged after the checkpoint (they are logged again) and a line cut by a kill."""
+    if not is_main_process() or not path.is_file():
+        return
+    from dpokit.utils import atomic_write_text
+
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+class AtomicCheckpointMixin:
+    """Mix in before `transformers.Trainer`: checkpoints appear only complete (write to staging, then rename)."""
+
+    _staging_root: str | None = None
+
+    def _get_output_dir(self, trial):
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        final_root = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = os.path.join(final_root, STAGING)
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
+            os.makedirs(staging_root, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        # Every rank writes parts (RNG state, sharded optimizer); rename only when all are done.
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = os.path.join(final_root, name)
+            if os.path.isdir(target):  # this step was saved already: keep that one, it is complete
+                shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
+            else:
+                os.replace(os.path.join(staging_root, name), target)
+            try:
+                os.rmdir(staging_root)  # leave no empty staging folder behind
+            except OSError:
+                pass
+            rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+class TrainingStopped(UserError):
+    """Training stopped on a signal after saving a checkpoint; exit code 128 + signal number, as shells expect."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopOnSignal(TrainerCallback):
+    """First SIGINT/SIGTERM: save a checkpoint and stop after the current optimizer step. Second: stop now."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # asked twice: give up on the clean stop
+            self.uninstall()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.received = signum
+
+    def _any_rank_received(self, args) -> bool:
+        flag = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and args.world_size > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=args.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag and self.received is None:
+                self.received = signal.SIGTERM  # another rank got it (launchers forward SIGTERM)
+        return flag
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._any_rank_received(args):
+            control.should_save = True
+            control.should_training_stop = True
+        return control
