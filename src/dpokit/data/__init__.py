@@ -147,10 +147,13 @@ def load_preferences(data_cfg) -> PreferenceData:
     if data_cfg.max_eval_rows:
         evals, eval_loc = evals[: data_cfg.max_eval_rows], eval_loc[: data_cfg.max_eval_rows]
     if not train:
-        raise UserError(f"{source}: every row was dropped ({train_part.counts['rows_in']} read, "
-                        f"{train_part.counts['malformed']['count']} malformed, dropped by format: "
-                        f"{ {k: v['count'] for k, v in train_part.counts['dropped_by_format'].items()} }); "
-                        "check the data format and data.columns")
+        counts = train_part.counts
+        reasons = {"malformed": counts["malformed"]["count"],
+                   "identical_pairs": counts["identical_pairs_dropped"]["count"],
+                   **{k: v["count"] for k, v in counts["dropped_by_format"].items()}}
+        why = ", ".join(f"{k}: {v}" for k, v in reasons.items() if v) or "no usable rows"
+        raise UserError(f"{source}: every row was dropped ({counts['rows_in']} read; {why}); check the data "
+                        "format, data.columns and that chosen differs from rejected")
     report["checks"] = {"train": row_checks(train, train_loc), "eval": row_checks(evals, eval_loc),
                         "prompts_shared_train_eval": shared_prompts(train, evals, prompt_key)}
     report.update(n_train=len(train), n_eval=len(evals))
