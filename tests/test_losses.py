@@ -19,7 +19,7 @@ def logsig(x):
 
 
 def lp_tensors(requires_grad=False):
-    cols = list(zip(*PAIRS))
+    cols = list(zip(*PAIRS, strict=True))
     t = [torch.tensor(c, dtype=torch.float64, requires_grad=requires_grad and i < 2) for i, c in enumerate(cols)]
     return PairLogps(t[0], t[1], t[2], t[3], t[4], t[5])
 

@@ -57,14 +57,14 @@ def test_beta_sweep_reuses_reference_logps(tmp_path, monkeypatch):
     fresh, fresh_rows = _run(tmp_path, "beta02_fresh", monkeypatch, tmp_path / "cache_b", beta=0.2)
     assert fresh["reference_cache"]["cache"] == "miss"
     assert len(rows) == len(fresh_rows) == 4
-    for got, want in zip(rows, fresh_rows):
+    for got, want in zip(rows, fresh_rows, strict=True):
         for key in METRICS:
             assert got[key] == pytest.approx(want[key], abs=1e-6, rel=0), key
 
     # And a live reference model (forwards every step) agrees up to padding-dependent float noise.
     live, live_rows = _run(tmp_path, "beta02_live", monkeypatch, tmp_path / "cache_b", beta=0.2, reference="model")
     assert live["reference_forwards"]["training"] == 4
-    for got, want in zip(rows, live_rows):
+    for got, want in zip(rows, live_rows, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
 
 

@@ -56,7 +56,7 @@ def compute_logps(model, pairs: list[dict], pad_id: int, batch_size: int) -> lis
         chunk = [{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for p in pairs[start:start + batch_size]]
         batch = {k: v.to(device) for k, v in pad_pairs(chunk, pad_id).items()}
         res = sequence_logps(model, batch)
-        out.extend(zip(res["chosen"].float().cpu().tolist(), res["rejected"].float().cpu().tolist()))
+        out.extend(zip(res["chosen"].float().cpu().tolist(), res["rejected"].float().cpu().tolist(), strict=True))
     model.train(was_training)
     return [list(v) for v in out]
 
