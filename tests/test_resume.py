@@ -70,4 +70,4 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path, cli):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(tmp_path)))
     res = cli("train", cfg, "--resume")
-    assert res.returncode == 2 and "no checkpoints" in res.stderr
+    assert res.returncode == 2 and "no complete checkpoint" in res.stderr
