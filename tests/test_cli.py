@@ -50,3 +50,8 @@ def test_train_then_eval_tiny(cli, tmp_path):
     res = cli("eval", run)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "implicit-reward accuracy" in res.stdout
+
+
+def test_unknown_command_is_usage_error_not_traceback(cli):
+    res = cli("data", "nosuch")
+    assert res.returncode == 2 and "No such command" in res.stderr and "Traceback" not in res.stderr

@@ -18,6 +18,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, convert and generate preference data.")
 app.add_typer(data_app, name="data")
 
+from dpokit.data.commands import register as _register_data_commands  # noqa: E402
+
+_register_data_commands(data_app)
+
 _state = {"debug": False}
 
 SetOption = Annotated[list[str] | None, typer.Option(
@@ -94,6 +98,11 @@ def export(
     typer.echo(f"exported {path}" + (f" and pushed to {push_to_hub}" if push_to_hub else ""))
 
 
+from dpokit.eval.commands import register as _register_eval_commands  # noqa: E402
+
+_register_eval_commands(app)  # compare, report, sweep
+
+
 @app.command("config-keys")
 def config_keys() -> None:
     """Print every config key with its default and help."""
@@ -118,6 +127,16 @@ def describe_config(model, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+def _click_exception_types():
+    import importlib
+
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            yield importlib.import_module(module).ClickException
+        except ImportError:
+            pass
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
@@ -135,9 +154,9 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as err:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(err, click.ClickException):
+        # typer >= 0.20 vendors click as typer._click; older typer raises click's own exceptions.
+        click_errors = tuple(_click_exception_types())
+        if isinstance(err, click_errors):
             err.show()
             sys.exit(err.exit_code)
         raise

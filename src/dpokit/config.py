@@ -71,6 +71,14 @@ class DataConfig(Section):
         "the right if still too long); drop removes the pair; error stops.",
     )
     on_error: Literal["raise", "skip"] = Field("raise", description="Malformed rows: stop, or skip and count.")
+    pairing: Literal["best_worst", "best_random"] = Field(
+        "best_worst", description="Scored completions (format scored): chosen = highest score; rejected = lowest "
+        "(best_worst) or a random lower-scored one (best_random, seeded by data.seed). Ties are dropped."
+    )
+    min_score_gap: float = Field(
+        0.0, ge=0.0, description="Drop pairs whose chosen and rejected scores differ by less than this (formats "
+        "with scores: scored, ultrafeedback_binarized, shp), in the dataset's score units."
+    )
     seed: int = Field(42, description="Seed for the train/eval split.")
 
 
@@ -85,7 +93,11 @@ class LoraConfig(Section):
 
 class TrainConfig(Section):
     engine: Literal["native", "trl"] = Field("native", description="native (dpokit) or trl (trl.DPOTrainer).")
-    loss: str = Field("sigmoid", description="DPO loss; see `dpokit train --list-losses`.")
+    loss: str | list[str] | dict[str, float] = Field(
+        "sigmoid", description="DPO loss, or weighted losses: 'sigmoid:1.0,sft:0.5', a list, or {name: weight}. "
+        "Names: see `dpokit train --list-losses` and the README's loss table.")
+    simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target reward margin gamma (loss: simpo).")
+    sft_weight: float = Field(0.0, ge=0.0, description="Weight of an NLL term on the chosen response (RPO); 0 = off.")
     beta: float = Field(0.1, gt=0.0, description="Strength of the KL penalty toward the reference (DPO beta).")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO label noise rate.")
     learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate.")
@@ -115,12 +127,38 @@ class TrainConfig(Section):
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most N checkpoints.")
     eval_steps: int = Field(0, ge=0, description="Evaluate held-out loss every N steps (0 = never during training).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    packing: bool = Field(
+        True, description="Prefix-shared, padding-free batches ([prompt, chosen, rejected] once per pair, 4-D "
+        "attention masks). A start-up self-check falls back to padded batches (with a warning) where the model "
+        "disagrees. false = padded batches.",
+    )
+    max_tokens_per_batch: int | None = Field(
+        None, ge=1, description="With packing: length-grouped training batches of up to this many tokens (prompt "
+        "once plus both responses) instead of batch_size pairs; loss normalised per pair. None = batch_size pairs.",
+    )
 
 
 class EvalConfig(Section):
     enabled: bool = Field(True, description="Evaluate at the end of `dpokit train`.")
     batch_size: int = Field(8, ge=1, description="Pairs per forward pass during evaluation.")
     max_pairs: int | None = Field(None, ge=1, description="Evaluate at most N held-out pairs.")
+    generate: bool = Field(True, description="Sample answers from base and tuned models for held-out prompts, "
+                           "judge them (win/tie/loss) and estimate KL(tuned||base).")
+    num_prompts: int = Field(16, ge=1, description="Held-out prompts to generate for (distinct prompts, in order).")
+    samples_per_prompt: int = Field(1, ge=1, description="Sampled answers per prompt and model.")
+    max_new_tokens: int = Field(48, ge=1, description="Max tokens per generated answer.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (0 = greedy). KL is exact only at 1.0 "
+                               "with top_p 1.0, where the samples come from the tuned model itself.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    seed: int = Field(0, description="Sampling seed; base and tuned models draw the same random numbers.")
+    gen_batch_size: int = Field(16, ge=1, description="Sequences per generate() call.")
+    judge: str = Field("sentiment", description="Judge of tuned vs base answers: sentiment, reward-model, llm or "
+                       "python. See README 'Evaluate and report'.")
+    judge_options: dict[str, Any] = Field(default_factory=dict, description="Options of the judge, e.g. "
+                                          "{model: ./my-rm} or {base_url: http://127.0.0.1:8000/v1, model: m, "
+                                          "api_key_env: OPENAI_API_KEY}.")
+    length_tolerance: float = Field(0.2, ge=0.0, description="Length-controlled view: tuned and base answers count "
+                                    "as length-matched when their token counts differ by at most this fraction.")
 
 
 class OutputConfig(Section):
@@ -143,6 +181,12 @@ class RunConfig(Section):
             problems.append("train.reference: 'adapter' needs train.lora; set train.lora or use reference: model")
         if self.train.reference_model and self.train.reference not in ("auto", "model", "precomputed"):
             problems.append("train.reference_model: only used with reference: model or precomputed")
+        from dpokit.train.losses import parse_loss_spec  # the loss registry names the valid losses
+
+        try:
+            parse_loss_spec(self.train.loss, self.train.sft_weight)
+        except ValueError as err:
+            problems.append(f"train.loss: {err}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

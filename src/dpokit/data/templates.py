@@ -78,8 +78,11 @@ def _encode_response(text: str, tokenizer, add_eos: bool) -> list[int]:
 
 
 def encode_pair(row: dict, tokenizer, *, system_prompt=None, max_length=512, max_prompt_length=None,
-                truncation="prompt_left", where: str = "row") -> dict | None:
-    """Token ids of one canonical row, truncated per `truncation`; None when the pair is dropped."""
+                truncation="prompt_left", where: str = "row", stats: dict | None = None) -> dict | None:
+    """Token ids of one canonical row, truncated per `truncation`; None when the pair is dropped.
+
+    `stats`, when given, receives the untruncated lengths (prompt, chosen, rejected) and whether the pair was over.
+    """
     prompt_text, chosen_text, rejected_text = render(row, tokenizer, system_prompt)
     conversational = is_conversational(row)
     prompt = _encode_prompt(prompt_text, tokenizer)
@@ -87,12 +90,16 @@ def encode_pair(row: dict, tokenizer, *, system_prompt=None, max_length=512, max
     chosen = _encode_response(chosen_text, tokenizer, add_eos=not conversational)
     rejected = _encode_response(rejected_text, tokenizer, add_eos=not conversational)
     longest = max(len(chosen), len(rejected))
-    too_long = len(prompt) + longest > max_length or (max_prompt_length and len(prompt) > max_prompt_length)
+    too_long = len(prompt) + longest > max_length or bool(max_prompt_length and len(prompt) > max_prompt_length)
+    if stats is not None:
+        stats.update(prompt=len(prompt), chosen=len(chosen), rejected=len(rejected), over=too_long,
+                     texts=(prompt_text, chosen_text, rejected_text))
     truncated = False
     if too_long:
         if truncation == "error":
             raise UserError(
-                f"{where}: prompt + response is {len(prompt) + longest} tokens, over data.max_length={max_length}; "
+                f"{where}: prompt + response is {len(prompt) + longest} tokens, over data.max_length={max_length}"
+                f"{f' or data.max_prompt_length={max_prompt_length}' if max_prompt_length else ''}; "
                 "raise max_length or set data.truncation to prompt_left or drop"
             )
         if truncation == "drop":
@@ -107,16 +114,104 @@ def encode_pair(row: dict, tokenizer, *, system_prompt=None, max_length=512, max
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "truncated": truncated}
 
 
-def encode_rows(rows: list[dict], tokenizer, data_cfg, origin: str = "data") -> tuple[list[dict], dict]:
-    """Encode every row; returns the encoded pairs and counts (dropped / truncated)."""
-    encoded, dropped, truncated = [], 0, 0
+TEMPLATE_CHECK_ROWS = 8  # the "first batch": enough to catch a template bug, cheap on any dataset
+
+
+def check_template(pair: dict, texts: tuple[str, str, str], tokenizer, where: str) -> bool:
+    """Fail loudly on token hygiene problems in one encoded (untruncated) pair.
+
+    - no double BOS at the start of the prompt;
+    - exactly one EOS in each response, after its content (a template may add a newline after it);
+    - tokenize(prompt + response) begins with tokenize(prompt); if it does not (tokens merge across the boundary),
+      dpokit's separate tokenization must still give back the same text, else the model trains on other text.
+    Returns True when the boundary merged tokens (handled by tokenizing the parts apart).
+    """
+    prompt = pair["prompt_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None and bos != eos and prompt[:2] == [bos, bos]:
+        raise UserError(f"{where}: the prompt starts with two BOS tokens (the chat template writes one and the "
+                        "tokenizer adds another); fix data.chat_template or the tokenizer's add_bos_token")
+    merged = False
+    for name, text in (("chosen", texts[1]), ("rejected", texts[2])):
+        ids = pair[f"{name}_ids"]
+        if eos is not None:
+            n_eos = ids.count(eos)
+            tail = tokenizer.decode(ids[ids.index(eos) + 1:]) if n_eos == 1 else ""
+            if n_eos != 1 or tail.strip():
+                raise UserError(
+                    f"{where}: the {name} response has {n_eos} EOS token(s) "
+                    f"{'not at its end ' if n_eos == 1 else ''}(expected exactly one, closing the response); "
+                    "check data.chat_template: the template must end each assistant turn with the EOS once"
+                )
+        # Same special-token rule as _encode_prompt, so the only difference is the boundary.
+        add_special = not (tokenizer.bos_token and texts[0].startswith(tokenizer.bos_token))
+        full = tokenizer(texts[0] + text, add_special_tokens=add_special)["input_ids"]
+        if full[: len(prompt)] != prompt:
+            merged = True
+            separate = tokenizer.decode(prompt + ids, skip_special_tokens=True)
+            together = tokenizer.decode(full, skip_special_tokens=True)
+            if separate.rstrip() != together.rstrip():
+                raise UserError(
+                    f"{where}: tokenizing the {name} response apart from the prompt changes the text "
+                    f"({preview_text(together)!r} vs {preview_text(separate)!r}); use a template that ends the "
+                    "prompt on a clean boundary (e.g. a newline)"
+                )
+    return merged
+
+
+def preview_text(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def encode_rows(rows: list[dict], tokenizer, data_cfg, origin: str = "data",
+                locations: list[str] | None = None, kept: list[int] | None = None) -> tuple[list[dict], dict]:
+    """Encode every row; returns the encoded pairs and a report: lengths, truncation, template checks.
+
+    Lengths are token counts of each response as the model sees it (after the template, EOS included, before
+    truncation); `chosen_longer_fraction` is the share of pairs whose chosen response is strictly longer.
+    `kept`, when given, receives the indices of the rows that were not dropped.
+    """
+    from dpokit.data.checks import Tally
+
+    encoded, dropped, truncated, merged = [], 0, 0, 0
+    over = Tally()
+    chosen_len = rejected_len = chosen_longer = 0
     for index, row in enumerate(rows):
+        where = locations[index] if locations else f"{origin} row {index + 1}"
+        stats: dict = {}
         pair = encode_pair(row, tokenizer, system_prompt=data_cfg.system_prompt, max_length=data_cfg.max_length,
                            max_prompt_length=data_cfg.max_prompt_length, truncation=data_cfg.truncation,
-                           where=f"{origin} row {index + 1}")
+                           where=where, stats=stats)
+        chosen_len += stats["chosen"]
+        rejected_len += stats["rejected"]
+        chosen_longer += stats["chosen"] > stats["rejected"]
+        if stats["over"]:
+            over.add(where, tokens=f"prompt {stats['prompt']} + longest response "
+                                   f"{max(stats['chosen'], stats['rejected'])}")
+        if index < TEMPLATE_CHECK_ROWS and not stats["over"]:
+            merged += check_template(pair, stats["texts"], tokenizer, where)
         if pair is None:
             dropped += 1
             continue
         truncated += pair.pop("truncated")
         encoded.append(pair)
-    return encoded, {"dropped_over_max_length": dropped, "truncated": truncated}
+        if kept is not None:
+            kept.append(index)
+    n = len(rows)
+    action = {"prompt_left": "prompt cut from the left, then responses from the right if still too long",
+              "drop": "pair dropped", "error": "stop with an error"}[data_cfg.truncation]
+    return encoded, {
+        "pairs": n,
+        "dropped_over_max_length": dropped,
+        "truncated": truncated,
+        "over_max_length": {**over.as_dict(), "max_length": data_cfg.max_length,
+                            "max_prompt_length": data_cfg.max_prompt_length,
+                            "truncation": data_cfg.truncation, "action": action},
+        "length_bias": {
+            "chosen_mean_tokens": round(chosen_len / n, 4) if n else None,
+            "rejected_mean_tokens": round(rejected_len / n, 4) if n else None,
+            "chosen_longer_fraction": round(chosen_longer / n, 4) if n else None,
+        },
+        "template_checks": {"rows_checked": min(n, TEMPLATE_CHECK_ROWS), "double_bos": 0, "eos_per_response": 1,
+                            "boundary_merges_handled": merged},
+    }

@@ -1,7 +1,16 @@
 """DPO-family losses: pure functions of sequence log-probabilities.
 
 Each loss takes a `PairLogps` (policy and reference log-probs summed over response tokens, plus token counts) and
-the train config, and returns per-pair losses. Rewards and metrics are computed by the caller.
+the train config (`beta`, `label_smoothing`, `simpo_gamma`), and returns per-pair losses of shape (B,). The trainer
+averages them over the batch. Rewards and metrics are computed by the caller.
+
+Notation used in the docstrings, per pair: `pi_w = log pi(y_w|x)` and `pi_l = log pi(y_l|x)` summed over the
+response tokens, `ref_w`, `ref_l` the same under the reference, `|y|` the response token count,
+`h = (pi_w - ref_w) - (pi_l - ref_l)` the log-ratio margin, `sigma` the logistic function, `eps` the label-noise
+rate `train.label_smoothing`.
+
+`train.loss` combines losses with weights: `"sigmoid"`, `"sigmoid:1.0,sft:0.5"`, a list `[sigmoid, sft]` (weight 1
+each) or a mapping `{sigmoid: 1.0, sft: 0.5}`; `train.sft_weight > 0` adds the `sft` term on top (RPO).
 """
 
 from __future__ import annotations
@@ -25,10 +34,22 @@ class PairLogps:
     def logratios(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.chosen - self.ref_chosen, self.rejected - self.ref_rejected
 
+    def mean_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token mean log-probs (length-normalised), for SimPO, ORPO and IPO's normalised form."""
+        return self.chosen / self.chosen_tokens.clamp(min=1), self.rejected / self.rejected_tokens.clamp(min=1)
+
 
 def sigmoid_loss(lp: PairLogps, cfg) -> torch.Tensor:
-    """DPO (Rafailov et al. 2023, Eq. 7), with cDPO label smoothing eps (Mitchell 2023):
-    L = -(1-eps) log sigma(beta*h) - eps log sigma(-beta*h),  h = (pi_w - ref_w) - (pi_l - ref_l).
+    """DPO (Rafailov et al. 2023, "Direct Preference Optimization", Eq. 7), with cDPO label smoothing
+    (Mitchell 2023, "A note on DPO with noisy preferences"):
+
+        L = -(1-eps) log sigma(beta*h) - eps log sigma(-beta*h)
+
+    Derivation: Bradley-Terry with the implicit reward r = beta*log(pi/ref) gives p(y_w > y_l) = sigma(beta*h);
+    the negative log-likelihood is -log sigma(beta*h). cDPO assumes each label is flipped with probability eps,
+    so the target is the mixture (1-eps, eps) and the loss is the cross-entropy against it.
+    Gradient w.r.t. pi_w (eps=0): -beta * sigma(-beta*h) = -beta * sigma(r_l - r_w).
+    TRL's "sigmoid" equals this at eps=0 (TRL ignores label_smoothing for sigmoid).
     """
     chosen_lr, rejected_lr = lp.logratios()
     h = cfg.beta * (chosen_lr - rejected_lr)
@@ -36,11 +57,164 @@ def sigmoid_loss(lp: PairLogps, cfg) -> torch.Tensor:
     return -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
 
 
+def ipo_loss(lp: PairLogps, cfg) -> torch.Tensor:
+    """IPO in TRL's length-normalised form (Azar et al. 2023, "A General Theoretical Paradigm to Understand
+    Learning from Human Preferences", Eq. 17, with log-ratios averaged per token as TRL does):
+
+        L = ((pi_w - ref_w)/|y_w| - (pi_l - ref_l)/|y_l| - 1/(2*beta))^2
+
+    Derivation: IPO regresses the log-ratio margin onto the constant 1/(2*tau) (tau = beta) instead of pushing it
+    to infinity, which is what lets DPO overfit deterministic preferences. TRL divides each log-ratio by its
+    response length so beta means the same for short and long answers. `ipo_paper` is the unnormalised form.
+    """
+    chosen_lr, rejected_lr = lp.logratios()
+    n_w, n_l = lp.chosen_tokens.clamp(min=1), lp.rejected_tokens.clamp(min=1)
+    return (chosen_lr / n_w - rejected_lr / n_l - 1 / (2 * cfg.beta)) ** 2
+
+
+def ipo_paper_loss(lp: PairLogps, cfg) -> torch.Tensor:
+    """IPO exactly as the paper writes it (Azar et al. 2023, Eq. 17), log-ratios summed over the response:
+
+        L = (h - 1/(2*beta))^2
+
+    Derivation: the empirical IPO objective is the squared error between the margin h and its target 1/(2*tau).
+    """
+    chosen_lr, rejected_lr = lp.logratios()
+    return (chosen_lr - rejected_lr - 1 / (2 * cfg.beta)) ** 2
+
+
+def hinge_loss(lp: PairLogps, cfg) -> torch.Tensor:
+    """SLiC-HF calibration loss (Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
+    Eq. 2) on reference log-ratios, as TRL writes it:
+
+        L = max(0, 1 - beta*h)
+
+    Derivation: SLiC's rank loss max(0, delta - log pi_w + log pi_l) with margin delta = 1/beta, scaled by beta,
+    and the log-probs replaced by log-ratios against the reference (which is what TRL's "hinge" computes).
+    """
+    chosen_lr, rejected_lr = lp.logratios()
+    return torch.relu(1 - cfg.beta * (chosen_lr - rejected_lr))
+
+
+def robust_loss(lp: PairLogps, cfg) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy Feedback",
+    Eq. 8), eps = train.label_smoothing in [0, 0.5):
+
+        L = ((1-eps) * l(h) - eps * l(-h)) / (1 - 2*eps),   l(z) = -log sigma(beta*z)
+
+    Derivation: an unbiased estimate of the clean DPO loss under labels flipped with probability eps: solving
+    E[L] = l(h) for the two observed label outcomes gives the de-biased combination above. eps = 0 is DPO.
+    """
+    chosen_lr, rejected_lr = lp.logratios()
+    h = cfg.beta * (chosen_lr - rejected_lr)
+    eps = cfg.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
+
+
+def simpo_loss(lp: PairLogps, cfg) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", Eq. 6),
+    reference-free, gamma = train.simpo_gamma:
+
+        L = -log sigma(beta*pi_w/|y_w| - beta*pi_l/|y_l| - gamma)
+
+    Derivation: the reward is the length-normalised log-likelihood r = beta/|y| * log pi(y|x) (the quantity
+    generation ranks by), and Bradley-Terry with a target margin gamma gives the loss above. No reference.
+    """
+    mean_w, mean_l = lp.mean_logps()
+    return -F.logsigmoid(cfg.beta * (mean_w - mean_l) - cfg.simpo_gamma)
+
+
+def orpo_loss(lp: PairLogps, cfg) -> torch.Tensor:
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", Eq. 6-7),
+    reference-free; lambda = train.beta (as in TRL's ORPOTrainer):
+
+        L = -m_w - lambda * log sigma(log odds(y_w) - log odds(y_l)),
+        m = log pi(y|x)/|y| (per-token mean),  log odds(y) = m - log(1 - exp(m))
+
+    Derivation: the SFT term is the per-token NLL of the chosen answer; the odds-ratio term is a Bradley-Terry
+    loss on the odds P/(1-P) of each answer with P = exp(m) the geometric-mean token probability.
+    """
+    mean_w, mean_l = lp.mean_logps()
+    log_odds = (mean_w - mean_l) - (torch.log1p(-torch.exp(mean_w)) - torch.log1p(-torch.exp(mean_l)))
+    return -mean_w - cfg.beta * F.logsigmoid(log_odds)
+
+
+def sft_loss(lp: PairLogps, cfg) -> torch.Tensor:
+    """NLL of the chosen response (RPO, Pang et al. 2024, "Iterative Reasoning Preference Optimization", Eq. 3),
+    in TRL's form: the mean over all chosen tokens of the batch,
+
+        L_batch = -(sum_i pi_w,i) / (sum_i |y_w,i|)
+
+    returned as a per-pair tensor whose mean is L_batch (each entry -pi_w,i * B / sum|y_w|), so it composes with
+    the other per-pair losses. Reference-free; weight it with `train.sft_weight` or in `train.loss`.
+    """
+    batch = lp.chosen.shape[0]
+    return -lp.chosen * batch / lp.chosen_tokens.sum().clamp(min=1)
+
+
 # name -> (function, needs a reference)
 LOSSES: dict[str, tuple[Callable[[PairLogps, object], torch.Tensor], bool]] = {
     "sigmoid": (sigmoid_loss, True),
+    "ipo": (ipo_loss, True),
+    "ipo_paper": (ipo_paper_loss, True),
+    "hinge": (hinge_loss, True),
+    "robust": (robust_loss, True),
+    "simpo": (simpo_loss, False),
+    "orpo": (orpo_loss, False),
+    "sft": (sft_loss, False),
 }
+
+# Losses TRL's DPOTrainer implements with the same formula (our name -> TRL loss_type).
+TRL_LOSSES = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "sft": "sft"}
 
 
 def loss_names() -> list[str]:
     return list(LOSSES)
+
+
+def parse_loss_spec(spec, sft_weight: float = 0.0) -> list[tuple[str, float]]:
+    """`train.loss` (+ `train.sft_weight`) -> [(name, weight), ...]. Raises ValueError naming the fix."""
+    if isinstance(spec, str):
+        terms = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, weight = part.partition(":")
+            terms.append((name.strip(), weight.strip() if sep else 1.0))
+    elif isinstance(spec, list):
+        terms = [(str(name), 1.0) for name in spec]
+    elif isinstance(spec, dict):
+        terms = [(str(name), weight) for name, weight in spec.items()]
+    else:
+        raise ValueError("expected a name, 'name:weight,...', a list or a mapping")
+    out = []
+    for name, weight in terms:
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)} (combine as 'sigmoid:1.0,sft:0.5')")
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"weight of {name!r} must be a number, got {weight!r}") from None
+        if not weight > 0:
+            raise ValueError(f"weight of {name!r} must be > 0, got {weight}")
+        out.append((name, weight))
+    if not out:
+        raise ValueError("no loss given; e.g. sigmoid")
+    if len({n for n, _ in out}) != len(out):
+        raise ValueError("a loss is listed twice; give each once with its weight")
+    if sft_weight > 0:
+        if any(n == "sft" for n, _ in out):
+            raise ValueError("sft is both in train.loss and train.sft_weight; use one")
+        out.append(("sft", float(sft_weight)))
+    return out
+
+
+def needs_reference(terms: list[tuple[str, float]]) -> bool:
+    return any(LOSSES[name][1] for name, _ in terms)
+
+
+def combined_loss(terms: list[tuple[str, float]], lp: PairLogps, cfg) -> torch.Tensor:
+    """Per-pair sum of weighted losses."""
+    total = None
+    for name, weight in terms:
+        value = weight * LOSSES[name][0](lp, cfg)
+        total = value if total is None else total + value
+    return total

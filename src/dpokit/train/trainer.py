@@ -22,8 +22,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dpokit.config import RunConfig
 from dpokit.errors import UserError
-from dpokit.train.batching import PairCollator, sequence_logps
-from dpokit.train.losses import LOSSES, PairLogps
+from dpokit.train.losses import LOSSES, PairLogps, combined_loss, needs_reference, parse_loss_spec
+from dpokit.train.packing import PackingTrainerMixin, batch_logps, choose_collator
 from dpokit.train.resilience import (AtomicCheckpointMixin, StopOnSignal, TrainingStopped, checkpoint_step,
                                      clean_staging, is_main_process, last_complete_checkpoint, no_accelerator,
                                      quiet_non_main_process, trim_metrics)
@@ -42,7 +42,7 @@ class TrainResult:
     wall_seconds: float
 
 
-class DPOTrainer(AtomicCheckpointMixin, Trainer):
+class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
     """Overrides: compute_loss (the DPO objective), prediction_step (eval loss without logits), log (adds the
     averaged DPO metrics to every logged row)."""
 
@@ -50,32 +50,57 @@ class DPOTrainer(AtomicCheckpointMixin, Trainer):
         super().__init__(*args, **kwargs)
         self.dpo_cfg = dpo_cfg
         self.ref_model = ref_model
-        self.loss_fn, self.needs_reference = LOSSES[dpo_cfg.loss]
+        self.loss_terms = parse_loss_spec(dpo_cfg.loss, dpo_cfg.sft_weight)
+        self.needs_reference = needs_reference(self.loss_terms)
         # Our loss is a mean over pairs, so Trainer must divide it by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
         self._stored = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.reference_forwards = 0  # reference forward passes during training (0 with precomputed log-probs)
+        self.step0_check: dict | None = None
 
     def reference_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        self.reference_forwards += 1
         with torch.no_grad():
             if self.ref_model is not None:
-                out = sequence_logps(self.ref_model, batch)
+                out = batch_logps(self.ref_model, batch)
             else:  # LoRA: the base model is the policy with its adapter switched off
                 with self.accelerator.unwrap_model(model).disable_adapter():
-                    out = sequence_logps(model, batch)
+                    out = batch_logps(model, batch)
         return out["chosen"], out["rejected"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy = sequence_logps(model, inputs)
+        policy = batch_logps(model, inputs)
         lp = PairLogps(policy["chosen"], policy["rejected"], chosen_tokens=policy["chosen_tokens"],
                        rejected_tokens=policy["rejected_tokens"])
         if self.needs_reference:
             lp.ref_chosen, lp.ref_rejected = self.reference_logps(model, inputs)
-        losses = self.loss_fn(lp, self.dpo_cfg)
-        loss = losses.mean()
+        losses = combined_loss(self.loss_terms, lp, self.dpo_cfg)
+        # num_items_in_batch is set only for token-budget batches (PackingTrainerMixin): pairs in the whole step.
+        loss = losses.mean() if num_items_in_batch is None else (
+            losses.sum() * self.current_gradient_accumulation_steps / num_items_in_batch)
+        if model.training and self.state.global_step == 0 and self.step0_check is None and lp.ref_chosen is not None:
+            self._check_step0(lp)
         self._store_metrics(lp, "train" if model.training else "eval")
         return (loss, policy) if return_outputs else loss
+
+    def _check_step0(self, lp: PairLogps) -> None:
+        """At step 0 the policy is the reference, so every log-ratio is 0 and the DPO (sigmoid) loss is ln 2.
+        A mismatch means the reference is another model, or the policy and reference see different inputs."""
+        sig = LOSSES["sigmoid"][0](lp, self.dpo_cfg.model_copy(update={"label_smoothing": 0.0})).mean().item()
+        ok = abs(sig - math.log(2)) < 1e-4
+        self.step0_check = {"sigmoid_loss": sig, "ln2": math.log(2), "policy_equals_reference": ok}
+        if ok:
+            log.info("step-0 check: sigmoid loss %.6f = ln 2 (policy equals reference)", sig)
+        else:
+            log.warning("step-0 check: sigmoid loss %.6f != ln 2 = %.6f: the reference differs from the initial "
+                        "policy (expected only with train.reference_model)", sig, math.log(2))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        check_finite_loss(loss, self.state.global_step)
+        return loss
 
     def _store_metrics(self, lp: PairLogps, mode: str) -> None:
         gather = self.accelerator.gather_for_metrics
@@ -83,9 +108,10 @@ class DPOTrainer(AtomicCheckpointMixin, Trainer):
         if lp.ref_chosen is not None:
             chosen_r = self.dpo_cfg.beta * (lp.chosen - lp.ref_chosen).detach()
             rejected_r = self.dpo_cfg.beta * (lp.rejected - lp.ref_rejected).detach()
-            values.update({"rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
-                           "rewards/accuracies": (chosen_r > rejected_r).float(),
-                           "rewards/margins": chosen_r - rejected_r})
+        else:  # reference-free losses: SimPO's implicit reward, beta * per-token mean log-prob
+            chosen_r, rejected_r = (self.dpo_cfg.beta * v.detach() for v in lp.mean_logps())
+        values.update({"rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
+                       "rewards/accuracies": (chosen_r > rejected_r).float(), "rewards/margins": chosen_r - rejected_r})
         for name, tensor in values.items():
             self._stored[mode][name].append(gather(tensor).float().mean().item())
 
@@ -109,6 +135,34 @@ class DPOTrainer(AtomicCheckpointMixin, Trainer):
                 "learning rate too high, fp16 overflow (use bf16 or fp32), or empty responses after truncation"
             )
         super().log(logs, start_time)
+
+
+def check_finite_loss(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss.detach()).all():
+        raise UserError(
+            f"training stopped: non-finite loss ({loss.detach().float().item()}) at step {step}; likely causes: "
+            "learning rate too high, fp16 overflow (use bf16 or fp32), empty responses after truncation, or "
+            "log(1 - p) underflow in orpo"
+        )
+
+
+class FiniteGradientCallback(TrainerCallback):
+    """Stops the run before the optimizer applies a non-finite gradient (fp16 runs are left to the grad scaler,
+    which skips such steps itself)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if args.fp16:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            raise UserError(
+                f"training stopped: non-finite gradient at step {state.global_step}; likely causes: learning rate too "
+                "high, fp16 overflow (use bf16 or fp32), or inf/nan in the model weights; lower train.learning_rate "
+                "or set train.max_grad_norm"
+            )
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -145,8 +199,8 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
     run_dir = Path(cfg.output.dir).expanduser()
     if resume:
         if last_complete_checkpoint(run_dir / "checkpoints") is None:
-            raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from; drop --resume to start "
-                            "fresh, or set train.save_steps to checkpoint during training")
+            raise UserError(f"--resume: {run_dir} has no checkpoints to resume from (no complete checkpoint-N); drop "
+                            "--resume to start fresh, or set train.save_steps to checkpoint during training")
         return run_dir
     # Only the main process checks: other ranks may start after it has created the folder.
     if is_main_process() and run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
@@ -174,11 +228,15 @@ def build_reference(cfg: RunConfig, model, reference: str):
 
 
 def resolve_reference(cfg: RunConfig) -> str:
-    needs_ref = LOSSES[cfg.train.loss][1]
+    try:
+        needs_ref = needs_reference(parse_loss_spec(cfg.train.loss, cfg.train.sft_weight))
+    except ValueError as err:
+        raise UserError(f"train.loss: {err}") from None
     if not needs_ref:
         return "none"
     if cfg.train.reference == "none":
-        raise UserError(f"train.reference: none, but loss {cfg.train.loss!r} needs a reference; use auto")
+        raise UserError(f"train.reference: none, but loss {cfg.train.loss!r} needs a reference; use auto, model, "
+                        "adapter or precomputed, or a reference-free loss (simpo, orpo, sft)")
     if cfg.train.reference == "auto":
         return "adapter" if cfg.train.lora is not None and not cfg.train.reference_model else "model"
     return cfg.train.reference
@@ -249,15 +307,36 @@ def prepare_data(cfg: RunConfig, tokenizer):
     return data, train_enc, eval_enc
 
 
-def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = None) -> TrainResult:
+def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc) -> dict:
+    """reference: precomputed: attach cached (or freshly computed) reference log-probs to every pair; the reference
+    model (the initial policy, or train.reference_model) is used here only, never during training."""
+    from dpokit.train.reference import precompute
+
+    ref = model
+    if cfg.train.reference_model:
+        from dpokit.models import load_model
+
+        ref = load_model(cfg.train.reference_model, dtype=cfg.model.dtype,
+                         trust_remote_code=cfg.model.trust_remote_code,
+                         allow_pickle_weights=cfg.model.allow_pickle_weights)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ref.to(device)
+    info = precompute(ref, train_enc, eval_enc, pad_id=tokenizer.pad_token_id,
+                      template=getattr(tokenizer, "chat_template", None), max_length=cfg.data.max_length,
+                      batch_size=cfg.eval.batch_size)
+    del ref
+    return info
+
+
+def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = None,
+                 callbacks: list | None = None) -> TrainResult:
+    """`callbacks`: extra transformers TrainerCallbacks (API users; the tests stop a run midway with one)."""
     start = time.time()
     from dpokit.models import load_model_and_tokenizer, load_tokenizer
     from dpokit.secrets import apply_token_env
 
     quiet_non_main_process()
 
-    if cfg.train.loss not in LOSSES:
-        raise UserError(f"train.loss: unknown loss {cfg.train.loss!r}; choose one of {', '.join(LOSSES)}")
     reference = resolve_reference(cfg)
     run_dir = prepare_run_dir(cfg, resume)
 
@@ -270,6 +349,7 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     model, tokenizer = load_model_and_tokenizer(cfg.model, tokenizer=tokenizer)
     if cfg.train.disable_dropout:
         disable_dropout(model)
+    precomputed = precompute_reference(cfg, model, tokenizer, train_enc, eval_enc) if reference == "precomputed" else None
     ref_model = build_reference(cfg, model, reference)
     if cfg.train.lora is not None:
         model = apply_lora(model, cfg.train.lora)
@@ -293,14 +373,24 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     args = training_arguments(cfg, run_dir, has_eval=bool(eval_enc))
     if ref_model is not None:
         ref_model.to(args.device)
-    trainer = DPOTrainer(
-        model=model, args=args, train_dataset=train_enc, eval_dataset=eval_enc or None,
-        data_collator=PairCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-        dpo_cfg=cfg.train, ref_model=ref_model,
-    )
+    collator, budget_sampler = choose_collator(cfg.train, model, ref_model, train_enc, tokenizer.pad_token_id)
+    if cfg.train.engine == "trl":
+        from dpokit.train.trl_engine import build_trl_trainer
+
+        trainer = build_trl_trainer(cfg, model, tokenizer, args, train_enc, eval_enc, ref_model, reference)
+    else:
+        trainer = DPOTrainer(
+            model=model, args=args, train_dataset=train_enc, eval_dataset=eval_enc or None,
+            data_collator=collator, processing_class=tokenizer,
+            dpo_cfg=cfg.train, ref_model=ref_model,
+        )
+        trainer.token_budget_sampler = budget_sampler
     if not resume and (run_dir / "metrics.jsonl").exists() and is_main_process():
         (run_dir / "metrics.jsonl").unlink()
     trainer.add_callback(MetricsFileCallback(run_dir / "metrics.jsonl"))
+    trainer.add_callback(FiniteGradientCallback(trainer.model))
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
     checkpoint = _last_checkpoint(run_dir) if resume else None
     if checkpoint:
         clean_staging(run_dir / "checkpoints")
@@ -329,7 +419,12 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     if trainer.is_world_process_zero():
         atomic_write_text(run_dir / "train_summary.json",
                           json.dumps({"metrics": final, "wall_seconds": wall, "global_step": trainer.state.global_step,
-                                      "reference": reference}, indent=2))
+                                      "reference": reference, "engine": cfg.train.engine,
+                                      "reference_forwards": {
+                                          "precompute": precomputed["forwards"] if precomputed else 0,
+                                          "training": getattr(trainer, "reference_forwards", None)},
+                                      "reference_cache": precomputed,
+                                      "step0_check": getattr(trainer, "step0_check", None)}, indent=2))
     del trainer, ref_model
     result = TrainResult(run_dir=run_dir, final_metrics=final, wall_seconds=wall)
 

@@ -1,0 +1,91 @@
+"""Precomputed reference log-probs, cached on disk and reused across runs (e.g. every run of a beta sweep).
+
+The cache file lives in `<dpokit cache>/reference_logps/<key>.json`; the key hashes (reference model fingerprint,
+tokenized dataset fingerprint, chat template, max_length), so any later run whose reference and tokenized pairs
+match loads the numbers and performs no reference forward pass. The values are attached to each encoded pair as
+`ref_chosen_logps` / `ref_rejected_logps`, the per-pair fields every collator passes into batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from dpokit.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def fingerprint_pairs(*splits: list[dict]) -> str:
+    """Hash of the token ids of every pair, split by split (order matters: values are stored by position)."""
+    h = hashlib.sha256()
+    for split in splits:
+        h.update(b"\x00split")
+        for p in split:
+            h.update(json.dumps([p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]]).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(model_fp: str, data_fp: str, template: str | None, max_length: int) -> str:
+    raw = json.dumps({"model": model_fp, "data": data_fp, "template": template or "", "max_length": max_length})
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def cache_path(key: str) -> Path:
+    from dpokit.models import cache_dir
+
+    return cache_dir() / "reference_logps" / f"{key}.json"
+
+
+@torch.no_grad()
+def compute_logps(model, pairs: list[dict], pad_id: int, batch_size: int) -> list[list[float]]:
+    """[[ref_chosen, ref_rejected], ...] for every pair, and the number of forward passes it took."""
+    from dpokit.train.batching import pad_pairs, sequence_logps
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = [{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for p in pairs[start:start + batch_size]]
+        batch = {k: v.to(device) for k, v in pad_pairs(chunk, pad_id).items()}
+        res = sequence_logps(model, batch)
+        out.extend(zip(res["chosen"].float().cpu().tolist(), res["rejected"].float().cpu().tolist()))
+    model.train(was_training)
+    return [list(v) for v in out]
+
+
+def attach(pairs: list[dict], values: list[list[float]]) -> None:
+    for pair, (chosen, rejected) in zip(pairs, values, strict=True):
+        pair["ref_chosen_logps"], pair["ref_rejected_logps"] = chosen, rejected
+
+
+def precompute(ref_model, train_pairs: list[dict], eval_pairs: list[dict], *, pad_id: int, template: str | None,
+               max_length: int, batch_size: int) -> dict:
+    """Attach reference log-probs to the pairs, from the cache when it matches; returns what happened
+    (`cache`: hit/miss, `forwards`: reference forward passes done, `path`)."""
+    from dpokit.models import fingerprint_model
+
+    key = cache_key(fingerprint_model(ref_model), fingerprint_pairs(train_pairs, eval_pairs), template, max_length)
+    path = cache_path(key)
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if len(stored["train"]) == len(train_pairs) and len(stored["eval"]) == len(eval_pairs):
+            attach(train_pairs, stored["train"])
+            attach(eval_pairs, stored["eval"])
+            log.info("reference log-probs loaded from %s (no reference forward)", path)
+            return {"cache": "hit", "forwards": 0, "path": str(path)}
+    train_values = compute_logps(ref_model, train_pairs, pad_id, batch_size)
+    eval_values = compute_logps(ref_model, eval_pairs, pad_id, batch_size)
+    forwards = -(-len(train_pairs) // batch_size) + -(-len(eval_pairs) // batch_size)
+    atomic_write_text(path, json.dumps({"key": key, "train": train_values, "eval": eval_values}))
+    attach(train_pairs, train_values)
+    attach(eval_pairs, eval_values)
+    log.info("reference log-probs computed (%d forwards) and cached in %s", forwards, path)
+    return {"cache": "miss", "forwards": forwards, "path": str(path)}

@@ -1,0 +1,66 @@
+"""`train.engine: trl`: the same run through `trl.DPOTrainer` (trl pinned in pyproject's `trl` extra).
+
+A cross-check and fallback, not the default. TRL trains on exactly the token ids dpokit encoded (its own
+tokenization would differ at the prompt/response boundary), with the same TrainingArguments, the same run folder
+and the same metric names (`loss`, `rewards/*`, `logps/*`; TRL adds a few of its own, e.g. `entropy`).
+Supported: the losses both implement (`losses.TRL_LOSSES`; `sigmoid` only without label smoothing, since TRL
+ignores it there) and reference `model` or `adapter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from transformers import TrainingArguments
+
+from dpokit.errors import UserError
+from dpokit.train.losses import TRL_LOSSES, parse_loss_spec
+
+
+def trl_loss_types(train_cfg) -> tuple[list[str], list[float]]:
+    terms = parse_loss_spec(train_cfg.loss, train_cfg.sft_weight)
+    unsupported = [name for name, _ in terms if name not in TRL_LOSSES]
+    if unsupported:
+        raise UserError(f"train.engine: trl does not implement loss {', '.join(unsupported)}; use engine: native, "
+                        f"or one of {', '.join(TRL_LOSSES)}")
+    if train_cfg.label_smoothing and any(name == "sigmoid" for name, _ in terms):
+        raise UserError("train.label_smoothing: TRL's sigmoid loss ignores label smoothing (cDPO); use engine: native "
+                        "or label_smoothing: 0")
+    return [TRL_LOSSES[name] for name, _ in terms], [weight for _, weight in terms]
+
+
+def dpo_config(args: TrainingArguments, train_cfg):
+    from trl import DPOConfig
+
+    loss_type, loss_weights = trl_loss_types(train_cfg)
+    base = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    # Our pairs are already truncated by data.max_length; TRL must not cut them again.
+    return DPOConfig(**base, beta=train_cfg.beta, loss_type=loss_type, loss_weights=loss_weights,
+                     label_smoothing=train_cfg.label_smoothing, max_length=None, precompute_ref_log_probs=False,
+                     disable_dropout=train_cfg.disable_dropout)
+
+
+def build_trl_trainer(cfg, model, tokenizer, args, train_enc, eval_enc, ref_model, reference):
+    from datasets import Dataset
+    from trl import DPOTrainer as TRLDPOTrainer
+
+    if reference not in ("model", "adapter"):
+        raise UserError(f"train.reference: {reference} is not supported with engine: trl; use model or adapter "
+                        "(or engine: native)")
+    trl_args = dpo_config(args, cfg.train)
+    peft_config = None
+    if cfg.train.lora is not None and hasattr(model, "peft_config"):
+        # TRL wraps the model itself (and patches its LM head first), so hand it the base model and the LoRA config.
+        peft_config = model.peft_config["default"]
+        model = model.unload()
+    # TRL insists on tokenizing text; give it one placeholder row, then swap in dpokit's token ids so both engines
+    # train on identical inputs.
+    placeholder = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    trainer = TRLDPOTrainer(model=model, ref_model=ref_model if reference == "model" else None, args=trl_args,
+                            train_dataset=placeholder, eval_dataset=placeholder if eval_enc else None,
+                            processing_class=tokenizer, peft_config=peft_config)
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    trainer.train_dataset = Dataset.from_list([{k: p[k] for k in columns} for p in train_enc])
+    if eval_enc:
+        trainer.eval_dataset = Dataset.from_list([{k: p[k] for k in columns} for p in eval_enc])
+    return trainer
