@@ -149,7 +149,8 @@ def load_preferences(data_cfg) -> PreferenceData:
     if not train:
         raise UserError(f"{source}: every row was dropped ({train_part.counts['rows_in']} read, "
                         f"{train_part.counts['malformed']['count']} malformed, dropped by format: "
-                        f"{ {k: v['count'] for k, v in train_part.counts['dropped_by_format'].items()} }); "
+                        f"{ {k: v['count'] for k, v in train_part.counts['dropped_by_format'].items()} }, "
+                        f"{train_part.counts['identical_pairs_dropped']['count']} with chosen == rejected); "
                         "check the data format and data.columns")
     report["checks"] = {"train": row_checks(train, train_loc), "eval": row_checks(evals, eval_loc),
                         "prompts_shared_train_eval": shared_prompts(train, evals, prompt_key)}
