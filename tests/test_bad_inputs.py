@@ -61,7 +61,7 @@ def _case_empty_dataset(tmp_path):
 def _case_every_row_dropped(tmp_path):
     rows = [{"prompt": f"Q{i}?", "chosen": " Same.", "rejected": " Same."} for i in range(6)]
     src = _write_rows(tmp_path / "same.jsonl", rows)
-    return _config(tmp_path, data={"source": str(src)}), ["same.jsonl", "every row was dropped", "identical_pairs"]
+    return _config(tmp_path, data={"source": str(src)}), ["same.jsonl", "every row was dropped", "6 with chosen == rejected"]
 
 
 def _case_non_utf8(tmp_path):

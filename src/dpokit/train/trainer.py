@@ -207,8 +207,8 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
     run_dir = Path(cfg.output.dir).expanduser()
     if resume:
         if last_complete_checkpoint(run_dir / "checkpoints") is None:
-            raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from; drop --resume to start "
-                            "fresh, or set train.save_steps to checkpoint during training")
+            raise UserError(f"--resume: {run_dir} has no checkpoints to resume from (no complete checkpoint-N); drop "
+                            "--resume to start fresh, or set train.save_steps to checkpoint during training")
         return run_dir
     # Only the main process checks: other ranks may start after it has created the folder.
     if is_main_process() and run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
