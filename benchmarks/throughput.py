@@ -87,6 +87,15 @@ def build_model(name: str, dtype: torch.dtype, attn: str):
                              tie_word_embeddings=False, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
         torch.manual_seed(0)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(dtype)
+    if name == "llama-135m":  # SmolLM2-135M's architecture with random weights: same cost, no weights to carry
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                             tie_word_embeddings=True, rope_theta=100000.0, pad_token_id=PAD, eos_token_id=EOS,
+                             bos_token_id=None)
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(dtype)
     from dpokit.models import load_model
 
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
@@ -291,7 +300,7 @@ ARMS = {
 # ------------------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="llama-16m", help="llama-16m (built from config) or a dpokit model name/alias, "
+    ap.add_argument("--model", default="llama-16m", help="llama-16m or llama-135m (SmolLM2-135M shape; built from config) or a dpokit model name/alias, "
                     "e.g. smollm2-135m-instruct")
     ap.add_argument("--pairs", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=8, help="pairs per batch for TRL and dpokit padded")

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One prepared GPU session (see README "Speed"): installs carried wheels, runs the throughput benchmark on CUDA in
+# bf16 with sdpa on a SmolLM2-135M-shaped LLaMA and the 16M LLaMA, and a short bf16 training run end to end.
+# Usage on the device machine: bash benchmarks/gpu_check.sh   (results under $OUT, default /tmp/out)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false DPOKIT_CACHE=/tmp/dpokit-cache
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+if ! python3 -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)"; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_pa/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD/src
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, trl, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
+python3 benchmarks/throughput.py --device cuda --dtype bf16 --attn sdpa --model llama-135m --pairs 256 --rounds 2 \
+  --out "$OUT/throughput_llama135m_cuda.json" 2>&1 | grep -v -E "Warning|warn" | tail -20
+python3 benchmarks/throughput.py --device cuda --dtype bf16 --attn sdpa --model llama-16m --pairs 256 --rounds 2 \
+  --out "$OUT/throughput_llama16m_cuda.json" 2>&1 | grep -v -E "Warning|warn" | tail -12
+python3 -m dpokit train configs/tiny.yaml --set output.dir=/tmp/run_bf16 --set train.precision=bf16 \
+  --set eval.max_new_tokens=16 > "$OUT/train_bf16.log" 2>&1; echo "bf16 train rc=$?" | tee -a "$OUT/gpu.txt"
+cp /tmp/run_bf16/eval.json "$OUT/eval_bf16.json" 2>/dev/null; tail -3 "$OUT/train_bf16.log"
