@@ -97,8 +97,13 @@ class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
         """At step 0 the policy is the reference, so every log-ratio is 0 and the DPO (sigmoid) loss is ln 2.
         A mismatch means the reference is another model, or the policy and reference see different inputs."""
         sig = LOSSES["sigmoid"][0](lp, self.dpo_cfg.model_copy(update={"label_smoothing": 0.0})).mean().item()
-        ok = abs(sig - math.log(2)) < 1e-4
-        self.step0_check = {"sigmoid_loss": sig, "ln2": math.log(2), "policy_equals_reference": ok}
+        # Half precision (bf16/fp16 autocast) sums thousands of rounded token log-probs, and the grad and no-grad
+        # forwards may pick different attention kernels: a few 1e-3 of drift is numerics, not a wrong reference.
+        half = self.args.bf16 or self.args.fp16
+        tolerance = 5e-3 if half else 1e-4
+        ok = abs(sig - math.log(2)) < tolerance
+        self.step0_check = {"sigmoid_loss": sig, "ln2": math.log(2), "tolerance": tolerance,
+                            "policy_equals_reference": ok}
         if ok:
             log.info("step-0 check: sigmoid loss %.6f = ln 2 (policy equals reference)", sig)
         else:
