@@ -5,6 +5,7 @@ import json
 
 import pytest
 import yaml
+
 from conftest import run_cli, tiny_config
 
 GOOD_ROW = {"prompt": "How was the sea?", "chosen": " Lovely.", "rejected": " Ugly."}

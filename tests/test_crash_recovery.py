@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli, tiny_config
 
+from conftest import run_cli, tiny_config
 from dpokit.train.resilience import last_complete_checkpoint
 
 MAX_STEPS = 24

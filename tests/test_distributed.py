@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import yaml
+
 from conftest import CONFIGS, ROOT, run_cli, tiny_config
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_config
 
+from conftest import run_cli, tiny_config
 from dpokit.config import config_from_dict
 
 PROMPTS = ["How was the sea?", "Tell me about the garden.", "Give a review of the movie."]

@@ -10,7 +10,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections import defaultdict
@@ -24,9 +23,18 @@ from dpokit.config import RunConfig
 from dpokit.errors import UserError
 from dpokit.train.losses import LOSSES, PairLogps, combined_loss, needs_reference, parse_loss_spec
 from dpokit.train.packing import PackingTrainerMixin, batch_logps, choose_collator
-from dpokit.train.resilience import (AtomicCheckpointMixin, StopOnSignal, TrainingStopped, checkpoint_step,
-                                     clean_staging, is_main_process, last_complete_checkpoint, no_accelerator,
-                                     quiet_non_main_process, trim_metrics)
+from dpokit.train.resilience import (
+    AtomicCheckpointMixin,
+    StopOnSignal,
+    TrainingStopped,
+    checkpoint_step,
+    clean_staging,
+    is_main_process,
+    last_complete_checkpoint,
+    no_accelerator,
+    quiet_non_main_process,
+    trim_metrics,
+)
 from dpokit.utils import atomic_write_text, write_jsonl
 
 log = logging.getLogger(__name__)
