@@ -24,24 +24,29 @@ def _rows(run):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_single_process(tmp_path):
-    steps = {"max_steps": 4, "logging_steps": 1, "save_steps": 2}
+@pytest.mark.parametrize("reference", ["auto", "precomputed"])
+def test_two_process_ddp_matches_single_process(tmp_path, reference):
+    steps = {"max_steps": 4, "logging_steps": 1, "save_steps": 2, "reference": reference}
     single_cfg = tiny_config(tmp_path, train={**steps, "batch_size": 8}, output={"dir": str(tmp_path / "single")},
                              eval={"enabled": False})
     ddp_cfg = tiny_config(tmp_path, train={**steps, "batch_size": 4}, output={"dir": str(tmp_path / "ddp")},
                           eval={"enabled": False})
     (tmp_path / "single.yaml").write_text(yaml.safe_dump(single_cfg))
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp_cfg))
+    # A fresh cache: with reference: precomputed both DDP ranks compute the reference log-probs themselves (the
+    # DDP run goes first), and the single-process run then reads them from the cache.
+    env = dict(os.environ, OMP_NUM_THREADS="1", DPOKIT_CACHE=str(tmp_path / "cache"))
 
-    single = run_cli("train", tmp_path / "single.yaml")
-    assert single.returncode == 0, single.stderr[-3000:]
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate" / "ddp.yaml"),
            "--num_processes", "2", "--main_process_port", str(_free_port()),
            "-m", "dpokit", "train", str(tmp_path / "ddp.yaml")]
     ddp = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = run_cli("train", tmp_path / "single.yaml", env={"DPOKIT_CACHE": str(tmp_path / "cache")})
+    assert single.returncode == 0, single.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    if reference == "precomputed":
+        assert summary["reference_cache"]["cache"] == "miss" and summary["reference_forwards"]["training"] == 0
 
     # One job, one set of outputs: one summary line, one metrics row per step, the same files as one process.
     assert ddp.stdout.count("run folder:") == 1
@@ -62,3 +67,16 @@ def test_two_process_ddp_matches_single_process(tmp_path):
                 assert abs(ra[key] - rb[key]) <= 1e-4, (ra["step"], key, ra[key], rb[key])
     # The split is seeded: both runs hold the same rows.
     assert (tmp_path / "ddp" / "data" / "train.jsonl").read_text() == (tmp_path / "single" / "data" / "train.jsonl").read_text()
+
+
+def test_shipped_accelerate_configs_parse():
+    """Every launcher config in configs/accelerate loads with accelerate's own parser, as the kind it says."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    kinds = {"ddp.yaml": ("MULTI_GPU", None), "fsdp.yaml": ("FSDP", None),
+             "deepspeed_zero2.yaml": ("DEEPSPEED", 2), "deepspeed_zero3.yaml": ("DEEPSPEED", 3)}
+    for name, (kind, stage) in kinds.items():
+        cfg = ClusterConfig.from_yaml_file(str(CONFIGS / "accelerate" / name))
+        assert str(cfg.distributed_type).endswith(kind), name
+        if stage:
+            assert cfg.deepspeed_config["zero_stage"] == stage
