@@ -149,9 +149,9 @@ def load_preferences(data_cfg) -> PreferenceData:
     if not train:
         counts = train_part.counts
         reasons = {"malformed": counts["malformed"]["count"],
-                   "identical_pairs": counts["identical_pairs_dropped"]["count"],
+                   "with chosen == rejected": counts["identical_pairs_dropped"]["count"],
                    **{k: v["count"] for k, v in counts["dropped_by_format"].items()}}
-        why = ", ".join(f"{k}: {v}" for k, v in reasons.items() if v) or "no usable rows"
+        why = ", ".join(f"{v} {k}" for k, v in reasons.items() if v) or "no usable rows"
         raise UserError(f"{source}: every row was dropped ({counts['rows_in']} read; {why}); check the data "
                         "format, data.columns and that chosen differs from rejected")
     report["checks"] = {"train": row_checks(train, train_loc), "eval": row_checks(evals, eval_loc),
