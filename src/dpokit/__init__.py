@@ -15,12 +15,12 @@ try:
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+source"
 
-from dpokit.config import RunConfig, load_config  # noqa: E402
-from dpokit.errors import UserError  # noqa: E402
-
 # The subpackages dpokit.train / dpokit.eval must be imported before the functions below are defined: importing a
 # subpackage later would rebind the attribute `dpokit.train` to the module and hide the function.
 import importlib as _importlib  # noqa: E402
+
+from dpokit.config import RunConfig, load_config  # noqa: E402
+from dpokit.errors import UserError  # noqa: E402
 
 for _sub in ("train", "eval", "data"):
     _importlib.import_module(f"dpokit.{_sub}")

@@ -118,6 +118,11 @@ def quickstart(
     run_quickstart(out, config=config, fresh=fresh, overrides=set_)
 
 
+from dpokit.eval.commands import register as _register_eval_commands  # noqa: E402
+
+_register_eval_commands(app)  # compare, report, sweep
+
+
 @app.command("config-keys")
 def config_keys() -> None:
     """Print every config key with its default and help."""

@@ -116,6 +116,23 @@ class EvalConfig(Section):
     enabled: bool = Field(True, description="Evaluate at the end of `dpokit train`.")
     batch_size: int = Field(8, ge=1, description="Pairs per forward pass during evaluation.")
     max_pairs: int | None = Field(None, ge=1, description="Evaluate at most N held-out pairs.")
+    generate: bool = Field(True, description="Sample answers from base and tuned models for held-out prompts, "
+                           "judge them (win/tie/loss) and estimate KL(tuned||base).")
+    num_prompts: int = Field(16, ge=1, description="Held-out prompts to generate for (distinct prompts, in order).")
+    samples_per_prompt: int = Field(1, ge=1, description="Sampled answers per prompt and model.")
+    max_new_tokens: int = Field(48, ge=1, description="Max tokens per generated answer.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (0 = greedy). KL is exact only at 1.0 "
+                               "with top_p 1.0, where the samples come from the tuned model itself.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    seed: int = Field(0, description="Sampling seed; base and tuned models draw the same random numbers.")
+    gen_batch_size: int = Field(16, ge=1, description="Sequences per generate() call.")
+    judge: str = Field("sentiment", description="Judge of tuned vs base answers: sentiment, reward-model, llm or "
+                       "python. See README 'Evaluate and report'.")
+    judge_options: dict[str, Any] = Field(default_factory=dict, description="Options of the judge, e.g. "
+                                          "{model: ./my-rm} or {base_url: http://127.0.0.1:8000/v1, model: m, "
+                                          "api_key_env: OPENAI_API_KEY}.")
+    length_tolerance: float = Field(0.2, ge=0.0, description="Length-controlled view: tuned and base answers count "
+                                    "as length-matched when their token counts differ by at most this fraction.")
 
 
 class GenerateConfig(Section):

@@ -9,7 +9,7 @@ import yaml
 
 from dpokit.config import config_from_dict
 from dpokit.errors import UserError
-from dpokit.utils import atomic_write_text, read_jsonl
+from dpokit.utils import atomic_write_text, read_jsonl, write_jsonl
 
 
 def load_run(run_dir: str | Path):
@@ -37,6 +37,19 @@ def load_tuned_and_base(run_dir: Path, cfg):
     return tuned, base, tokenizer
 
 
+def eval_prompts(rows: list[dict], limit: int) -> list:
+    """Distinct held-out prompts, in file order, at most `limit`."""
+    from dpokit.data import prompt_key
+
+    seen, prompts = set(), []
+    for row in rows:
+        key = prompt_key(row["prompt"])
+        if key not in seen:
+            seen.add(key)
+            prompts.append(row["prompt"])
+    return prompts[:limit]
+
+
 def evaluate_run(run_dir: str | Path, batch_size: int | None = None, quiet: bool = False) -> dict:
     import torch
 
@@ -51,24 +64,114 @@ def evaluate_run(run_dir: str | Path, batch_size: int | None = None, quiet: bool
         rows = rows[: cfg.eval.max_pairs]
     if not rows:
         raise UserError(f"{run_dir}: no held-out pairs in {eval_path}; set data.eval_fraction > 0 or data.eval_source")
+    judge = None
+    if cfg.eval.generate:  # a bad judge config fails here, before any model is loaded or file written
+        from dpokit.eval.judges import build_judge
+
+        judge = build_judge(cfg.eval.judge, cfg.eval.judge_options)
     tuned, base, tokenizer = load_tuned_and_base(run_dir, cfg)
     setup_chat_template(tokenizer, cfg.data.chat_template)
     encoded, _ = encode_rows(rows, tokenizer, cfg.data, origin=str(eval_path))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tuned.to(device)
+    if base is not None:
+        base.to(device)
     bs = batch_size or cfg.eval.batch_size
     tuned_lp = pair_logps(tuned, encoded, tokenizer.pad_token_id, bs)
-    if base is None:
-        with tuned.disable_adapter():
-            base_lp = pair_logps(tuned, encoded, tokenizer.pad_token_id, bs)
-    else:
-        base_lp = pair_logps(base.to(device), encoded, tokenizer.pad_token_id, bs)
-    result = {"run_dir": str(run_dir), "model": cfg.model.name_or_path, "beta": cfg.train.beta,
+    with _as_base(tuned, base) as base_model:
+        base_lp = pair_logps(base_model, encoded, tokenizer.pad_token_id, bs)
+    result = {"schema_version": 1, "run_dir": str(run_dir), "model": cfg.model.name_or_path, "beta": cfg.train.beta,
               "preference": preference_metrics(tuned_lp, base_lp, cfg.train.beta)}
+    samples = []
+    if judge is not None:
+        result["generation"], result["kl"], samples = generation_metrics(
+            cfg, judge, eval_prompts(rows, cfg.eval.num_prompts), tuned, base, tokenizer, bs)
+    write_jsonl(run_dir / "eval_samples.jsonl", samples)
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
     if not quiet:
         print_eval_table(result)
     return result
+
+
+class _as_base:
+    """Context giving the base model: the separate base, or (LoRA) the tuned model with its adapter disabled."""
+
+    def __init__(self, tuned, base):
+        self.tuned, self.base, self._ctx = tuned, base, None
+
+    def __enter__(self):
+        if self.base is not None:
+            return self.base
+        self._ctx = self.tuned.disable_adapter()
+        self._ctx.__enter__()
+        return self.tuned
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+        return False
+
+
+def generation_metrics(cfg, judge, prompts: list, tuned, base, tokenizer, batch_size: int):
+    """Sample base and tuned answers with identical seeds and decoding; judge tuned vs base; KL on tuned samples.
+
+    Returns (generation dict, kl dict, per-sample records)."""
+    from dpokit.eval.generation import sample
+    from dpokit.eval.judges import compare
+    from dpokit.eval.metrics import (
+        kl_summary,
+        length_buckets,
+        length_summary,
+        outcome_summary,
+        response_logps,
+        score_length_regression,
+    )
+
+    e = cfg.eval
+    decoding = dict(num_samples=e.samples_per_prompt, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+                    top_p=e.top_p, seed=e.seed, batch_size=e.gen_batch_size, system_prompt=cfg.data.system_prompt)
+    tuned_s = [s for per in sample(tuned, tokenizer, prompts, **decoding) for s in per]
+    with _as_base(tuned, base) as base_model:
+        base_s = [s for per in sample(base_model, tokenizer, prompts, **decoding) for s in per]
+    flat_prompts = [p for p in prompts for _ in range(e.samples_per_prompt)]
+    # Outcomes are from the tuned model's side: +1 = tuned answer judged better than the base answer.
+    cmp = compare(judge, flat_prompts, [s.text for s in tuned_s], [s.text for s in base_s])
+    len_t = [len(s.response_ids) for s in tuned_s]
+    len_b = [len(s.response_ids) for s in base_s]
+    generation = {
+        "n_prompts": len(prompts), "samples_per_prompt": e.samples_per_prompt, "n_samples": len(tuned_s),
+        "decoding": {"temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
+                     "seed": e.seed},
+        "judge": {"name": e.judge, "kind": getattr(judge, "kind", "pointwise"), "details": cmp.details},
+        "outcomes": outcome_summary(cmp.outcomes),
+        "scores": None,
+        "lengths": length_summary({"base": len_b, "tuned": len_t}),
+        "length_controlled": {"tolerance": e.length_tolerance,
+                              "buckets": length_buckets(cmp.outcomes, len_t, len_b, e.length_tolerance),
+                              "regression": None},
+    }
+    if cmp.scores_a is not None:
+        from dpokit.eval.metrics import _interval
+
+        generation["scores"] = {"tuned": _interval(cmp.scores_a), "base": _interval(cmp.scores_b),
+                                "tuned_values": cmp.scores_a, "base_values": cmp.scores_b}
+        generation["length_controlled"]["regression"] = score_length_regression(cmp.scores_a, cmp.scores_b,
+                                                                                len_t, len_b)
+    # KL(tuned || base) on the tuned model's own samples, scored by both models at temperature 1.
+    p_ids, r_ids = [s.prompt_ids for s in tuned_s], [s.response_ids for s in tuned_s]
+    lp_t, n_tok = response_logps(tuned, p_ids, r_ids, tokenizer.pad_token_id, batch_size)
+    with _as_base(tuned, base) as base_model:
+        lp_b, _ = response_logps(base_model, p_ids, r_ids, tokenizer.pad_token_id, batch_size)
+    kl = kl_summary(lp_t, lp_b, n_tok)
+    kl["exact_sampling"] = e.temperature == 1.0 and e.top_p == 1.0
+    records = []
+    for k, (p, t, b) in enumerate(zip(flat_prompts, tuned_s, base_s, strict=False)):
+        records.append({"prompt": p, "sample": k % e.samples_per_prompt, "base": b.text, "tuned": t.text,
+                        "base_tokens": len_b[k], "tuned_tokens": len_t[k], "outcome": cmp.outcomes[k],
+                        "base_score": cmp.scores_b[k] if cmp.scores_b else None,
+                        "tuned_score": cmp.scores_a[k] if cmp.scores_a else None,
+                        "kl_sequence": lp_t[k] - lp_b[k]})
+    return generation, kl, records
 
 
 def _fmt(metric: dict) -> str:
@@ -76,10 +179,12 @@ def _fmt(metric: dict) -> str:
     return f"{metric['value']:.3f}  [{low:.3f}, {high:.3f}]"
 
 
+
 def print_eval_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
     pref = result["preference"]
     table = Table(title=f"Held-out preference metrics ({pref['n_pairs']} pairs, 95% CI)")
     table.add_column("metric")
@@ -90,4 +195,30 @@ def print_eval_table(result: dict) -> None:
         lik = pref["likelihood_accuracy"][who]
         table.add_row(f"likelihood accuracy, {who} (sum)", _fmt(lik["sum"]))
         table.add_row(f"likelihood accuracy, {who} (per token)", _fmt(lik["mean_per_token"]))
-    Console().print(table)
+    console.print(table)
+    gen = result.get("generation")
+    if not gen:
+        return
+    out = gen["outcomes"]
+    table = Table(title=f"Tuned vs base, judge {gen['judge']['name']} ({gen['n_samples']} answers each, "
+                  f"{out['n']} judged, {out['unparseable']} unparseable; 95% CI)")
+    table.add_column("metric")
+    table.add_column("value [95% CI]", justify="right")
+    for name, key in (("wins", "win"), ("ties", "tie"), ("losses", "loss")):
+        table.add_row(f"tuned {name} ({out[name]})", _fmt(out[key]))
+    table.add_row("win rate (tie = 1/2)", _fmt(out["win_rate"]))
+    if gen["scores"]:
+        for who in ("base", "tuned"):
+            table.add_row(f"mean judge score, {who}", _fmt(gen["scores"][who]))
+    for who in ("base", "tuned"):
+        table.add_row(f"mean answer length, {who} (tokens)", _fmt(gen["lengths"][who]["mean"]))
+    for b in gen["length_controlled"]["buckets"]:
+        if b["n"]:
+            table.add_row(f"win rate, {b['bucket'].replace('_', ' ')} (n={b['n']})", _fmt(b["win_rate"]))
+    reg = gen["length_controlled"]["regression"]
+    if reg:
+        table.add_row("score gain at equal length (OLS)", _fmt(reg["tuned_effect"]))
+    kl = result["kl"]
+    table.add_row(f"KL(tuned||base) per answer ({kl['n_samples']} samples)", _fmt(kl["sequence"]))
+    table.add_row("KL(tuned||base) per token", _fmt(kl["per_token"]))
+    console.print(table)

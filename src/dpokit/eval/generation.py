@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dpokit.data.templates import is_conversational
@@ -26,12 +28,43 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, max_new_t
     Each batch reseeds torch from (seed, batch index), so two models sampled with the same arguments draw the same
     random numbers batch by batch.
     """
+    samples = sample(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                     system_prompt=system_prompt, progress=progress)
+    return [[s.text for s in per_prompt] for per_prompt in samples]
+
+
+@dataclass
+class Sample:
+    """One generated answer: the unpadded prompt ids, the generated ids (up to and including the first EOS), and
+    the decoded text."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+
+
+def _trim(ids: list[int], eos_ids: set[int]) -> list[int]:
+    """Generated ids up to and including the first EOS: what follows is padding, not the model's choice."""
+    for k, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[:k + 1]
+    return ids
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list, *, num_samples: int = 1, max_new_tokens: int = 64,
+           temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+           system_prompt: str | None = None, progress=None) -> list[list[Sample]]:
+    """Like `generate`, keeping token ids (for log-prob scoring of the samples, e.g. KL)."""
     texts = [prompt_text(p, tokenizer, system_prompt) for p in prompts]
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     model.eval()
-    outputs: list[list[str]] = [[] for _ in texts]
+    eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    outputs: list[list[Sample]] = [[] for _ in texts]
     jobs = [(i, s) for i in range(len(texts)) for s in range(num_samples)]
     try:
         for b, start in enumerate(range(0, len(jobs), batch_size)):
@@ -47,9 +80,12 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, max_new_t
                 top_k=0 if sampling else None,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             )
-            new = out[:, enc["input_ids"].shape[1]:]
-            for (i, _), ids in zip(chunk, new):
-                outputs[i].append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+            width = enc["input_ids"].shape[1]
+            for row, (i, _) in enumerate(chunk):
+                prompt_ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+                response_ids = _trim(out[row, width:].tolist(), eos_ids)
+                text = tokenizer.decode(response_ids, skip_special_tokens=True).strip()
+                outputs[i].append(Sample(prompt_ids, response_ids, text))
             if progress is not None:
                 progress(len(chunk))
     finally:
@@ -57,4 +93,4 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, max_new_t
     return outputs
 
 
-__all__ = ["generate", "is_conversational", "prompt_text"]
+__all__ = ["Sample", "generate", "is_conversational", "prompt_text", "sample"]

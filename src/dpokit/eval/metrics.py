@@ -1,0 +1,182 @@
+"""Generation metrics: win/tie/loss with intervals, response lengths, a length-controlled view, KL(tuned||base).
+
+All functions take plain lists so each can be checked against a hand computation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dpokit.eval.stats import Z95, mean_interval, proportion, wilson_interval
+from dpokit.train.batching import token_logps
+
+
+def _interval(values: list[float]) -> dict:
+    mean, low, high = mean_interval(values)
+    return {"value": mean, "ci": [low, high], "n": len(values)}
+
+
+def outcome_summary(outcomes: list[int | None]) -> dict:
+    """Counts and rates of +1 (win), 0 (tie), -1 (loss) over the parsed outcomes; None (unparseable) is counted and
+    excluded. win_rate scores a tie as half a win; its interval is the normal interval of the 1 / 0.5 / 0 scores."""
+    parsed = [o for o in outcomes if o is not None]
+    wins, ties, losses = (sum(o == v for o in parsed) for v in (1, 0, -1))
+    return {
+        "n": len(parsed), "wins": wins, "ties": ties, "losses": losses,
+        "unparseable": len(outcomes) - len(parsed),
+        "win": proportion([o == 1 for o in parsed]),
+        "tie": proportion([o == 0 for o in parsed]),
+        "loss": proportion([o == -1 for o in parsed]),
+        "win_rate": _interval([(o + 1) / 2 for o in parsed]),
+    }
+
+
+def histogram_edges(values: list[float], bins: int = 10) -> list[float]:
+    """Integer-aligned edges covering all values, shared by base and tuned so their histograms compare."""
+    if not values:
+        return [0.0, 1.0]
+    low, high = math.floor(min(values)), math.ceil(max(values))
+    if high <= low:
+        high = low + 1
+    step = max(1, math.ceil((high - low) / bins))
+    edges = list(range(low, high + step, step))
+    if edges[-1] <= max(values):  # the last bin includes its right edge, but make room anyway
+        edges.append(edges[-1] + step)
+    return [float(e) for e in edges]
+
+
+def histogram(values: list[float], edges: list[float]) -> list[int]:
+    """Counts per [edge_k, edge_k+1) bin; the last bin is closed on the right (as numpy.histogram)."""
+    counts = [0] * (len(edges) - 1)
+    for v in values:
+        for k in range(len(counts)):
+            last = k == len(counts) - 1
+            if edges[k] <= v < edges[k + 1] or (last and v == edges[k + 1]):
+                counts[k] += 1
+                break
+    return counts
+
+
+def length_summary(lengths: dict[str, list[int]], bins: int = 10) -> dict:
+    """Mean (with interval), median and a histogram on shared edges, for each model's answer lengths (tokens)."""
+    edges = histogram_edges([v for vals in lengths.values() for v in vals], bins)
+    out = {"unit": "tokens", "histogram_edges": edges}
+    for who, vals in lengths.items():
+        ordered = sorted(vals)
+        median = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2 if ordered else float("nan")
+        out[who] = {"mean": _interval([float(v) for v in vals]), "median": median,
+                    "min": min(vals) if vals else None, "max": max(vals) if vals else None,
+                    "histogram": histogram(vals, edges), "values": list(vals)}
+    return out
+
+
+BUCKETS = ("tuned_shorter", "length_matched", "tuned_longer")
+
+
+def length_bucket(len_tuned: int, len_base: int, tolerance: float) -> str:
+    """length_matched when the two answers differ by at most `tolerance` of the longer one."""
+    if abs(len_tuned - len_base) <= tolerance * max(len_tuned, len_base):
+        return "length_matched"
+    return "tuned_longer" if len_tuned > len_base else "tuned_shorter"
+
+
+def length_buckets(outcomes: list[int | None], len_tuned: list[int], len_base: list[int], tolerance: float) -> list[dict]:
+    """Win/tie/loss of tuned vs base within each length bucket: a win rate that holds within length_matched is not
+    a verbosity effect."""
+    groups: dict[str, list[int | None]] = {name: [] for name in BUCKETS}
+    for o, lt, lb in zip(outcomes, len_tuned, len_base, strict=False):
+        groups[length_bucket(lt, lb, tolerance)].append(o)
+    rows = []
+    for name in BUCKETS:
+        s = outcome_summary(groups[name])
+        rows.append({"bucket": name, "n": s["n"], "wins": s["wins"], "ties": s["ties"], "losses": s["losses"],
+                     "unparseable": s["unparseable"], "win_rate": s["win_rate"]})
+    return rows
+
+
+def score_length_regression(scores_tuned: list[float], scores_base: list[float], len_tuned: list[int],
+                            len_base: list[int]) -> dict | None:
+    """OLS of judge score on [1, length, is_tuned] over all answers of both models: `tuned_effect` is the score
+    gain of the tuned model at equal length, `per_token` the score change per extra token. Normal 95% intervals
+    from the classical OLS standard errors. None when the design is degenerate (too few answers or no length
+    variation)."""
+    y = torch.tensor(scores_tuned + scores_base, dtype=torch.float64)
+    length = torch.tensor(len_tuned + len_base, dtype=torch.float64)
+    tuned = torch.tensor([1.0] * len(scores_tuned) + [0.0] * len(scores_base), dtype=torch.float64)
+    X = torch.stack([torch.ones_like(y), length, tuned], dim=1)
+    n, k = X.shape
+    if n <= k:
+        return None
+    xtx = X.T @ X
+    if torch.linalg.matrix_rank(xtx) < k:
+        return None
+    inv = torch.linalg.inv(xtx)
+    beta = inv @ X.T @ y
+    resid = y - X @ beta
+    sigma2 = float(resid @ resid) / (n - k)
+    se = torch.sqrt(torch.clamp(torch.diag(inv) * sigma2, min=0.0))
+
+    def coef(j):
+        b, s = float(beta[j]), float(se[j])
+        return {"value": b, "ci": [b - Z95 * s, b + Z95 * s], "se": s}
+
+    return {"model": "score ~ 1 + length_tokens + is_tuned (OLS)", "n": n, "intercept": coef(0),
+            "per_token": coef(1), "tuned_effect": coef(2)}
+
+
+def ratio_interval(numerators: list[float], denominators: list[float], z: float = Z95) -> dict:
+    """sum(y) / sum(x) with a delta-method interval (the usual ratio-estimator variance)."""
+    n = len(numerators)
+    total_x = sum(denominators)
+    if n == 0 or total_x == 0:
+        return {"value": float("nan"), "ci": [float("nan"), float("nan")], "n": n}
+    r = sum(numerators) / total_x
+    if n == 1:
+        return {"value": r, "ci": [float("nan"), float("nan")], "n": n}
+    mean_x = total_x / n
+    resid = [y - r * x for y, x in zip(numerators, denominators, strict=False)]
+    var = sum(e * e for e in resid) / (n - 1) / (n * mean_x * mean_x)
+    half = z * math.sqrt(var)
+    return {"value": r, "ci": [r - half, r + half], "n": n}
+
+
+def kl_summary(logp_tuned: list[float], logp_base: list[float], n_tokens: list[int]) -> dict:
+    """Monte-Carlo KL(tuned || base) from samples y ~ pi_tuned: the mean over samples of
+    sum_t [log pi_tuned(y_t|...) - log pi_base(y_t|...)], with a 95% interval; per token: total log-ratio over
+    total tokens."""
+    diffs = [t - b for t, b in zip(logp_tuned, logp_base, strict=False)]
+    return {"n_samples": len(diffs), "total_tokens": int(sum(n_tokens)), "sequence": _interval(diffs),
+            "per_token": ratio_interval(diffs, [float(n) for n in n_tokens])}
+
+
+@torch.no_grad()
+def response_logps(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                   batch_size: int = 8) -> tuple[list[float], list[int]]:
+    """Summed log-prob of each response given its prompt (right padding), and the response token counts."""
+    device = next(model.parameters()).device
+    model.eval()
+    sums: list[float] = []
+    counts: list[int] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts, responses = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
+        seqs = [p + r for p, r in zip(prompts, responses, strict=False)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        mask = torch.zeros_like(ids)
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=False)):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+            attention[i, :len(p) + len(r)] = 1
+            mask[i, len(p):len(p) + len(r)] = 1
+        ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        per_token = token_logps(logits[:, :-1], ids[:, 1:]) * mask[:, 1:]
+        sums.extend(per_token.sum(-1).float().cpu().tolist())
+        counts.extend(mask[:, 1:].sum(-1).cpu().tolist())
+    return sums, counts
+
+
+__all__ = ["kl_summary", "length_buckets", "length_summary", "outcome_summary", "ratio_interval",
+           "response_logps", "score_length_regression", "wilson_interval"]

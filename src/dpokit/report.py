@@ -1,0 +1,328 @@
+"""Reports: one self-contained HTML file (plots inlined as base64 PNG, no scripts, no network) plus report.md.
+
+Entry points: `write_report(run_dir) -> Path` (a run) and `write_sweep_report(sweep_dir, rows) -> Path` (a sweep).
+Reports read only the run folder's artifacts: metrics.jsonl, eval.json, eval_samples.jsonl, config.yaml.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+from dpokit.errors import UserError
+from dpokit.utils import atomic_write_text, read_jsonl
+
+CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; background: #fff; padding: 0 1em; }
+h1 { border-bottom: 2px solid #446; } h2 { margin-top: 1.6em; color: #335; }
+table { border-collapse: collapse; margin: 0.6em 0; }
+th, td { border: 1px solid #ccd; padding: 4px 8px; text-align: left; vertical-align: top; font-size: 14px; }
+th { background: #eef; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
+.samples td { max-width: 420px; white-space: pre-wrap; word-break: break-word; }
+.note { color: #555; font-size: 13px; }
+"""
+
+
+# --- plotting ----------------------------------------------------------------------------------------------------
+
+def _figure(ncols: int = 1, width: float = 5.0, height: float = 3.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def training_curves(rows: list[dict]) -> bytes | None:
+    """Loss, implicit-reward accuracy, margin, chosen/rejected rewards against the optimizer step."""
+    rows = [r for r in rows if "loss" in r and "step" in r]
+    if not rows:
+        return None
+    panels = [("loss", ["loss"]), ("rewards/accuracies", ["rewards/accuracies"]),
+              ("rewards/margins", ["rewards/margins"]), ("rewards", ["rewards/chosen", "rewards/rejected"])]
+    fig, axes = _figure(4, 3.4, 2.8)
+    for ax, (title, keys) in zip(axes, panels, strict=False):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts, strict=False), marker=".", label=key.split("/")[-1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def length_histograms(lengths: dict) -> bytes:
+    edges = lengths["histogram_edges"]
+    fig, axes = _figure(1, 6, 3.2)
+    ax = axes[0]
+    for who, color in (("base", "#8899aa"), ("tuned", "#dd6633")):
+        ax.hist(lengths[who]["values"], bins=edges, alpha=0.6, label=f"{who} (mean {lengths[who]['mean']['value']:.1f})",
+                color=color)
+    ax.set_xlabel(f"answer length ({lengths['unit']})")
+    ax.set_ylabel("answers")
+    ax.legend()
+    return _png(fig)
+
+
+def score_distributions(scores: dict) -> bytes:
+    fig, axes = _figure(1, 6, 3.2)
+    ax = axes[0]
+    values = scores["base_values"] + scores["tuned_values"]
+    bins = 12 if len(set(values)) > 1 else 1
+    for who, color in (("base", "#8899aa"), ("tuned", "#dd6633")):
+        ax.hist(scores[f"{who}_values"], bins=bins, range=(min(values), max(values) + 1e-9), alpha=0.6,
+                label=f"{who} (mean {scores[who]['value']:.3f})", color=color)
+    ax.set_xlabel("judge score")
+    ax.set_ylabel("answers")
+    ax.legend()
+    return _png(fig)
+
+
+def outcome_bars(outcomes: dict, buckets: list[dict]) -> bytes:
+    """Win/tie/loss shares overall and per length bucket, stacked."""
+    groups = [("all", outcomes["wins"], outcomes["ties"], outcomes["losses"])]
+    groups += [(b["bucket"].replace("_", " "), b["wins"], b["ties"], b["losses"]) for b in buckets if b["n"]]
+    fig, axes = _figure(1, 6, 3.0)
+    ax = axes[0]
+    labels = [g[0] for g in groups]
+    totals = [max(sum(g[1:]), 1) for g in groups]
+    left = [0.0] * len(groups)
+    for k, (name, color) in enumerate((("win", "#3a9d5d"), ("tie", "#bbbbbb"), ("loss", "#c44e52"))):
+        shares = [g[k + 1] / t for g, t in zip(groups, totals, strict=False)]
+        ax.barh(labels, shares, left=left, color=color, label=name)
+        left = [a + b for a, b in zip(left, shares, strict=False)]
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of judged pairs (tuned vs base)")
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+def frontier_plot(rows: list[dict], y_label: str) -> bytes:
+    """Reward (judge score of the tuned model) against KL(tuned||base), one point per run."""
+    fig, axes = _figure(1, 6, 4)
+    ax = axes[0]
+    pts = [r for r in rows if _finite(r.get("kl")) and _finite(r.get("reward"))]
+    for r in pts:
+        xerr = _yerr(r["kl"], r.get("kl_ci"))
+        yerr = _yerr(r["reward"], r.get("reward_ci"))
+        ax.errorbar(r["kl"], r["reward"], xerr=xerr, yerr=yerr, fmt="o", capsize=3)
+        ax.annotate(r["label"], (r["kl"], r["reward"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if len(pts) > 1:
+        ordered = sorted(pts, key=lambda r: r["kl"])
+        ax.plot([r["kl"] for r in ordered], [r["reward"] for r in ordered], "--", color="#999", linewidth=1)
+    ax.set_xlabel("KL(tuned || base) per answer (nats)")
+    ax.set_ylabel(y_label)
+    ax.set_title("reward vs KL frontier")
+    return _png(fig)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _yerr(value, ci):
+    if not ci or not all(_finite(c) for c in ci):
+        return None
+    return [[max(value - ci[0], 0)], [max(ci[1] - value, 0)]]
+
+
+# --- tables ------------------------------------------------------------------------------------------------------
+
+def _num(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def _ci(metric: dict | None) -> str:
+    if not metric:
+        return "–"
+    low, high = metric["ci"]
+    return f"{_num(metric['value'])} [{_num(low)}, {_num(high)}]"
+
+
+def metric_rows(result: dict) -> list[tuple[str, str, str]]:
+    """(section, metric, value [95% CI]) for every headline number of eval.json."""
+    rows = []
+    pref = result["preference"]
+    n = pref["n_pairs"]
+    rows.append(("preference", f"implicit-reward accuracy (n={n})", _ci(pref["implicit_reward_accuracy"])))
+    rows.append(("preference", "mean implicit-reward margin", _ci(pref["reward_margin"])))
+    for who in ("base", "tuned"):
+        for kind, label in (("sum", "sum"), ("mean_per_token", "per token")):
+            rows.append(("preference", f"likelihood accuracy, {who} ({label})",
+                         _ci(pref["likelihood_accuracy"][who][kind])))
+    gen = result.get("generation")
+    if gen:
+        out = gen["outcomes"]
+        for key, label in (("win", "wins"), ("tie", "ties"), ("loss", "losses")):
+            rows.append(("generation", f"tuned {label} ({out[label]} of {out['n']})", _ci(out[key])))
+        rows.append(("generation", "win rate, tie = 1/2", _ci(out["win_rate"])))
+        rows.append(("generation", "unparseable judge answers (pairs)", str(out["unparseable"])))
+        if gen["scores"]:
+            for who in ("base", "tuned"):
+                rows.append(("generation", f"mean judge score, {who}", _ci(gen["scores"][who])))
+        for who in ("base", "tuned"):
+            rows.append(("generation", f"mean answer length, {who} (tokens)", _ci(gen["lengths"][who]["mean"])))
+        reg = gen["length_controlled"]["regression"]
+        if reg:
+            rows.append(("length control", "judge-score gain at equal length (OLS)", _ci(reg["tuned_effect"])))
+            rows.append(("length control", "judge score per extra token (OLS)", _ci(reg["per_token"])))
+        for b in gen["length_controlled"]["buckets"]:
+            rows.append(("length control", f"win rate, {b['bucket'].replace('_', ' ')} (n={b['n']})",
+                         _ci(b["win_rate"]) if b["n"] else "–"))
+    kl = result.get("kl")
+    if kl:
+        rows.append(("KL", f"KL(tuned||base) per answer (n={kl['n_samples']})", _ci(kl["sequence"])))
+        rows.append(("KL", f"KL(tuned||base) per token ({kl['total_tokens']} tokens)", _ci(kl["per_token"])))
+    return rows
+
+
+def _html_table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def cell(c) -> str:
+        return str(c).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def _sample_rows(samples: list[dict], limit: int) -> list[list[str]]:
+    marks = {1: "tuned", 0: "tie", -1: "base", None: "unparseable"}
+    rows = []
+    for s in samples[:limit]:
+        rows.append([_prompt_text(s["prompt"]), s["base"], s["tuned"], marks.get(s["outcome"], "?"),
+                     f"{_num(s['base_score'])} / {_num(s['tuned_score'])}", f"{s['base_tokens']} / {s['tuned_tokens']}"])
+    return rows
+
+
+SAMPLE_HEADER = ["prompt", "base", "tuned", "judge prefers", "score base / tuned", "tokens base / tuned"]
+
+
+# --- documents ---------------------------------------------------------------------------------------------------
+
+def _page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples: int = 20) -> Path:
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/report.md (+ report_plots/*.png). Returns the html."""
+    run_dir = Path(run_dir)
+    eval_path = run_dir / "eval.json"
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a dpokit run folder (no config.yaml); pass the output.dir of a training run")
+    if not eval_path.is_file():
+        raise UserError(f"{run_dir}: no eval.json; run `dpokit eval {run_dir}` first")
+    result = json.loads(eval_path.read_text(encoding="utf-8"))
+    metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    samples = read_jsonl(run_dir / "eval_samples.jsonl") if (run_dir / "eval_samples.jsonl").is_file() else []
+    out = Path(out) if out else run_dir / "report.html"
+
+    plots: dict[str, tuple[str, bytes]] = {}
+    curves = training_curves(metrics)
+    if curves:
+        plots["training_curves"] = ("Training curves", curves)
+    gen = result.get("generation")
+    if gen:
+        plots["outcomes"] = ("Win / tie / loss, overall and by length bucket",
+                             outcome_bars(gen["outcomes"], gen["length_controlled"]["buckets"]))
+        plots["lengths"] = ("Answer lengths", length_histograms(gen["lengths"]))
+        if gen["scores"]:
+            plots["scores"] = ("Judge-score distributions", score_distributions(gen["scores"]))
+
+    title = f"dpokit report: {run_dir.name}"
+    summary = [["model", result.get("model", "")], ["beta", result.get("beta", "")],
+               ["held-out pairs", result["preference"]["n_pairs"]]]
+    if gen:
+        d = gen["decoding"]
+        summary += [["judge", f"{gen['judge']['name']} ({gen['judge']['kind']})"],
+                    ["generation", f"{gen['n_prompts']} prompts x {gen['samples_per_prompt']} samples, temperature "
+                                   f"{d['temperature']}, top_p {d['top_p']}, max_new_tokens {d['max_new_tokens']}, "
+                                   f"seed {d['seed']}"]]
+    table_rows = [list(r) for r in metric_rows(result)]
+    parts = [f"<h1>{html.escape(title)}</h1>", _html_table(["", ""], [[str(a), str(b)] for a, b in summary]),
+             "<h2>Evaluation (95% confidence intervals)</h2>",
+             _html_table(["section", "metric", "value [95% CI]"], table_rows),
+             '<p class="note">Win/tie/loss is the tuned model\'s answer against the base model\'s answer for the same '
+             "prompt and seed. Proportions use Wilson intervals, means normal intervals. KL is estimated on the tuned "
+             "model's own samples.</p>"]
+    for caption, png in plots.values():
+        parts += [f"<h2>{html.escape(caption)}</h2>", _img(png, caption)]
+    if samples:
+        parts += [f"<h2>Samples (first {min(len(samples), max_samples)} of {len(samples)})</h2>",
+                  _html_table(SAMPLE_HEADER, _sample_rows(samples, max_samples), cls="samples")]
+    atomic_write_text(out, _page(title, "\n".join(parts)))
+
+    # report.md: the same tables; plots as PNG files next to it (Markdown viewers rarely show data URIs).
+    plot_dir = out.parent / "report_plots"
+    md = [f"# {title}", "", _md_table(["", ""], [[str(a), str(b)] for a, b in summary]), "",
+          "## Evaluation (95% confidence intervals)", "", _md_table(["section", "metric", "value [95% CI]"], table_rows)]
+    for key, (caption, png) in plots.items():
+        plot_dir.mkdir(exist_ok=True)
+        (plot_dir / f"{key}.png").write_bytes(png)
+        md += ["", f"## {caption}", "", f"![{caption}](report_plots/{key}.png)"]
+    if samples:
+        md += ["", "## Samples", "", _md_table(SAMPLE_HEADER, _sample_rows(samples, max_samples))]
+    atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
+    return out
+
+
+def write_sweep_report(sweep_dir: str | Path, rows: list[dict], y_label: str) -> Path:
+    """sweep.html + sweep.md: the reward-vs-KL frontier and one row per run."""
+    sweep_dir = Path(sweep_dir)
+    png = frontier_plot(rows, y_label)
+    header = ["run", "KL per answer [95% CI]", f"{y_label} [95% CI]", "implicit-reward accuracy", "run folder"]
+
+    def ci(v, c):
+        return _ci({"value": v, "ci": c}) if _finite(v) and c else _num(v)
+
+    table = [[r["label"], ci(r["kl"], r.get("kl_ci")), ci(r["reward"], r.get("reward_ci")),
+              _num(r.get("accuracy")), r["run_dir"]] for r in rows]
+    title = f"dpokit sweep: {sweep_dir.name}"
+    body = [f"<h1>{html.escape(title)}</h1>", "<h2>Reward vs KL</h2>", _img(png, "reward vs KL frontier"),
+            "<h2>Runs</h2>", _html_table(header, table)]
+    out = sweep_dir / "sweep.html"
+    atomic_write_text(out, _page(title, "\n".join(body)))
+    (sweep_dir / "sweep_frontier.png").write_bytes(png)
+    atomic_write_text(sweep_dir / "sweep.md", "\n".join([f"# {title}", "", "![reward vs KL](sweep_frontier.png)", "",
+                                                        _md_table(header, table)]) + "\n")
+    return out

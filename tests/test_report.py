@@ -1,0 +1,164 @@
+"""End to end on the tiny model: train -> eval.json with every field -> report rendered in headless Chromium ->
+compare; and a beta sweep with its frontier report (slow)."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import tiny_config
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr",
+                  "--v=0", "--window-size=1200,1800"]
+
+
+def render(html_path, tmp_path):
+    """Screenshot the page in headless Chromium; returns (PIL image, console lines). Chromium logs every console
+    message (errors, uncaught exceptions) as an ':INFO:CONSOLE' line on stderr with --enable-logging=stderr."""
+    from PIL import Image
+
+    shot = tmp_path / f"{html_path.stem}.png"
+    res = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                          f"--screenshot={shot}", html_path.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    console = [line for line in res.stderr.splitlines() if ":CONSOLE" in line]
+    return Image.open(shot).convert("RGB"), console
+
+
+def not_blank(image) -> bool:
+    """More than 2% non-white pixels and more than 16 distinct colours (text, tables and plots)."""
+    small = image.resize((300, 450))
+    pixels = list(small.getdata())
+    non_white = sum(1 for p in pixels if sum(p) < 720)
+    return non_white > 0.02 * len(pixels) and len(set(pixels)) > 16
+
+
+GEN_FIELDS = {"n_prompts", "samples_per_prompt", "n_samples", "decoding", "judge", "outcomes", "scores", "lengths",
+              "length_controlled"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from conftest import run_cli
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = tiny_config(tmp, train={"max_steps": 8, "learning_rate": 1e-3},
+                      eval={"num_prompts": 5, "samples_per_prompt": 2, "max_new_tokens": 12})
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = run_cli("train", path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp / "run", res
+
+
+def test_eval_json_has_every_field(tiny_run):
+    run, res = tiny_run
+    result = json.loads((run / "eval.json").read_text())
+    assert {"schema_version", "run_dir", "model", "beta", "preference", "generation", "kl"} <= set(result)
+    pref = result["preference"]
+    for metric in (pref["implicit_reward_accuracy"], pref["reward_margin"],
+                   *[pref["likelihood_accuracy"][w][k] for w in ("base", "tuned") for k in ("sum", "mean_per_token")]):
+        assert {"value", "ci", "n"} <= set(metric) and len(metric["ci"]) == 2
+    gen = result["generation"]
+    assert GEN_FIELDS <= set(gen)
+    assert gen["n_samples"] == 10 and gen["judge"] == {"name": "sentiment", "kind": "pointwise", "details": {}}
+    out = gen["outcomes"]
+    assert out["wins"] + out["ties"] + out["losses"] + out["unparseable"] == 10
+    for key in ("win", "tie", "loss", "win_rate"):
+        assert len(out[key]["ci"]) == 2
+    for who in ("base", "tuned"):
+        assert len(gen["scores"][f"{who}_values"]) == 10 and "ci" in gen["scores"][who]
+        lengths = gen["lengths"][who]
+        assert sum(lengths["histogram"]) == 10 and len(lengths["values"]) == 10
+        assert all(1 <= n <= 12 for n in lengths["values"]) and "ci" in lengths["mean"]
+    assert [b["bucket"] for b in gen["length_controlled"]["buckets"]] == ["tuned_shorter", "length_matched",
+                                                                          "tuned_longer"]
+    assert sum(b["n"] + b["unparseable"] for b in gen["length_controlled"]["buckets"]) == 10
+    assert "regression" in gen["length_controlled"]
+    kl = result["kl"]
+    assert kl["n_samples"] == 10 and kl["total_tokens"] == sum(gen["lengths"]["tuned"]["values"])
+    assert kl["exact_sampling"] is True and len(kl["sequence"]["ci"]) == 2 and len(kl["per_token"]["ci"]) == 2
+    samples = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 10 and {"prompt", "base", "tuned", "outcome", "kl_sequence"} <= set(samples[0])
+    # The mean of the per-sample log-ratios is the reported KL.
+    assert kl["sequence"]["value"] == pytest.approx(sum(s["kl_sequence"] for s in samples) / 10)
+    assert "KL(tuned||base) per token" in res.stdout and "tuned wins" in res.stdout
+
+
+def test_report_renders_in_chromium(tiny_run, cli, tmp_path):
+    run, _ = tiny_run
+    res = cli("report", run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    html_path = run / "report.html"
+    text = html_path.read_text()
+    assert "http://" not in text and "https://" not in text and "<script" not in text  # self-contained
+    assert text.count("data:image/png;base64,") == 4  # curves, outcomes, lengths, scores
+    assert "implicit-reward accuracy" in text and "KL(tuned||base)" in text
+    md = (run / "report.md").read_text()
+    assert "| preference | implicit-reward accuracy" in md and (run / "report_plots" / "training_curves.png").is_file()
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium); HTML checked without rendering")
+    image, console = render(html_path, tmp_path)
+    assert not_blank(image)
+    assert console == [], console
+    shutil.copy(tmp_path / "report.png", run / "report_screenshot.png")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
+def test_chromium_check_catches_errors_and_blank_pages(tmp_path):
+    """The render check itself: a page with a JS error is caught, a blank page is blank."""
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><h1>x</h1><script>throw new Error('boom42')</script></body></html>")
+    _, console = render(bad, tmp_path)
+    assert any("boom42" in line for line in console)
+    blank = tmp_path / "blank.html"
+    blank.write_text("<html><body></body></html>")
+    image, console = render(blank, tmp_path)
+    assert not not_blank(image) and console == []
+
+
+def test_compare_side_by_side(tiny_run, cli):
+    run, _ = tiny_run
+    res = cli("compare", run, "--prompt", "How was the sea?", "--samples", "2", "--max-new-tokens", "8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "base" in res.stdout and "tuned" in res.stdout and "sentiment score" in res.stdout
+
+
+def test_report_without_eval_is_user_error(cli, tmp_path):
+    (tmp_path / "config.yaml").write_text("data:\n  source: x.jsonl\n")
+    res = cli("report", tmp_path)
+    assert res.returncode == 2 and "dpokit eval" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_sweep_override_parsing():
+    from dpokit.sweep import split_overrides, sweep_points
+
+    fixed, swept = split_overrides(["train.beta=0.05,0.1", "train.max_steps=3", "train.loss=sigmoid,ipo"])
+    assert fixed == ["train.max_steps=3"]
+    assert swept == [("train.beta", ["0.05", "0.1"]), ("train.loss", ["sigmoid", "ipo"])]
+    assert sweep_points(swept)[1] == ["train.beta=0.05", "train.loss=ipo"] and len(sweep_points(swept)) == 4
+
+
+@pytest.mark.slow
+def test_sweep_beta_frontier(cli, tmp_path):
+    cfg = tiny_config(tmp_path, train={"max_steps": 4}, eval={"num_prompts": 3, "max_new_tokens": 8})
+    cfg["output"]["dir"] = str(tmp_path / "sweep")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = cli("sweep", path, "--set", "train.beta=0.05,0.5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["label"] for r in summary["runs"]] == ["train.beta=0.05", "train.beta=0.5"]
+    for row in summary["runs"]:
+        assert isinstance(row["kl"], float) and isinstance(row["reward"], float)
+        assert yaml.safe_load(open(f"{row['run_dir']}/config.yaml"))["train"]["beta"] in (0.05, 0.5)
+    html_text = (tmp_path / "sweep" / "sweep.html").read_text()
+    assert "data:image/png;base64," in html_text and "reward vs KL" in html_text
+    if CHROMIUM:
+        image, console = render(tmp_path / "sweep" / "sweep.html", tmp_path)
+        assert not_blank(image) and console == []
