@@ -135,7 +135,7 @@ class EvalConfig(Section):
                                     "as length-matched when their token counts differ by at most this fraction.")
 
 
-class GenerateConfig(Section):
+class PairsConfig(Section):
     """On-policy pair generation (`dpokit quickstart`, `dpokit data generate`): sample, judge, best vs worst."""
 
     prompts: str | None = Field(None, description="Prompts file (.txt one a line, or .jsonl with 'prompt'); "
@@ -167,8 +167,8 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Pair generation (dpokit quickstart); "
-                                     "ignored by dpokit train.")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="On-policy pair generation "
+                               "(dpokit quickstart); ignored by dpokit train.")
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RunConfig:

@@ -4,7 +4,7 @@ Stages: (1) sample answers to bundled prompts and keep best-vs-worst by sentimen
 with LoRA, (3) evaluate on held-out prompts (win rate vs base, sentiment, KL, implicit-reward accuracy, lengths),
 (4) write the HTML report, (5) print a summary and write OUT/summary.json.
 
-Every setting comes from a run config (configs/quickstart.yaml) whose `generate` section drives stage 1; the
+Every setting comes from a run config (configs/quickstart.yaml) whose `pairs` section drives stage 1; the
 pairs are cached under the dpokit cache keyed by model + prompts + settings, and a finished training run in OUT
 is reused when its config is unchanged, so a re-run only redoes what changed (`--fresh` redoes everything).
 """
@@ -63,7 +63,7 @@ def split_prompts(prompts: list, gen) -> tuple[list, list]:
     if gen.num_prompts:
         order = order[: gen.num_prompts]
     if len(order) <= gen.eval_prompts:
-        raise UserError(f"generate.eval_prompts: {gen.eval_prompts} held-out prompts leave none of the "
+        raise UserError(f"pairs.eval_prompts: {gen.eval_prompts} held-out prompts leave none of the "
                         f"{len(order)} prompts for training; lower eval_prompts or add prompts")
     held = [prompts[i] for i in order[: gen.eval_prompts]]
     train = [prompts[i] for i in order[gen.eval_prompts:]]
@@ -73,7 +73,7 @@ def split_prompts(prompts: list, gen) -> tuple[list, list]:
 def pair_settings(cfg):
     from dpokit.data.generate import PairSettings
 
-    g = cfg.generate
+    g = cfg.pairs
     return PairSettings(num_samples=g.num_samples, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                         top_p=g.top_p, seed=g.seed, batch_size=g.batch_size, judge=g.judge,
                         judge_options=dict(g.judge_options), min_gap=g.min_gap,
@@ -119,8 +119,8 @@ def stage_pairs(cfg, train_prompts: list, held_prompts: list, out: Path, fresh: 
         stats.update(key=key, train_pairs=len(train_pairs), eval_pairs=len(eval_pairs),
                      train_prompts=len(train_prompts), eval_prompts=len(held_prompts))
         if not train_pairs or not eval_pairs:
-            raise UserError(f"generate: {len(train_pairs)} training and {len(eval_pairs)} held-out pairs; lower "
-                            "generate.min_gap or raise generate.num_samples")
+            raise UserError(f"pairs: {len(train_pairs)} training and {len(eval_pairs)} held-out pairs; lower "
+                            "pairs.min_gap or raise pairs.num_samples")
         write_jsonl(cached / "train.jsonl", train_pairs)
         write_jsonl(cached / "eval.jsonl", eval_pairs)
         atomic_write_text(cached / "stats.json", json.dumps(stats, indent=2))
@@ -206,7 +206,7 @@ def print_summary(summary: dict, console) -> None:
     def num(v, fmt="{:.3f}"):
         return "n/a" if v is None else fmt.format(v)
 
-    table = Table(title="dpokit quickstart: SmolLM2-135M-Instruct, DPO toward warmer answers")
+    table = Table(title=f"dpokit quickstart: {summary['model']}, DPO toward the judge's preference")
     table.add_column("metric")
     table.add_column("value", justify="right")
     ci = summary.get("win_rate_ci")
@@ -238,8 +238,8 @@ def run_quickstart(out: str = "runs/quickstart", *, config: str | None = None, f
     start = time.time()
     console = console or Console()
     cfg = load_quickstart_config(config, overrides)  # all user input is checked before anything is written
-    prompts = read_prompts(cfg.generate.prompts)
-    train_prompts, held_prompts = split_prompts(prompts, cfg.generate)
+    prompts = read_prompts(cfg.pairs.prompts)
+    train_prompts, held_prompts = split_prompts(prompts, cfg.pairs)
     out_dir = Path(out)
     prepare_out_dir(out_dir, fresh)
     seconds = {}
@@ -248,7 +248,7 @@ def run_quickstart(out: str = "runs/quickstart", *, config: str | None = None, f
     stats = stage_pairs(cfg, train_prompts, held_prompts, out_dir, fresh, console)
     seconds["pairs"] = time.time() - t
     console.print(f"    {stats['train_pairs']} training / {stats['eval_pairs']} held-out pairs from "
-                  f"{stats['prompts']} prompts x {cfg.generate.num_samples} samples")
+                  f"{stats['prompts']} prompts x {cfg.pairs.num_samples} samples")
 
     t = time.time()
     train_summary = stage_train(cfg, out_dir, stats["key"], fresh, console)
@@ -266,6 +266,7 @@ def run_quickstart(out: str = "runs/quickstart", *, config: str | None = None, f
     summary = summarize(ev, stats, train_summary, seconds, report)
     summary["wall_seconds"] = time.time() - start
     summary["out"] = str(out_dir)
+    summary["model"] = cfg.model.name_or_path
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     print_summary(summary, console)
     console.print(f"summary: {out_dir / 'summary.json'}")
