@@ -150,6 +150,8 @@ def generate_pairs_to_file(model_name: str, prompts_path: str | None, out: str, 
         raise UserError(f"--out: {out} already exists; pass --overwrite to replace it or choose another path")
     if not 0.0 <= settings.min_gap:
         raise UserError(f"--min-gap: {settings.min_gap}; must be >= 0")
+    if settings.num_samples < 2:
+        raise UserError(f"--num-samples: {settings.num_samples}; need at least 2 samples per prompt to form a pair")
     prompts = read_prompts(prompts_path)
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name, dtype=dtype)
