@@ -84,7 +84,7 @@ def as_chat(prompt, tokenizer):
 
 def select_pair(prompt, samples: list[str], scores: list[float], min_gap: float) -> dict | None:
     """Best vs worst of one prompt's samples; None when empty, tied, or closer than `min_gap`."""
-    scored = [(s, t) for s, t in zip(scores, samples) if t.strip()]
+    scored = [(s, t) for s, t in zip(scores, samples, strict=True) if t.strip()]
     if len(scored) < 2:
         return None
     best = max(scored, key=lambda x: x[0])
@@ -114,10 +114,10 @@ def generate_pairs(model, tokenizer, prompts: list, settings: PairSettings, prog
                        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                        top_p=settings.top_p, seed=settings.seed, batch_size=settings.batch_size,
                        system_prompt=settings.system_prompt, progress=progress)
-    flat_prompts = [c for c, s in zip(chats, samples) for _ in s]
+    flat_prompts = [c for c, s in zip(chats, samples, strict=True) for _ in s]
     flat_scores = judge.score(flat_prompts, [t for s in samples for t in s])
     pairs, start = [], 0
-    for chat, group in zip(chats, samples):
+    for chat, group in zip(chats, samples, strict=True):
         scores = flat_scores[start:start + len(group)]
         start += len(group)
         pair = select_pair(chat, group, scores, settings.min_gap)
