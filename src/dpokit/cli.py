@@ -83,6 +83,46 @@ def eval_(
     typer.echo(f"wrote {os.path.join(run_dir, 'eval.json')}")
 
 
+@data_app.command("generate")
+def data_generate(
+    model: Annotated[str, typer.Option(help="Model: hub id, folder or alias.")] = "smollm2-135m-instruct",
+    prompts: Annotated[str | None, typer.Option(help="Prompts: .txt (one a line) or .jsonl ('prompt' field); "
+                                                     "default: the bundled quickstart prompts.")] = None,
+    num_samples: Annotated[int, typer.Option(help="Answers sampled per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Max tokens per answer.")] = 48,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
+    judge: Annotated[str, typer.Option(help="Judge scoring each answer (higher = preferred).")] = "sentiment",
+    min_gap: Annotated[float, typer.Option(help="Keep a pair only if best - worst score >= this.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per generate() call.")] = 32,
+    out: Annotated[str, typer.Option(help="Output .jsonl of canonical pairs.")] = "pairs.jsonl",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+) -> None:
+    """Sample answers per prompt, score them with a judge, write best-vs-worst preference pairs (JSONL)."""
+    from dpokit.data.generate import PairSettings, generate_pairs_to_file
+
+    settings = PairSettings(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, seed=seed, batch_size=batch_size, judge=judge, min_gap=min_gap)
+    stats = generate_pairs_to_file(model, prompts, out, settings, overwrite=overwrite)
+    typer.echo(f"wrote {stats['pairs']} pairs from {stats['prompts']} prompts to {out} "
+               f"({stats['dropped_ties_or_small_gap']} dropped: ties or gap < {min_gap})")
+
+
+@app.command()
+def quickstart(
+    out: Annotated[str, typer.Option(help="Output folder (pairs, run, report, summary.json).")] = "runs/quickstart",
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore cached pairs and training; redo everything.")] = False,
+    config: Annotated[str | None, typer.Option(help="Quickstart config; default: the bundled "
+                                                    "configs/quickstart.yaml.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Generate sentiment pairs, train DPO with LoRA, evaluate and report, on SmolLM2-135M (offline, CPU)."""
+    from dpokit.quickstart import run_quickstart
+
+    run_quickstart(out, config=config, fresh=fresh, overrides=set_)
+
+
 from dpokit.eval.commands import register as _register_eval_commands  # noqa: E402
 
 _register_eval_commands(app)  # compare, report, sweep

@@ -161,6 +161,26 @@ class EvalConfig(Section):
                                     "as length-matched when their token counts differ by at most this fraction.")
 
 
+class PairsConfig(Section):
+    """On-policy pair generation (`dpokit quickstart`, `dpokit data generate`): sample, judge, best vs worst."""
+
+    prompts: str | None = Field(None, description="Prompts file (.txt one a line, or .jsonl with 'prompt'); "
+                                "None = the bundled quickstart prompts.")
+    num_prompts: int | None = Field(None, ge=2, description="Use only the first N prompts (after the seeded "
+                                    "shuffle); None = all.")
+    eval_prompts: int = Field(80, ge=1, description="Prompts held out from training: their pairs are the held-out "
+                              "pairs, their prompts the win-rate prompts.")
+    num_samples: int = Field(4, ge=2, description="Answers sampled per prompt; the best and worst form a pair.")
+    max_new_tokens: int = Field(48, ge=1, description="Max tokens per sampled answer.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    judge: str = Field("sentiment", description="Judge scoring each answer; higher = preferred.")
+    judge_options: dict[str, Any] = Field(default_factory=dict, description="Options of the judge.")
+    min_gap: float = Field(0.1, ge=0.0, description="Keep a pair only if best - worst score >= this (ties dropped).")
+    batch_size: int = Field(32, ge=1, description="Sequences per generate() call.")
+    seed: int = Field(0, description="Seed of the prompt shuffle and of sampling.")
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/dpokit", description="Run folder (relative paths are from the current directory).")
     overwrite: bool = Field(False, description="Replace an existing run folder.")
@@ -173,6 +193,8 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="On-policy pair generation "
+                               "(dpokit quickstart); ignored by dpokit train.")
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RunConfig:

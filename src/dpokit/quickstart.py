@@ -1,0 +1,274 @@
+"""`dpokit quickstart`: the whole pipeline on SmolLM2-135M-Instruct, offline, on a CPU, in minutes.
+
+Stages: (1) sample answers to bundled prompts and keep best-vs-worst by sentiment (on-policy pairs), (2) train DPO
+with LoRA, (3) evaluate on held-out prompts (win rate vs base, sentiment, KL, implicit-reward accuracy, lengths),
+(4) write the HTML report, (5) print a summary and write OUT/summary.json.
+
+Every setting comes from a run config (configs/quickstart.yaml) whose `pairs` section drives stage 1; the
+pairs are cached under the dpokit cache keyed by model + prompts + settings, and a finished training run in OUT
+is reused when its config is unchanged, so a re-run only redoes what changed (`--fresh` redoes everything).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+from dpokit.errors import UserError
+from dpokit.utils import atomic_write_text, write_jsonl
+
+MARKER = ".dpokit-quickstart"
+PLACEHOLDER_SOURCE = "quickstart-generated-pairs"
+
+
+def default_config_path() -> Path:
+    """configs/quickstart.yaml of a source checkout, else the copy shipped in the package."""
+    repo_copy = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    return repo_copy if repo_copy.is_file() else Path(__file__).resolve().parent / "assets" / "quickstart.yaml"
+
+
+def load_quickstart_config(path: str | Path | None, overrides: list[str] | None = None):
+    """A run config whose data.source is filled in later with the generated pairs."""
+    import yaml
+
+    from dpokit.config import load_config
+
+    path = Path(path) if path else default_config_path()
+    if path.is_file():
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if isinstance(raw, dict) and isinstance(raw.get("data"), dict) and raw["data"].get("source"):
+            raise UserError(f"{path}: data.source: quickstart generates its own pairs; remove data.source (to train "
+                            "on your own pairs use `dpokit train CONFIG`)")
+    return load_config(path, [f"data.source={PLACEHOLDER_SOURCE}", *(overrides or [])])
+
+
+def prepare_out_dir(out: Path, fresh: bool) -> None:
+    """OUT is quickstart's own folder: refuse a non-empty folder that quickstart did not create."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"--out: {out} exists and was not written by dpokit quickstart; choose another --out or "
+                        "empty it")
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
+
+
+def split_prompts(prompts: list, gen) -> tuple[list, list]:
+    """Seeded shuffle, optional cap, then the first `eval_prompts` are held out."""
+    order = list(range(len(prompts)))
+    random.Random(gen.seed).shuffle(order)
+    if gen.num_prompts:
+        order = order[: gen.num_prompts]
+    if len(order) <= gen.eval_prompts:
+        raise UserError(f"pairs.eval_prompts: {gen.eval_prompts} held-out prompts leave none of the "
+                        f"{len(order)} prompts for training; lower eval_prompts or add prompts")
+    held = [prompts[i] for i in order[: gen.eval_prompts]]
+    train = [prompts[i] for i in order[gen.eval_prompts:]]
+    return train, held
+
+
+def pair_settings(cfg):
+    from dpokit.data.generate import PairSettings
+
+    g = cfg.pairs
+    return PairSettings(num_samples=g.num_samples, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                        top_p=g.top_p, seed=g.seed, batch_size=g.batch_size, judge=g.judge,
+                        judge_options=dict(g.judge_options), min_gap=g.min_gap,
+                        system_prompt=cfg.data.system_prompt)
+
+
+def model_identity(cfg) -> dict:
+    """What identifies the sampling model in the pairs' cache key (a folder also by its weights' mtimes)."""
+    from dpokit.models import resolve_model_path
+
+    ident = {"name": cfg.model.name_or_path, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
+             "tokenizer": cfg.model.tokenizer, "chat_template": cfg.data.chat_template}
+    path = Path(resolve_model_path(cfg.model.name_or_path))
+    if path.is_dir():
+        ident["files"] = sorted((p.name, int(p.stat().st_mtime)) for p in path.glob("*.safetensors"))
+    return ident
+
+
+def stage_pairs(cfg, train_prompts: list, held_prompts: list, out: Path, fresh: bool, console) -> dict:
+    """Generated pairs in OUT/pairs/{train,eval}.jsonl, from the cache when the same settings were run before."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dpokit.data.generate import as_chat, generate_pairs, settings_key
+    from dpokit.data.templates import setup_chat_template
+    from dpokit.models import cache_dir, load_model_and_tokenizer
+
+    settings = pair_settings(cfg)
+    key = settings_key(json.dumps(model_identity(cfg), sort_keys=True), [train_prompts, held_prompts], settings)
+    cached = cache_dir() / "pairs" / key
+    if fresh or not (cached / "stats.json").is_file():
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        setup_chat_template(tokenizer, cfg.data.chat_template)
+        prompts = train_prompts + held_prompts
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn()]
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("1/4 sampling answers", total=len(prompts) * settings.num_samples)
+            pairs, stats = generate_pairs(model, tokenizer, prompts, settings, progress=lambda n: bar.advance(task, n))
+        del model
+        held_chat = {json.dumps(as_chat(p, tokenizer), sort_keys=True) for p in held_prompts}
+        train_pairs = [p for p in pairs if json.dumps(p["prompt"], sort_keys=True) not in held_chat]
+        eval_pairs = [p for p in pairs if json.dumps(p["prompt"], sort_keys=True) in held_chat]
+        stats.update(key=key, train_pairs=len(train_pairs), eval_pairs=len(eval_pairs),
+                     train_prompts=len(train_prompts), eval_prompts=len(held_prompts))
+        if not train_pairs or not eval_pairs:
+            raise UserError(f"pairs: {len(train_pairs)} training and {len(eval_pairs)} held-out pairs; lower "
+                            "pairs.min_gap or raise pairs.num_samples")
+        write_jsonl(cached / "train.jsonl", train_pairs)
+        write_jsonl(cached / "eval.jsonl", eval_pairs)
+        atomic_write_text(cached / "stats.json", json.dumps(stats, indent=2))
+    else:
+        console.print(f"1/4 pairs: reusing cached pairs {cached}")
+        stats = json.loads((cached / "stats.json").read_text(encoding="utf-8"))
+        stats["cached"] = True
+    for name in ("train.jsonl", "eval.jsonl", "stats.json"):
+        (out / "pairs").mkdir(exist_ok=True)
+        shutil.copyfile(cached / name, out / "pairs" / name)
+    return stats
+
+
+def stage_train(cfg, out: Path, pairs_key: str, fresh: bool, console) -> dict:
+    """Train unless OUT/run already holds a finished run of this exact config and these pairs."""
+    from dpokit.train.trainer import run_training
+
+    run_dir = out / "run"
+    cfg.data.source = str((out / "pairs" / "train.jsonl").resolve())
+    cfg.data.eval_source = str((out / "pairs" / "eval.jsonl").resolve())
+    cfg.output.dir = str(run_dir)
+    cfg.output.overwrite = True
+    stamp = run_dir / ".quickstart_pairs_key"
+    same = (not fresh and (run_dir / "train_summary.json").is_file() and (run_dir / "model").is_dir()
+            and stamp.is_file() and stamp.read_text() == pairs_key
+            and (run_dir / "config.yaml").read_text(encoding="utf-8") == cfg.to_yaml())
+    if same:
+        console.print(f"2/4 training: reusing the finished run in {run_dir}")
+        return json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
+    console.print("2/4 training DPO with LoRA")
+    run_training(cfg, evaluate=False)
+    atomic_write_text(stamp, pairs_key)
+    return json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
+
+
+def stage_report(run_dir: Path, console) -> str | None:
+    """The HTML report, when the report module is available; None (with a note) otherwise."""
+    try:
+        from dpokit.report import write_report
+    except ImportError:
+        console.print("4/4 report: skipped (this dpokit has no report module)")
+        return None
+    path = write_report(run_dir)
+    return str(path)
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def summarize(ev: dict, stats: dict, train_summary: dict, stage_seconds: dict, report: str | None) -> dict:
+    gen = ev.get("generation") or {}
+    outcomes = gen.get("outcomes") or {}
+    return {
+        "win_rate": _get(outcomes, "win_rate", "value"),
+        "win_rate_ci": _get(outcomes, "win_rate", "ci"),
+        "wins": outcomes.get("wins"), "ties": outcomes.get("ties"), "losses": outcomes.get("losses"),
+        "n_eval_prompts": gen.get("n_prompts"),
+        "mean_score_base": _get(gen, "scores", "base", "value"),
+        "mean_score_tuned": _get(gen, "scores", "tuned", "value"),
+        "implicit_reward_accuracy": _get(ev, "preference", "implicit_reward_accuracy", "value"),
+        "implicit_reward_accuracy_ci": _get(ev, "preference", "implicit_reward_accuracy", "ci"),
+        "n_eval_pairs": _get(ev, "preference", "n_pairs"),
+        "kl": _get(ev, "kl", "sequence", "value"),
+        "kl_per_token": _get(ev, "kl", "per_token", "value"),
+        "mean_length_base": _get(gen, "lengths", "base", "mean", "value"),
+        "mean_length_tuned": _get(gen, "lengths", "tuned", "mean", "value"),
+        "train_pairs": stats.get("train_pairs"),
+        "eval_pairs": stats.get("eval_pairs"),
+        "train_steps": train_summary.get("global_step"),
+        "report": report,
+        "stage_seconds": stage_seconds,
+    }
+
+
+def print_summary(summary: dict, console) -> None:
+    from rich.table import Table
+
+    def num(v, fmt="{:.3f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    table = Table(title=f"dpokit quickstart: {summary['model']}, DPO toward the judge's preference")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    ci = summary.get("win_rate_ci")
+    wr = num(summary["win_rate"]) + (f"  [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    if summary.get("wins") is not None:
+        wr += f"  ({summary['wins']} won, {summary['ties']} tied, {summary['losses']} lost)"
+    table.add_row("win rate, tuned vs base (95% CI)", wr)
+    table.add_row("mean sentiment, base -> tuned",
+                  f"{num(summary['mean_score_base'])} -> {num(summary['mean_score_tuned'])}")
+    table.add_row("implicit-reward accuracy (held-out pairs)", num(summary["implicit_reward_accuracy"]))
+    table.add_row("KL(tuned || base) per answer, nats", num(summary["kl"]))
+    table.add_row("mean answer length, base -> tuned (tokens)",
+                  f"{num(summary['mean_length_base'], '{:.1f}')} -> {num(summary['mean_length_tuned'], '{:.1f}')}")
+    table.add_row("pairs (train / held-out)", f"{summary['train_pairs']} / {summary['eval_pairs']}")
+    table.add_row("wall time", f"{summary['wall_seconds']:.0f} s  (" + ", ".join(
+        f"{k} {v:.0f} s" for k, v in summary["stage_seconds"].items()) + ")")
+    table.add_row("report", summary["report"] or "(not written)")
+    console.print(table)
+
+
+def run_quickstart(out: str = "runs/quickstart", *, config: str | None = None, fresh: bool = False,
+                   overrides: list[str] | None = None, console=None) -> dict:
+    """Run every stage; returns the summary (also written to OUT/summary.json)."""
+    from rich.console import Console
+
+    from dpokit.data.generate import read_prompts
+    from dpokit.eval import evaluate_run
+
+    start = time.time()
+    console = console or Console()
+    cfg = load_quickstart_config(config, overrides)  # all user input is checked before anything is written
+    prompts = read_prompts(cfg.pairs.prompts)
+    train_prompts, held_prompts = split_prompts(prompts, cfg.pairs)
+    out_dir = Path(out)
+    prepare_out_dir(out_dir, fresh)
+    seconds = {}
+
+    t = time.time()
+    stats = stage_pairs(cfg, train_prompts, held_prompts, out_dir, fresh, console)
+    seconds["pairs"] = time.time() - t
+    console.print(f"    {stats['train_pairs']} training / {stats['eval_pairs']} held-out pairs from "
+                  f"{stats['prompts']} prompts x {cfg.pairs.num_samples} samples")
+
+    t = time.time()
+    train_summary = stage_train(cfg, out_dir, stats["key"], fresh, console)
+    seconds["train"] = time.time() - t
+
+    t = time.time()
+    console.print("3/4 evaluating on held-out prompts and pairs")
+    ev = evaluate_run(out_dir / "run", quiet=True)
+    seconds["eval"] = time.time() - t
+
+    t = time.time()
+    report = stage_report(out_dir / "run", console)
+    seconds["report"] = time.time() - t
+
+    summary = summarize(ev, stats, train_summary, seconds, report)
+    summary["wall_seconds"] = time.time() - start
+    summary["out"] = str(out_dir)
+    summary["model"] = cfg.model.name_or_path
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    print_summary(summary, console)
+    console.print(f"summary: {out_dir / 'summary.json'}")
+    return summary
+
