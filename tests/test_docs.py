@@ -1,0 +1,30 @@
+"""The README's config reference is the config's own help: it cannot drift from the code."""
+
+from pathlib import Path
+
+from dpokit.cli import describe_config
+from dpokit.config import RunConfig
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_config_reference_matches_config_keys():
+    text = README.read_text(encoding="utf-8")
+    block = text[text.index("## Config reference"):]
+    block = block[block.index("```text\n") + len("```text\n"):]
+    block = block[: block.index("```")]
+    assert block.strip() == describe_config(RunConfig).strip(), (
+        "README config reference is stale; regenerate it from `dpokit config-keys`")
+
+
+def test_readme_names_every_cli_command():
+    from typer.main import get_command
+
+    from dpokit.cli import app
+
+    text = README.read_text(encoding="utf-8")
+    root = get_command(app)
+    for name, cmd in root.commands.items():
+        subs = getattr(cmd, "commands", None)
+        for full in ([f"dpokit {name} {sub}" for sub in subs] if subs else [f"dpokit {name}"]):
+            assert full in text, f"README does not show `{full}`"
