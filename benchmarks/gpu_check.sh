@@ -12,9 +12,9 @@ fi
 export PYTHONPATH=/tmp/site:$PWD/src
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, trl, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
-python3 benchmarks/throughput.py --device cuda --dtype bf16 --attn sdpa --model llama-135m --pairs 256 --rounds 2 \
+python3 benchmarks/throughput.py --device cuda --dtype bf16 --attn sdpa --model llama-135m --pairs 256 --rounds 2 --warmup-rounds 1 \
   --out "$OUT/throughput_llama135m_cuda.json" 2>&1 | grep -v -E "Warning|warn" | tail -20
-python3 benchmarks/throughput.py --device cuda --dtype bf16 --attn sdpa --model llama-16m --pairs 256 --rounds 2 \
+python3 benchmarks/throughput.py --device cuda --dtype bf16 --attn sdpa --model llama-16m --pairs 256 --rounds 2 --warmup-rounds 1 \
   --out "$OUT/throughput_llama16m_cuda.json" 2>&1 | grep -v -E "Warning|warn" | tail -12
 python3 -m dpokit train configs/tiny.yaml --set output.dir=/tmp/run_bf16 --set train.precision=bf16 \
   --set eval.max_new_tokens=16 > "$OUT/train_bf16.log" 2>&1; echo "bf16 train rc=$?" | tee -a "$OUT/gpu.txt"

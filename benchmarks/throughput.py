@@ -7,7 +7,7 @@ sharing), dpokit packed with a cached reference, and two compute limits.
 
 Synthetic preference set: prompt lengths log-normal (median 120 tokens, clipped 8-400), each response log-normal
 (median 160, clipped 4-400), random token ids. A word-level tokenizer (one word per id) lets TRL tokenize the same
-ids from text. Arms run alternately for --rounds rounds; each arm trains one epoch from the same initial weights.
+ids from text. Arms run alternately for --warmup-rounds untimed and then --rounds timed rounds; each arm trains one epoch from the same initial weights.
 
 Limits (plain loops, no Trainer): the unique tokens of every pair (prompt once plus both responses) concatenated
 and cut into rows of --limit-row-tokens, batched to the packed arm's token budget, trained as a plain causal LM
@@ -312,7 +312,8 @@ def parse_args(argv=None):
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in every arm")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds over all arms")
+    ap.add_argument("--rounds", type=int, default=2, help="timed alternating rounds over all arms")
+    ap.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds first (device and cache warm-up)")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/throughput.json")
@@ -349,14 +350,18 @@ def main(argv=None) -> dict:
     times = {a: [] for a in arms}
     memory = {a: [] for a in arms}
     extra = {}
-    for rnd in range(opts.rounds):
+    # Warm-up rounds are run and printed but not timed: the first use of a device, kernels and allocator caches
+    # made TRL's first CUDA round 3.7x slower than its second, which would flatter every arm timed after it.
+    for rnd in range(opts.warmup_rounds + opts.rounds):
+        timed = rnd >= opts.warmup_rounds
         for arm in arms:
             with tempfile.TemporaryDirectory() as tmp, PeakMemory(opts.device) as mem:
                 seconds, info = ARMS[arm](base, pairs, opts, tmp)
-            times[arm].append(seconds)
+            if timed:
+                times[arm].append(seconds)
             memory[arm].append(mem.peak_mb)
             extra[arm] = info
-            print(f"  round {rnd + 1} {arm:26s} {seconds:8.2f} s  {opts.pairs / seconds:7.2f} pairs/s  "
+            print(f"  {'round ' + str(rnd + 1 - opts.warmup_rounds) if timed else 'warm-up':8s} {arm:26s} {seconds:8.2f} s  {opts.pairs / seconds:7.2f} pairs/s  "
                   f"peak {mem.peak_mb:8.1f} MB", flush=True)
             gc.collect()
 
