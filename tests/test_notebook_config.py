@@ -3,8 +3,6 @@
 
 import json
 
-import torch
-
 from conftest import CONFIGS, FIXTURES
 from dpokit.config import load_config
 
@@ -59,9 +57,9 @@ def test_notebook_config_trains_offline_with_its_settings(tmp_path):
     adapter = json.loads((run / "model" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and adapter["lora_dropout"] == 0.1
     assert set(adapter["target_modules"]) == {"c_attn", "c_proj"}
-    args = torch.load(run / "model" / "training_args.bin", weights_only=False)
-    assert args.learning_rate == 1e-4 and args.num_train_epochs == 5 and args.warmup_steps == 2
-    assert args.per_device_train_batch_size == 1 and args.gradient_accumulation_steps == 1
+    args = json.loads((run / "training_args.json").read_text())  # what reached the Trainer
+    assert args["learning_rate"] == 1e-4 and args["num_train_epochs"] == 5 and args["warmup_steps"] == 2
+    assert args["per_device_train_batch_size"] == 1 and args["gradient_accumulation_steps"] == 1
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["global_step"] == 5 * 6  # 5 epochs of 6 pairs, one pair per step
     assert summary["reference"] == "adapter"

@@ -430,10 +430,12 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
         trainer.save_model(str(run_dir / "model"))
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(run_dir / "model"))
-            (run_dir / "model" / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has it all
+            (run_dir / "model" / "training_args.bin").unlink(missing_ok=True)  # a pickle: we write JSON instead
     final = dict(output.metrics)
     wall = time.time() - start
     if trainer.is_world_process_zero():
+        # What reached the Trainer, as JSON (transformers' own training_args.bin is a pickle).
+        atomic_write_text(run_dir / "training_args.json", trainer.args.to_json_string())
         atomic_write_text(run_dir / "train_summary.json",
                           json.dumps({"metrics": final, "wall_seconds": wall, "global_step": trainer.state.global_step,
                                       "reference": reference, "engine": cfg.train.engine,
