@@ -26,11 +26,6 @@ SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_ALIASES = ("dpokit-tiny-llama", "dpokit-tiny-gpt2")
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 def cache_dir() -> Path:
     """dpokit's cache: $DPOKIT_CACHE, else $XDG_CACHE_HOME/dpokit, else ~/.cache/dpokit."""
@@ -119,7 +114,9 @@ def build_tiny_tokenizer(arch: str):
         tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="</s>",
         additional_special_tokens=["<|im_start|>"],
     )
-    fast.chat_template = CHATML_TEMPLATE
+    from dpokit.data.templates import CHATML
+
+    fast.chat_template = CHATML
     return fast
 
 

@@ -13,8 +13,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from dpokit.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -43,22 +41,14 @@ def cache_path(key: str) -> Path:
     return cache_dir() / "reference_logps" / f"{key}.json"
 
 
-@torch.no_grad()
 def compute_logps(model, pairs: list[dict], pad_id: int, batch_size: int) -> list[list[float]]:
-    """[[ref_chosen, ref_rejected], ...] for every pair, and the number of forward passes it took."""
-    from dpokit.train.batching import pad_pairs, sequence_logps
+    """[[ref_chosen, ref_rejected], ...] for every pair (the same padded forward evaluation uses)."""
+    from dpokit.eval.likelihood import pair_logps
 
-    device = next(model.parameters()).device
     was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = [{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for p in pairs[start:start + batch_size]]
-        batch = {k: v.to(device) for k, v in pad_pairs(chunk, pad_id).items()}
-        res = sequence_logps(model, batch)
-        out.extend(zip(res["chosen"].float().cpu().tolist(), res["rejected"].float().cpu().tolist(), strict=True))
+    res = pair_logps(model, pairs, pad_id, batch_size)
     model.train(was_training)
-    return [list(v) for v in out]
+    return [[c, r] for c, r in zip(res["chosen"], res["rejected"], strict=True)]
 
 
 def attach(pairs: list[dict], values: list[list[float]]) -> None:

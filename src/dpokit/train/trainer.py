@@ -224,16 +224,21 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
     return run_dir
 
 
+def load_reference_model(cfg: RunConfig):
+    """train.reference_model, loaded with the policy's dtype and safety settings."""
+    from dpokit.models import load_model
+
+    return load_model(cfg.train.reference_model, dtype=cfg.model.dtype,
+                      trust_remote_code=cfg.model.trust_remote_code,
+                      allow_pickle_weights=cfg.model.allow_pickle_weights)
+
+
 def build_reference(cfg: RunConfig, model, reference: str):
     """The frozen reference model, or None when the adapter (LoRA) or precomputed log-probs stand in for it."""
     if reference in ("adapter", "none", "precomputed"):
         return None
     if cfg.train.reference_model:
-        from dpokit.models import load_model
-
-        ref = load_model(cfg.train.reference_model, dtype=cfg.model.dtype,
-                         trust_remote_code=cfg.model.trust_remote_code,
-                         allow_pickle_weights=cfg.model.allow_pickle_weights)
+        ref = load_reference_model(cfg)
     else:
         ref = copy.deepcopy(model)
     ref.eval().requires_grad_(False)
@@ -327,11 +332,7 @@ def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc) 
 
     ref = model
     if cfg.train.reference_model:
-        from dpokit.models import load_model
-
-        ref = load_model(cfg.train.reference_model, dtype=cfg.model.dtype,
-                         trust_remote_code=cfg.model.trust_remote_code,
-                         allow_pickle_weights=cfg.model.allow_pickle_weights)
+        ref = load_reference_model(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref.to(device)
     info = precompute(ref, train_enc, eval_enc, pad_id=tokenizer.pad_token_id,
