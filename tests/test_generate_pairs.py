@@ -53,7 +53,37 @@ def test_data_generate_rejects_bad_input(cli, tmp_path):
     one = cli("data", "generate", "--model", "dpokit-tiny-llama", "--prompts", tmp_path / "p.txt",
               "--num-samples", 1, "--out", tmp_path / "p.jsonl")
     assert one.returncode == 2 and "at least 2" in one.stderr
+    bad_dtype = cli("data", "generate", "--model", "dpokit-tiny-llama", "--prompts", tmp_path / "p.txt",
+                    "--dtype", "int8", "--out", tmp_path / "p.jsonl")
+    assert bad_dtype.returncode == 2 and "--dtype" in bad_dtype.stderr and "bfloat16" in bad_dtype.stderr
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_data_generate_samples_in_bfloat16(cli, tmp_path):
+    """bf16 sampling (the quickstart's default on CPUs with native bf16) gives valid, judged pairs."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS), encoding="utf-8")
+    out = tmp_path / "pairs.jsonl"
+    res = cli("data", "generate", "--model", "dpokit-tiny-llama", "--prompts", prompts, "--num-samples", 4,
+              "--max-new-tokens", 8, "--min-gap", 0.0, "--dtype", "bfloat16", "--out", out)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert rows and all(r["score_chosen"] > r["score_rejected"] for r in rows)
+
+
+def test_sampling_dtype_follows_the_cpu_flags(monkeypatch):
+    import torch
+
+    from dpokit.models import cpu_has_native_bf16, pick_sampling_dtype
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n"
+    avx512_bf16 = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    plain = "flags\t\t: fpu sse avx2 avx512f avx512bw\nmodel name\t: amx_bf16 in a name is not a flag\n"
+    assert cpu_has_native_bf16(amx) and cpu_has_native_bf16(avx512_bf16)
+    assert not cpu_has_native_bf16(plain) and not cpu_has_native_bf16("")
+    assert pick_sampling_dtype("float16") == "float16"  # explicit choices pass through
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_sampling_dtype("auto") == ("bfloat16" if cpu_has_native_bf16() else "float32")
 
 
 def test_read_prompts_jsonl_and_bundled(tmp_path):

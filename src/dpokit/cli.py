@@ -96,14 +96,20 @@ def data_generate(
     min_gap: Annotated[float, typer.Option(help="Keep a pair only if best - worst score >= this.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Sequences per generate() call.")] = 32,
+    dtype: Annotated[str, typer.Option(help="Sampling precision: auto (bfloat16 where the GPU or CPU runs it "
+                                            "natively, else float32), float32, bfloat16, float16.")] = "auto",
     out: Annotated[str, typer.Option(help="Output .jsonl of canonical pairs.")] = "pairs.jsonl",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Sample answers per prompt, score them with a judge, write best-vs-worst preference pairs (JSONL)."""
     from dpokit.data.generate import PairSettings, generate_pairs_to_file
+    from dpokit.models import pick_sampling_dtype
 
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype: {dtype!r}; use auto, float32, bfloat16 or float16")
     settings = PairSettings(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, seed=seed, batch_size=batch_size, judge=judge, min_gap=min_gap)
+                            top_p=top_p, seed=seed, batch_size=batch_size, judge=judge, min_gap=min_gap,
+                            dtype=pick_sampling_dtype(dtype))
     stats = generate_pairs_to_file(model, prompts, out, settings, overwrite=overwrite)
     typer.echo(f"wrote {stats['pairs']} pairs from {stats['prompts']} prompts to {out} "
                f"({stats['dropped_ties_or_small_gap']} dropped: ties or gap < {min_gap})")

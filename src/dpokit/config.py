@@ -178,6 +178,9 @@ class PairsConfig(Section):
     judge_options: dict[str, Any] = Field(default_factory=dict, description="Options of the judge.")
     min_gap: float = Field(0.1, ge=0.0, description="Keep a pair only if best - worst score >= this (ties dropped).")
     batch_size: int = Field(32, ge=1, description="Sequences per generate() call.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Sampling precision. auto: bfloat16 on a bf16 GPU or a CPU with native bf16 "
+        "(AMX/AVX512-BF16), else float32. Training precision is train.precision.")
     seed: int = Field(0, description="Seed of the prompt shuffle and of sampling.")
 
 

@@ -158,6 +158,33 @@ def pick_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bf16 in hardware (AMX or AVX512-BF16), read from /proc/cpuinfo's flags.
+
+    Elsewhere bf16 is emulated and slower than fp32, so callers keep fp32 (also when /proc/cpuinfo is absent).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def pick_sampling_dtype(name: str) -> str:
+    """Precision for sampling only (no gradients): "auto" is bf16 on a bf16 GPU or a CPU with native bf16 (about
+    2x faster generation on such a CPU), else fp32. Returns a dtype name, so it can go in a cache key."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
 def _hub_error(kind: str, name: str, err: Exception) -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(

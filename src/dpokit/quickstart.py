@@ -72,12 +72,13 @@ def split_prompts(prompts: list, gen) -> tuple[list, list]:
 
 def pair_settings(cfg):
     from dpokit.data.generate import PairSettings
+    from dpokit.models import pick_sampling_dtype
 
     g = cfg.pairs
     return PairSettings(num_samples=g.num_samples, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                         top_p=g.top_p, seed=g.seed, batch_size=g.batch_size, judge=g.judge,
                         judge_options=dict(g.judge_options), min_gap=g.min_gap,
-                        system_prompt=cfg.data.system_prompt)
+                        system_prompt=cfg.data.system_prompt, dtype=pick_sampling_dtype(g.dtype))
 
 
 def model_identity(cfg) -> dict:
@@ -94,6 +95,7 @@ def model_identity(cfg) -> dict:
 
 def stage_pairs(cfg, train_prompts: list, held_prompts: list, out: Path, fresh: bool, console) -> dict:
     """Generated pairs in OUT/pairs/{train,eval}.jsonl, from the cache when the same settings were run before."""
+    import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dpokit.data.generate import as_chat, generate_pairs, settings_key
@@ -105,12 +107,13 @@ def stage_pairs(cfg, train_prompts: list, held_prompts: list, out: Path, fresh: 
     cached = cache_dir() / "pairs" / key
     if fresh or not (cached / "stats.json").is_file():
         model, tokenizer = load_model_and_tokenizer(cfg.model)
+        model.to(getattr(torch, settings.dtype))  # sampling only: no gradients, so bf16 is safe where it is fast
         setup_chat_template(tokenizer, cfg.data.chat_template)
         prompts = train_prompts + held_prompts
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn()]
         with Progress(*columns, console=console) as bar:
-            task = bar.add_task("1/4 sampling answers", total=len(prompts) * settings.num_samples)
+            task = bar.add_task(f"1/4 sampling answers ({settings.dtype})", total=len(prompts) * settings.num_samples)
             pairs, stats = generate_pairs(model, tokenizer, prompts, settings, progress=lambda n: bar.advance(task, n))
         del model
         held_chat = {json.dumps(as_chat(p, tokenizer), sort_keys=True) for p in held_prompts}

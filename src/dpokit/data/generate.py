@@ -33,6 +33,7 @@ class PairSettings:
     judge_options: dict = field(default_factory=dict)
     min_gap: float = 0.1
     system_prompt: str | None = None
+    dtype: str = "float32"  # sampling precision, resolved (never "auto"), so it is part of the cache key
 
 
 def read_prompts(path: str | os.PathLike | None) -> list[str | list[dict]]:
@@ -137,7 +138,7 @@ def settings_key(model_id: str, prompts: list, settings: PairSettings, extra: di
 
 
 def generate_pairs_to_file(model_name: str, prompts_path: str | None, out: str, settings: PairSettings, *,
-                           overwrite: bool = False, dtype: str = "auto") -> dict:
+                           overwrite: bool = False) -> dict:
     """`dpokit data generate`: check the output path first, then sample, judge and write JSONL atomically."""
     from rich.progress import Progress
 
@@ -154,7 +155,7 @@ def generate_pairs_to_file(model_name: str, prompts_path: str | None, out: str, 
         raise UserError(f"--num-samples: {settings.num_samples}; need at least 2 samples per prompt to form a pair")
     prompts = read_prompts(prompts_path)
     tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name, dtype=dtype)
+    model = load_model(model_name, dtype=settings.dtype)
     with Progress(transient=False) as bar:
         task = bar.add_task("sampling", total=len(prompts) * settings.num_samples)
         pairs, stats = generate_pairs(model, tokenizer, prompts, settings,
