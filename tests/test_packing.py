@@ -114,6 +114,20 @@ def test_self_check_passes_on_supported_models(tiny_llama, tiny_gpt2):
         assert packing_self_check(model, pair, tok.pad_token_id) is None
 
 
+def test_pair_logps_packed_equals_padded(model_and_pad):
+    """Evaluation and the reference precompute score pairs packed when the self-check passes: same sums, same
+    token counts as padded rows (batches of 3 over the mixed shapes, so rows hold several pairs)."""
+    from dpokit.eval.likelihood import pair_logps
+
+    model, pad_id = model_and_pad
+    pairs = make_pairs(MIXED, model.config.vocab_size, seed=3)
+    packed = pair_logps(model, pairs, pad_id, batch_size=3)  # None: chosen by the self-check (passes here)
+    padded = pair_logps(model, pairs, pad_id, batch_size=3, packed=False)
+    for key in ("chosen", "rejected"):
+        assert torch.allclose(torch.tensor(packed[key]), torch.tensor(padded[key]), rtol=TOL, atol=TOL)
+        assert packed[f"{key}_tokens"] == padded[f"{key}_tokens"]
+
+
 def test_self_check_falls_back_on_a_model_that_rejects_4d_masks(caplog):
     from transformers import AutoModelForCausalLM, BloomConfig
 

@@ -45,7 +45,7 @@ def test_quickstart_pipeline_on_tiny_model(cli, tmp_path):
 model: {{name_or_path: dpokit-tiny-llama}}
 pairs: {{prompts: {tmp_path / 'prompts.txt'}, eval_prompts: 16, num_samples: 6, max_new_tokens: 16, min_gap: 0.05}}
 data: {{max_length: 96}}
-train: {{learning_rate: 1.0e-3, epochs: 2, batch_size: 8, lora: {{r: 8, alpha: 16}}}}
+train: {{learning_rate: 1.0e-3, epochs: 2, batch_size: 8, reference: precomputed, lora: {{r: 8, alpha: 16}}}}
 eval: {{num_prompts: 16, max_new_tokens: 16}}
 """, encoding="utf-8")
     out = tmp_path / "qs"
@@ -74,3 +74,6 @@ eval: {{num_prompts: 16, max_new_tokens: 16}}
     assert "reusing cached pairs" in again.stdout and "reusing the finished run" in again.stdout
     fresh = cli("quickstart", "--out", out, "--config", cfg, "--fresh", env={"DPOKIT_CACHE": str(tmp_path / "cache")})
     assert fresh.returncode == 0 and "reusing" not in fresh.stdout
+    # --fresh recomputes the reference log-probs too, though the cache holds them for these very pairs.
+    train_summary = json.loads((out / "run" / "train_summary.json").read_text())
+    assert train_summary["reference_cache"]["cache"] == "miss" and train_summary["reference_cache"]["forwards"] > 0

@@ -154,7 +154,7 @@ def stage_train(cfg, out: Path, pairs_key: str, fresh: bool, console) -> dict:
         console.print(f"2/4 training: reusing the finished run in {run_dir}")
         return json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
     console.print("2/4 training DPO with LoRA")
-    run_training(cfg, evaluate=False)
+    run_training(cfg, evaluate=False, refresh_reference=fresh)
     atomic_write_text(stamp, pairs_key)
     return json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
 

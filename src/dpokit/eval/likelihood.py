@@ -5,18 +5,28 @@ from __future__ import annotations
 import torch
 
 from dpokit.eval.stats import mean_interval, proportion
-from dpokit.train.batching import pad_pairs, sequence_logps
+from dpokit.train.batching import pad_pairs
 
 
 @torch.no_grad()
-def pair_logps(model, encoded: list[dict], pad_id: int, batch_size: int = 8) -> dict[str, list[float]]:
-    """Summed response log-probs and token counts for every encoded pair."""
+def pair_logps(model, encoded: list[dict], pad_id: int, batch_size: int = 8,
+               packed: bool | None = None) -> dict[str, list[float]]:
+    """Summed response log-probs and token counts for every encoded pair.
+
+    packed=None: the packed layout (prompt once, LM head on response tokens only; about 2x faster on a CPU) when
+    the model passes the packing self-check, else padded rows. False: always padded. Both give the same sums.
+    """
+    from dpokit.train.packing import batch_logps, pack_pairs, packing_self_check
+
     device = next(model.parameters()).device
     out = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
+    if packed is None:
+        packed = bool(encoded) and packing_self_check(model, encoded[0], pad_id) is None
+    collate = pack_pairs if packed else pad_pairs
     model.eval()
     for start in range(0, len(encoded), batch_size):
-        batch = {k: v.to(device) for k, v in pad_pairs(encoded[start:start + batch_size], pad_id).items()}
-        res = sequence_logps(model, batch)
+        batch = {k: v.to(device) for k, v in collate(encoded[start:start + batch_size], pad_id).items()}
+        res = batch_logps(model, batch)
         for key in out:
             out[key].extend(res[key].float().cpu().tolist())
     return out

@@ -41,12 +41,13 @@ def cache_path(key: str) -> Path:
     return cache_dir() / "reference_logps" / f"{key}.json"
 
 
-def compute_logps(model, pairs: list[dict], pad_id: int, batch_size: int) -> list[list[float]]:
-    """[[ref_chosen, ref_rejected], ...] for every pair (the same padded forward evaluation uses)."""
+def compute_logps(model, pairs: list[dict], pad_id: int, batch_size: int,
+                  packed: bool | None = None) -> list[list[float]]:
+    """[[ref_chosen, ref_rejected], ...] for every pair (the same forward evaluation uses)."""
     from dpokit.eval.likelihood import pair_logps
 
     was_training = model.training
-    res = pair_logps(model, pairs, pad_id, batch_size)
+    res = pair_logps(model, pairs, pad_id, batch_size, packed=packed)
     model.train(was_training)
     return [[c, r] for c, r in zip(res["chosen"], res["rejected"], strict=True)]
 
@@ -57,22 +58,22 @@ def attach(pairs: list[dict], values: list[list[float]]) -> None:
 
 
 def precompute(ref_model, train_pairs: list[dict], eval_pairs: list[dict], *, pad_id: int, template: str | None,
-               max_length: int, batch_size: int) -> dict:
+               max_length: int, batch_size: int, packed: bool | None = None, refresh: bool = False) -> dict:
     """Attach reference log-probs to the pairs, from the cache when it matches; returns what happened
     (`cache`: hit/miss, `forwards`: reference forward passes done, `path`)."""
     from dpokit.models import fingerprint_model
 
     key = cache_key(fingerprint_model(ref_model), fingerprint_pairs(train_pairs, eval_pairs), template, max_length)
     path = cache_path(key)
-    if path.is_file():
+    if path.is_file() and not refresh:
         stored = json.loads(path.read_text(encoding="utf-8"))
         if len(stored["train"]) == len(train_pairs) and len(stored["eval"]) == len(eval_pairs):
             attach(train_pairs, stored["train"])
             attach(eval_pairs, stored["eval"])
             log.info("reference log-probs loaded from %s (no reference forward)", path)
             return {"cache": "hit", "forwards": 0, "path": str(path)}
-    train_values = compute_logps(ref_model, train_pairs, pad_id, batch_size)
-    eval_values = compute_logps(ref_model, eval_pairs, pad_id, batch_size)
+    train_values = compute_logps(ref_model, train_pairs, pad_id, batch_size, packed)
+    eval_values = compute_logps(ref_model, eval_pairs, pad_id, batch_size, packed)
     forwards = -(-len(train_pairs) // batch_size) + -(-len(eval_pairs) // batch_size)
     atomic_write_text(path, json.dumps({"key": key, "train": train_values, "eval": eval_values}))
     attach(train_pairs, train_values)

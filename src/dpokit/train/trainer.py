@@ -325,7 +325,7 @@ def prepare_data(cfg: RunConfig, tokenizer):
     return data, train_enc, eval_enc
 
 
-def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc) -> dict:
+def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, refresh: bool = False) -> dict:
     """reference: precomputed: attach cached (or freshly computed) reference log-probs to every pair; the reference
     model (the initial policy, or train.reference_model) is used here only, never during training."""
     from dpokit.train.reference import precompute
@@ -337,14 +337,16 @@ def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc) 
     ref.to(device)
     info = precompute(ref, train_enc, eval_enc, pad_id=tokenizer.pad_token_id,
                       template=getattr(tokenizer, "chat_template", None), max_length=cfg.data.max_length,
-                      batch_size=cfg.eval.batch_size)
+                      batch_size=cfg.eval.batch_size, packed=None if cfg.train.packing else False,
+                      refresh=refresh)
     del ref
     return info
 
 
 def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = None,
-                 callbacks: list | None = None) -> TrainResult:
-    """`callbacks`: extra transformers TrainerCallbacks (API users; the tests stop a run midway with one)."""
+                 callbacks: list | None = None, refresh_reference: bool = False) -> TrainResult:
+    """`callbacks`: extra transformers TrainerCallbacks (API users; the tests stop a run midway with one).
+    `refresh_reference`: recompute precomputed reference log-probs even when the cache has them."""
     start = time.time()
     from dpokit.models import load_model_and_tokenizer, load_tokenizer
     from dpokit.secrets import apply_token_env
@@ -367,7 +369,8 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     model, tokenizer = load_model_and_tokenizer(cfg.model, tokenizer=tokenizer)
     if cfg.train.disable_dropout:
         disable_dropout(model)
-    precomputed = precompute_reference(cfg, model, tokenizer, train_enc, eval_enc) if reference == "precomputed" else None
+    precomputed = (precompute_reference(cfg, model, tokenizer, train_enc, eval_enc, refresh_reference)
+                   if reference == "precomputed" else None)
     ref_model = build_reference(cfg, model, reference)
     if cfg.train.lora is not None:
         model = apply_lora(model, cfg.train.lora)
