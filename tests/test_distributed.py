@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -33,8 +34,8 @@ def test_two_process_ddp_matches_single_process(tmp_path, reference):
                           eval={"enabled": False})
     (tmp_path / "single.yaml").write_text(yaml.safe_dump(single_cfg))
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp_cfg))
-    # A fresh cache: with reference: precomputed both DDP ranks compute the reference log-probs themselves (the
-    # DDP run goes first), and the single-process run then reads them from the cache.
+    # A fresh cache: with reference: precomputed the two DDP ranks each compute half the reference log-probs (the
+    # DDP run goes first); the single-process run then recomputes them all (refresh) and must find the same.
     env = dict(os.environ, OMP_NUM_THREADS="1", DPOKIT_CACHE=str(tmp_path / "cache"))
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate" / "ddp.yaml"),
@@ -42,11 +43,23 @@ def test_two_process_ddp_matches_single_process(tmp_path, reference):
            "-m", "dpokit", "train", str(tmp_path / "ddp.yaml")]
     ddp = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = run_cli("train", tmp_path / "single.yaml", env={"DPOKIT_CACHE": str(tmp_path / "cache")})
-    assert single.returncode == 0, single.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     if reference == "precomputed":
-        assert summary["reference_cache"]["cache"] == "miss" and summary["reference_forwards"]["training"] == 0
+        cache = summary["reference_cache"]
+        assert cache["cache"] == "miss" and cache["processes"] == 2 and summary["reference_forwards"]["training"] == 0
+        shared = json.loads(Path(cache["path"]).read_text())
+        Path(cache["path"]).unlink()  # the single-process run computes every value itself
+    single = run_cli("train", tmp_path / "single.yaml", env={"DPOKIT_CACHE": str(tmp_path / "cache")})
+    assert single.returncode == 0, single.stderr[-3000:]
+    if reference == "precomputed":
+        alone = json.loads((tmp_path / "single" / "train_summary.json").read_text())["reference_cache"]
+        assert alone["cache"] == "miss" and alone["processes"] == 1
+        assert alone["forwards"] > cache["forwards"]  # each DDP rank did about half the forwards
+        solo = json.loads(Path(alone["path"]).read_text())
+        for split in ("train", "eval"):
+            assert len(solo[split]) == len(shared[split])
+            for a, b in zip(solo[split], shared[split]):
+                assert abs(a[0] - b[0]) < 1e-4 and abs(a[1] - b[1]) < 1e-4
 
     # One job, one set of outputs: one summary line, one metrics row per step, the same files as one process.
     assert ddp.stdout.count("run folder:") == 1

@@ -57,26 +57,65 @@ def attach(pairs: list[dict], values: list[list[float]]) -> None:
         pair["ref_chosen_logps"], pair["ref_rejected_logps"] = chosen, rejected
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size), setting up the process group the Trainer would set up when a launcher started us."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    from dpokit.train.resilience import no_accelerator
+
+    state = PartialState(cpu=no_accelerator())  # the same state TrainingArguments builds later (a singleton)
+    return state.process_index, state.num_processes
+
+
+def _all_gather(obj, world: int) -> list:
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def precompute(ref_model, train_pairs: list[dict], eval_pairs: list[dict], *, pad_id: int, template: str | None,
                max_length: int, batch_size: int, packed: bool | None = None, refresh: bool = False) -> dict:
     """Attach reference log-probs to the pairs, from the cache when it matches; returns what happened
-    (`cache`: hit/miss, `forwards`: reference forward passes done, `path`)."""
+    (`cache`: hit/miss, `forwards`: reference forward passes done by this process, `path`).
+
+    Under a launcher each of the N processes computes every N-th pair and the values are gathered, so the work is
+    split, not repeated; the cache is used only when every process finds it (nodes may not share a disk)."""
     from dpokit.models import fingerprint_model
 
     key = cache_key(fingerprint_model(ref_model), fingerprint_pairs(train_pairs, eval_pairs), template, max_length)
     path = cache_path(key)
+    rank, world = rank_and_world_size()
+    stored = None
     if path.is_file() and not refresh:
         stored = json.loads(path.read_text(encoding="utf-8"))
-        if len(stored["train"]) == len(train_pairs) and len(stored["eval"]) == len(eval_pairs):
-            attach(train_pairs, stored["train"])
-            attach(eval_pairs, stored["eval"])
-            log.info("reference log-probs loaded from %s (no reference forward)", path)
-            return {"cache": "hit", "forwards": 0, "path": str(path)}
-    train_values = compute_logps(ref_model, train_pairs, pad_id, batch_size, packed)
-    eval_values = compute_logps(ref_model, eval_pairs, pad_id, batch_size, packed)
-    forwards = -(-len(train_pairs) // batch_size) + -(-len(eval_pairs) // batch_size)
-    atomic_write_text(path, json.dumps({"key": key, "train": train_values, "eval": eval_values}))
+        if len(stored["train"]) != len(train_pairs) or len(stored["eval"]) != len(eval_pairs):
+            stored = None
+    if world > 1 and not all(_all_gather(stored is not None, world)):
+        stored = None
+    if stored is not None:
+        attach(train_pairs, stored["train"])
+        attach(eval_pairs, stored["eval"])
+        log.info("reference log-probs loaded from %s (no reference forward)", path)
+        return {"cache": "hit", "forwards": 0, "path": str(path)}
+    everything = train_pairs + eval_pairs
+    mine = compute_logps(ref_model, everything[rank::world], pad_id, batch_size, packed)
+    values: list = mine
+    if world > 1:
+        values = [None] * len(everything)
+        for r, part in enumerate(_all_gather(mine, world)):
+            values[r::world] = part
+    train_values, eval_values = values[:len(train_pairs)], values[len(train_pairs):]
+    if rank == 0:
+        atomic_write_text(path, json.dumps({"key": key, "train": train_values, "eval": eval_values}))
     attach(train_pairs, train_values)
     attach(eval_pairs, eval_values)
-    log.info("reference log-probs computed (%d forwards) and cached in %s", forwards, path)
-    return {"cache": "miss", "forwards": forwards, "path": str(path)}
+    forwards = -(-len(everything[rank::world]) // batch_size)
+    log.info("reference log-probs computed (%d forwards on this process, %d processes) and cached in %s",
+             forwards, world, path)
+    return {"cache": "miss", "forwards": forwards, "processes": world, "path": str(path)}

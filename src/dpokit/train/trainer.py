@@ -328,8 +328,9 @@ def prepare_data(cfg: RunConfig, tokenizer):
 def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, refresh: bool = False) -> dict:
     """reference: precomputed: attach cached (or freshly computed) reference log-probs to every pair; the reference
     model (the initial policy, or train.reference_model) is used here only, never during training."""
-    from dpokit.train.reference import precompute
+    from dpokit.train.reference import precompute, rank_and_world_size
 
+    rank_and_world_size()  # under a launcher: join the process group now, so each rank uses its own GPU
     ref = model
     if cfg.train.reference_model:
         ref = load_reference_model(cfg)
