@@ -355,6 +355,7 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     quiet_non_main_process()
 
     reference = resolve_reference(cfg)
+    pick_precision(cfg.train.precision)  # fails on this hardware now, not after the run folder is written
     if cfg.train.engine == "trl":
         from dpokit.train.trl_engine import check_trl_config
 
