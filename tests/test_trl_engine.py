@@ -12,10 +12,15 @@ from dpokit.utils import read_jsonl
 def _first_row(cli, tmp_path, engine):
     out = tmp_path / engine
     res = cli("train", CONFIGS / "tiny.yaml", "--set", f"train.engine={engine}", "--set", "train.max_steps=2",
-              "--set", "train.logging_steps=1", "--set", f"output.dir={out}", "--no-eval")
+              "--set", "train.logging_steps=1", "--set", "train.save_steps=1", "--set", f"output.dir={out}", "--no-eval")
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "config.yaml").is_file() and (out / "model").is_dir() and (out / "train_summary.json").is_file()
     assert json.loads((out / "train_summary.json").read_text())["engine"] == engine
+    # Both engines checkpoint through the staging folder: complete checkpoints, no staging left behind.
+    assert not (out / "checkpoints" / ".staging").exists()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["checkpoint-1", "checkpoint-2"], ckpts
+    assert all((out / "checkpoints" / c / "trainer_state.json").is_file() for c in ckpts)
     return [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r][0]
 
 

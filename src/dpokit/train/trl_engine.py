@@ -53,7 +53,12 @@ def dpo_config(args: TrainingArguments, train_cfg):
 
 def build_trl_trainer(cfg, model, tokenizer, args, train_enc, eval_enc, ref_model, reference):
     from datasets import Dataset
-    from trl import DPOTrainer as TRLDPOTrainer
+    from trl import DPOTrainer
+
+    from dpokit.train.resilience import AtomicCheckpointMixin
+
+    class TRLDPOTrainer(AtomicCheckpointMixin, DPOTrainer):
+        """TRL's trainer with dpokit's checkpoints: written to a staging folder, renamed into place when complete."""
 
     trl_args = dpo_config(args, cfg.train)
     peft_config = None
