@@ -60,15 +60,19 @@ def test_data_generate_rejects_bad_input(cli, tmp_path):
 
 
 def test_data_generate_samples_in_bfloat16(cli, tmp_path):
-    """bf16 sampling (the quickstart's default on CPUs with native bf16) gives valid, judged pairs."""
+    """bf16 sampling (the quickstart's default on CPUs with native bf16) gives valid, judged pairs; the command
+    reports the dtype of the model that actually sampled."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS), encoding="utf-8")
-    out = tmp_path / "pairs.jsonl"
-    res = cli("data", "generate", "--model", "dpokit-tiny-llama", "--prompts", prompts, "--num-samples", 4,
-              "--max-new-tokens", 8, "--min-gap", 0.0, "--dtype", "bfloat16", "--out", out)
-    assert res.returncode == 0, res.stderr
-    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert rows and all(r["score_chosen"] > r["score_rejected"] for r in rows)
+    for dtype in ("bfloat16", "float32"):
+        out = tmp_path / f"{dtype}.jsonl"
+        res = cli("data", "generate", "--model", "dpokit-tiny-llama", "--prompts", prompts, "--num-samples", 4,
+                  "--max-new-tokens", 8, "--min-gap", 0.0, "--dtype", dtype, "--out", out)
+        assert res.returncode == 0, res.stderr
+        assert f"sampled in {dtype}" in res.stdout
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert rows and all(r["score_chosen"] > r["score_rejected"] for r in rows)
+
 
 
 def test_sampling_dtype_follows_the_cpu_flags(monkeypatch):

@@ -35,6 +35,25 @@ def test_trl_and_native_agree_at_step_0(cli, tmp_path):
         assert native[key] == pytest.approx(trl[key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
+def test_trl_engine_checkpoints_go_through_staging(tmp_path, monkeypatch):
+    """Each TRL checkpoint is written under checkpoints/.staging and renamed into place, as native ones are."""
+    import os
+
+    from dpokit.config import load_config
+    from dpokit.train.trainer import run_training
+
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: renames.append((str(a), str(b))) or real_replace(a, b))
+    out = tmp_path / "trl"
+    run_training(load_config(CONFIGS / "tiny.yaml", ["train.engine=trl", "train.max_steps=2", "train.save_steps=1",
+                                                     f"output.dir={out}"]), evaluate=False)
+    staged = [(a, b) for a, b in renames if ".staging" in a]
+    assert staged == [(str(out / "checkpoints" / ".staging" / f"checkpoint-{n}"), str(out / "checkpoints" / f"checkpoint-{n}"))
+                      for n in (1, 2)]
+
+
 def test_trl_engine_rejects_what_trl_lacks(cli, tmp_path):
     res = cli("train", CONFIGS / "tiny.yaml", "--set", "train.engine=trl", "--set", "train.loss=simpo",
               "--set", f"output.dir={tmp_path / 'x'}")

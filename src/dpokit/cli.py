@@ -102,17 +102,21 @@ def data_generate(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Sample answers per prompt, score them with a judge, write best-vs-worst preference pairs (JSONL)."""
+    import typing
+
+    from dpokit.config import PairsConfig
     from dpokit.data.generate import PairSettings, generate_pairs_to_file
     from dpokit.models import pick_sampling_dtype
 
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype: {dtype!r}; use auto, float32, bfloat16 or float16")
+    choices = typing.get_args(PairsConfig.model_fields["dtype"].annotation)  # the config key's own choices
+    if dtype not in choices:
+        raise UserError(f"--dtype: {dtype!r}; use one of {', '.join(choices)}")
     settings = PairSettings(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, seed=seed, batch_size=batch_size, judge=judge, min_gap=min_gap,
                             dtype=pick_sampling_dtype(dtype))
     stats = generate_pairs_to_file(model, prompts, out, settings, overwrite=overwrite)
     typer.echo(f"wrote {stats['pairs']} pairs from {stats['prompts']} prompts to {out} "
-               f"({stats['dropped_ties_or_small_gap']} dropped: ties or gap < {min_gap})")
+               f"({stats['dropped_ties_or_small_gap']} dropped: ties or gap < {min_gap}; sampled in {stats['dtype']})")
 
 
 @app.command()

@@ -126,7 +126,8 @@ def generate_pairs(model, tokenizer, prompts: list, settings: PairSettings, prog
             pairs.append(pair)
     mean_score = sum(flat_scores) / len(flat_scores) if flat_scores else float("nan")
     stats = {"prompts": len(prompts), "samples": len(flat_scores), "pairs": len(pairs),
-             "dropped_ties_or_small_gap": len(prompts) - len(pairs), "mean_sample_score": mean_score}
+             "dropped_ties_or_small_gap": len(prompts) - len(pairs), "mean_sample_score": mean_score,
+             "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}  # what sampled, not what was asked
     return pairs, stats
 
 

@@ -77,10 +77,9 @@ def evaluate_run(run_dir: str | Path, batch_size: int | None = None, quiet: bool
     if base is not None:
         base.to(device)
     bs = batch_size or cfg.eval.batch_size
-    packed = None if cfg.train.packing else False
-    tuned_lp = pair_logps(tuned, encoded, tokenizer.pad_token_id, bs, packed)
+    tuned_lp = pair_logps(tuned, encoded, tokenizer.pad_token_id, bs, cfg.train.packing)
     with _as_base(tuned, base) as base_model:
-        base_lp = pair_logps(base_model, encoded, tokenizer.pad_token_id, bs, packed)
+        base_lp = pair_logps(base_model, encoded, tokenizer.pad_token_id, bs, cfg.train.packing)
     result = {"schema_version": 1, "run_dir": str(run_dir), "model": cfg.model.name_or_path, "beta": cfg.train.beta,
               "preference": preference_metrics(tuned_lp, base_lp, cfg.train.beta)}
     samples = []

@@ -10,18 +10,17 @@ from dpokit.train.batching import pad_pairs
 
 @torch.no_grad()
 def pair_logps(model, encoded: list[dict], pad_id: int, batch_size: int = 8,
-               packed: bool | None = None) -> dict[str, list[float]]:
+               packing: bool = True) -> dict[str, list[float]]:
     """Summed response log-probs and token counts for every encoded pair.
 
-    packed=None: the packed layout (prompt once, LM head on response tokens only; about 2x faster on a CPU) when
-    the model passes the packing self-check, else padded rows. False: always padded. Both give the same sums.
+    packing (`train.packing`): the packed layout (prompt once, LM head on response tokens only; 1.5x faster on a
+    CPU) when the model passes the packing self-check, else padded rows. Both give the same sums.
     """
     from dpokit.train.packing import batch_logps, pack_pairs, packing_self_check
 
     device = next(model.parameters()).device
     out = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
-    if packed is None:
-        packed = bool(encoded) and packing_self_check(model, encoded[0], pad_id) is None
+    packed = packing and bool(encoded) and packing_self_check(model, encoded[0], pad_id) is None
     collate = pack_pairs if packed else pad_pairs
     model.eval()
     for start in range(0, len(encoded), batch_size):

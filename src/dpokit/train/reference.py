@@ -41,13 +41,12 @@ def cache_path(key: str) -> Path:
     return cache_dir() / "reference_logps" / f"{key}.json"
 
 
-def compute_logps(model, pairs: list[dict], pad_id: int, batch_size: int,
-                  packed: bool | None = None) -> list[list[float]]:
+def compute_logps(model, pairs: list[dict], pad_id: int, batch_size: int, packing: bool = True) -> list[list[float]]:
     """[[ref_chosen, ref_rejected], ...] for every pair (the same forward evaluation uses)."""
     from dpokit.eval.likelihood import pair_logps
 
     was_training = model.training
-    res = pair_logps(model, pairs, pad_id, batch_size, packed=packed)
+    res = pair_logps(model, pairs, pad_id, batch_size, packing)
     model.train(was_training)
     return [[c, r] for c, r in zip(res["chosen"], res["rejected"], strict=True)]
 
@@ -80,17 +79,18 @@ def _all_gather(obj, world: int) -> list:
 
 
 def precompute(ref_model, train_pairs: list[dict], eval_pairs: list[dict], *, pad_id: int, template: str | None,
-               max_length: int, batch_size: int, packed: bool | None = None, refresh: bool = False) -> dict:
+               max_length: int, batch_size: int, packing: bool = True, refresh: bool = False,
+               rank: int = 0, world: int = 1) -> dict:
     """Attach reference log-probs to the pairs, from the cache when it matches; returns what happened
     (`cache`: hit/miss, `forwards`: reference forward passes done by this process, `path`).
 
-    Under a launcher each of the N processes computes every N-th pair and the values are gathered, so the work is
-    split, not repeated; the cache is used only when every process finds it (nodes may not share a disk)."""
+    With `world` processes (a launcher) each computes every world-th pair from its `rank` and the values are
+    gathered, so the work is split, not repeated; the cache is used only when every process finds it (nodes may
+    not share a disk)."""
     from dpokit.models import fingerprint_model
 
     key = cache_key(fingerprint_model(ref_model), fingerprint_pairs(train_pairs, eval_pairs), template, max_length)
     path = cache_path(key)
-    rank, world = rank_and_world_size()
     stored = None
     if path.is_file() and not refresh:
         stored = json.loads(path.read_text(encoding="utf-8"))
@@ -104,18 +104,18 @@ def precompute(ref_model, train_pairs: list[dict], eval_pairs: list[dict], *, pa
         log.info("reference log-probs loaded from %s (no reference forward)", path)
         return {"cache": "hit", "forwards": 0, "path": str(path)}
     everything = train_pairs + eval_pairs
-    mine = compute_logps(ref_model, everything[rank::world], pad_id, batch_size, packed)
-    values: list = mine
+    shard = everything[rank::world]
+    values = compute_logps(ref_model, shard, pad_id, batch_size, packing)
     if world > 1:
-        values = [None] * len(everything)
-        for r, part in enumerate(_all_gather(mine, world)):
+        parts, values = _all_gather(values, world), [None] * len(everything)
+        for r, part in enumerate(parts):
             values[r::world] = part
     train_values, eval_values = values[:len(train_pairs)], values[len(train_pairs):]
     if rank == 0:
         atomic_write_text(path, json.dumps({"key": key, "train": train_values, "eval": eval_values}))
     attach(train_pairs, train_values)
     attach(eval_pairs, eval_values)
-    forwards = -(-len(everything[rank::world]) // batch_size)
+    forwards = -(-len(shard) // batch_size)
     log.info("reference log-probs computed (%d forwards on this process, %d processes) and cached in %s",
              forwards, world, path)
     return {"cache": "miss", "forwards": forwards, "processes": world, "path": str(path)}

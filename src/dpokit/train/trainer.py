@@ -330,7 +330,7 @@ def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, 
     model (the initial policy, or train.reference_model) is used here only, never during training."""
     from dpokit.train.reference import precompute, rank_and_world_size
 
-    rank_and_world_size()  # under a launcher: join the process group now, so each rank uses its own GPU
+    rank, world = rank_and_world_size()  # joins the launcher's process group now, so each rank uses its own GPU
     ref = model
     if cfg.train.reference_model:
         ref = load_reference_model(cfg)
@@ -338,8 +338,8 @@ def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, 
     ref.to(device)
     info = precompute(ref, train_enc, eval_enc, pad_id=tokenizer.pad_token_id,
                       template=getattr(tokenizer, "chat_template", None), max_length=cfg.data.max_length,
-                      batch_size=cfg.eval.batch_size, packed=None if cfg.train.packing else False,
-                      refresh=refresh)
+                      batch_size=cfg.eval.batch_size, packing=cfg.train.packing, refresh=refresh,
+                      rank=rank, world=world)
     del ref
     return info
 
