@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def one(mode: str, model: str, steps: int, out: str) -> dict:
     import torch
 
-    from dpokit.config import config_from_dict
+    from dpokit.core.config import config_from_dict
     from dpokit.train.trainer import run_training
 
     cfg = config_from_dict({

@@ -42,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this tre
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dpokit.train.batching import PairCollator  # noqa: E402
-from dpokit.train.packing import PackedPairCollator, TokenBudgetBatchSampler, packing_self_check, pair_length  # noqa: E402
+from dpokit.core.batching import PairCollator  # noqa: E402
+from dpokit.core.packing import PackedPairCollator, packing_self_check, pair_length
+from dpokit.train.packing import TokenBudgetBatchSampler  # noqa: E402
 
 PAD, EOS = 0, 1
 
@@ -96,7 +97,7 @@ def build_model(name: str, dtype: torch.dtype, attn: str):
                              bos_token_id=None)
         torch.manual_seed(0)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(dtype)
-    from dpokit.models import load_model
+    from dpokit.core.models import load_model
 
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     return load_model(name, dtype=dtype_name, attn_implementation=attn)
@@ -193,7 +194,7 @@ def arm_trl(base, pairs, opts, tmp):
 
 
 def dpokit_trainer(base, pairs, opts, tmp, collator, sampler=None, with_ref=True):
-    from dpokit.config import TrainConfig
+    from dpokit.core.config import TrainConfig
     from dpokit.train.trainer import DPOTrainer, disable_dropout
 
     model = copy.deepcopy(base)
@@ -221,7 +222,7 @@ def arm_packed(base, pairs, opts, tmp):
 @torch.no_grad()
 def cached_reference(base, pairs, opts) -> tuple[list[dict], float]:
     """Reference log-probs of every pair, computed once (packed batches) and attached to the pairs."""
-    from dpokit.train.packing import packed_sequence_logps
+    from dpokit.core.packing import packed_sequence_logps
 
     ref = copy.deepcopy(base).eval().to(opts.device)
     start = time.perf_counter()

@@ -1,9 +1,17 @@
-"""Shared fixtures. Tests never touch the network: HF_HUB_OFFLINE is set before transformers is imported, and the
-dpokit cache (tiny models, converted SmolLM2) lives in a per-session folder unless DPOKIT_TEST_CACHE is set."""
+"""Shared fixtures. Tests never touch the network: HF_HUB_OFFLINE is set before transformers is imported.
 
+The dpokit cache (DPOKIT_CACHE: tiny models, converted SmolLM2, reference log-probs) is a fresh temporary folder
+per test session, removed at exit, so every run starts cold like a new machine. To reuse a cache across sessions
+(faster local runs), set DPOKIT_TEST_CACHE to a folder: `DPOKIT_TEST_CACHE=~/.cache/dpokit-tests python -m pytest`.
+Subprocesses (the CLI) inherit the same DPOKIT_CACHE through os.environ.
+"""
+
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,8 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 # Subprocesses (the CLI) must import this tree's dpokit, whatever is installed.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])
-# A shared cache across tests and sessions keeps the SmolLM2 conversion to once per machine.
-os.environ.setdefault("DPOKIT_CACHE", os.environ.get("DPOKIT_TEST_CACHE", str(Path.home() / ".cache" / "dpokit-tests")))
+# One cache for the whole session (builds happen once per session); an outer DPOKIT_CACHE is not used.
+if os.environ.get("DPOKIT_TEST_CACHE"):
+    os.environ["DPOKIT_CACHE"] = str(Path(os.environ["DPOKIT_TEST_CACHE"]).expanduser())
+else:
+    _session_cache = tempfile.mkdtemp(prefix="dpokit-test-cache-")
+    atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
+    os.environ["DPOKIT_CACHE"] = _session_cache
 
 FIXTURES = ROOT / "tests" / "fixtures"
 CONFIGS = ROOT / "configs"
@@ -37,14 +50,14 @@ def cli():
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from dpokit.models import load_model, load_tokenizer
+    from dpokit.core.models import load_model, load_tokenizer
 
     return load_model("dpokit-tiny-llama", dtype="float32"), load_tokenizer("dpokit-tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2():
-    from dpokit.models import load_model, load_tokenizer
+    from dpokit.core.models import load_model, load_tokenizer
 
     return load_model("dpokit-tiny-gpt2", dtype="float32"), load_tokenizer("dpokit-tiny-gpt2")
 

@@ -86,6 +86,137 @@ def _case_no_chat_template(tmp_path):
     return cfg, ["chat template", "dpokit-tiny-gpt2", "data.chat_template"]
 
 
+# --- Cases checked by the training plan: all fail before any weights load or file is written -------------------
+# A case returns (config, needles) or (config, needles, extra CLI args) or (config, needles, extra args, absent):
+# `absent` are strings that must NOT appear on stderr (secrets).
+
+def _case_judge_typo(tmp_path):
+    return _config(tmp_path, eval={"judge": "sentimnt"}), ["eval.judge", "sentimnt", "sentiment", "did you mean"]
+
+
+def _case_python_judge_file_missing(tmp_path):
+    spec = f"{tmp_path / 'no_judge.py'}:score"
+    cfg = _config(tmp_path, eval={"judge": "python", "judge_options": {"function": spec}})
+    return cfg, ["eval.judge_options.function", "no_judge.py", "not found"]
+
+
+def _case_python_judge_function_missing(tmp_path):
+    (tmp_path / "my_judge.py").write_text("def other(prompt, response):\n    return 1.0\n")
+    spec = f"{tmp_path / 'my_judge.py'}:score"
+    cfg = _config(tmp_path, eval={"judge": "python", "judge_options": {"function": spec}})
+    return cfg, ["eval.judge_options.function", "my_judge.py", "no function 'score'"]
+
+
+def _case_reward_model_folder_missing(tmp_path):
+    cfg = _config(tmp_path, eval={"judge": "reward-model", "judge_options": {"model": str(tmp_path / "no-rm")}})
+    return cfg, ["eval.judge_options.model", "no-rm", "not found"]
+
+
+def _case_llm_judge_without_model(tmp_path):
+    return _config(tmp_path, eval={"judge": "llm"}), ["eval.judge_options.model", "llm judge needs a model"]
+
+
+def _case_llm_judge_api_key_as_env_name(tmp_path):
+    secret = "sk-proj-Zx81QpLmN0rStUvWx"
+    cfg = _config(tmp_path, eval={"judge": "llm", "judge_options": {
+        "model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": secret}})
+    return cfg, ["eval.judge_options.api_key_env", "looks like an API key"], [], [secret, secret[:10]]
+
+
+def _case_unknown_judge_option(tmp_path):
+    cfg = _config(tmp_path, eval={"judge_options": {"temperature": 0.5}})
+    return cfg, ["eval.judge_options", "temperature", "sentiment", "tie_margin"]
+
+
+def _case_set_without_equals(tmp_path):
+    return _config(tmp_path), ["--set 'trainbeta'", "section.key=value"], ["--set", "trainbeta"]
+
+
+def _case_set_without_section(tmp_path):
+    return _config(tmp_path), ["--set 'beta=0.1'", "section", "train.beta=0.1"], ["--set", "beta=0.1"]
+
+
+def _case_unknown_loss(tmp_path):
+    return _config(tmp_path, train={"loss": "sigmod"}), ["train.loss", "'sigmod'", "sigmoid"]
+
+
+def _case_loss_needs_reference(tmp_path):
+    return _config(tmp_path, train={"reference": "none"}), ["train.reference", "none", "needs a reference", "simpo"]
+
+
+def _case_adapter_reference_without_lora(tmp_path):
+    return _config(tmp_path, train={"reference": "adapter"}), ["train.reference", "adapter", "train.lora"]
+
+
+def _needs_cpu_only():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bf16 is allowed here")
+
+
+def _case_bf16_on_cpu(tmp_path):
+    _needs_cpu_only()
+    return _config(tmp_path, train={"precision": "bf16"}), ["train.precision", "bf16", "needs a GPU", "fp32"]
+
+
+def _case_trl_unsupported_loss(tmp_path):
+    # `dpokit losses`: simpo is native-only (losses.TRL_LOSSES has no simpo).
+    cfg = _config(tmp_path, train={"engine": "trl", "loss": "simpo"})
+    return cfg, ["train.engine", "trl", "simpo", "engine: native"]
+
+
+def _case_trl_label_smoothing(tmp_path):
+    cfg = _config(tmp_path, train={"engine": "trl", "loss": "sigmoid", "label_smoothing": 0.1})
+    return cfg, ["train.label_smoothing", "engine: native"]
+
+
+def _case_missing_relative_source(tmp_path):
+    return _config(tmp_path, data={"source": "./no-such-data.jsonl"}), ["data.source", "no-such-data.jsonl", "not found"]
+
+
+def _case_model_folder_missing(tmp_path):
+    cfg = _config(tmp_path, model={"name_or_path": "./no-such-model"})
+    return cfg, ["model.name_or_path", "./no-such-model", "not found"]
+
+
+def _case_output_dir_not_empty(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("mine")
+    return _config(tmp_path), ["output.dir", str(run), "not empty", "--overwrite"]
+
+
+def _case_resume_without_checkpoints(tmp_path):
+    return _config(tmp_path), ["--resume", "no checkpoints"], ["--resume"]
+
+
+def _case_resume_empty_run_folder(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    return _config(tmp_path), ["--resume", "no checkpoints"], ["--resume"]
+
+
+def _case_two_problems_at_once(tmp_path):
+    cfg = _config(tmp_path, eval={"judge": "sentimnt"}, train={"loss": "sigmod"})
+    return cfg, ["eval.judge", "sentimnt", "train.loss", "sigmod"]
+
+
+def _case_many_plan_problems_at_once(tmp_path):
+    _needs_cpu_only()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("mine")
+    cfg = _config(tmp_path, eval={"judge": "reward-model"}, train={"loss": "simpo", "engine": "trl",
+                                                                 "precision": "bf16"})
+    return cfg, ["eval.judge_options.model", "train.engine", "simpo", "train.precision", "output.dir"]
+
+
+def _case_path_and_plan_problems_at_once(tmp_path):
+    """A missing model folder (a path check) and a loss typo (a plan check): both in the one line."""
+    cfg = _config(tmp_path, model={"name_or_path": "./no-such-model"}, train={"loss": "sigmod"})
+    return cfg, ["model.name_or_path", "./no-such-model", "train.loss", "sigmod"]
+
+
 CASES = {
     "malformed_yaml": _case_malformed_yaml,
     "unknown_key": _case_unknown_key,
@@ -96,17 +227,53 @@ CASES = {
     "non_utf8": _case_non_utf8,
     "too_long_truncation_error": _case_too_long_with_truncation_error,
     "no_chat_template": _case_no_chat_template,
+    # checked by the plan, before any weights load
+    "judge_typo": _case_judge_typo,
+    "python_judge_file_missing": _case_python_judge_file_missing,
+    "python_judge_function_missing": _case_python_judge_function_missing,
+    "reward_model_folder_missing": _case_reward_model_folder_missing,
+    "llm_judge_without_model": _case_llm_judge_without_model,
+    "llm_judge_api_key_as_env_name": _case_llm_judge_api_key_as_env_name,
+    "unknown_judge_option": _case_unknown_judge_option,
+    "set_without_equals": _case_set_without_equals,
+    "set_without_section": _case_set_without_section,
+    "unknown_loss": _case_unknown_loss,
+    "loss_needs_reference": _case_loss_needs_reference,
+    "adapter_reference_without_lora": _case_adapter_reference_without_lora,
+    "bf16_on_cpu": _case_bf16_on_cpu,
+    "trl_unsupported_loss": _case_trl_unsupported_loss,
+    "trl_label_smoothing": _case_trl_label_smoothing,
+    "missing_relative_source": _case_missing_relative_source,
+    "model_folder_missing": _case_model_folder_missing,
+    "output_dir_not_empty": _case_output_dir_not_empty,
+    "resume_without_checkpoints": _case_resume_without_checkpoints,
+    "resume_empty_run_folder": _case_resume_empty_run_folder,
+    "two_problems_at_once": _case_two_problems_at_once,
+    "many_plan_problems_at_once": _case_many_plan_problems_at_once,
+    "path_and_plan_problems_at_once": _case_path_and_plan_problems_at_once,
 }
+
+
+def _snapshot(root):
+    """Every file and folder under root, with file contents: what 'nothing written, nothing touched' compares."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
-    config, needles = CASES[case](tmp_path)
-    before = sorted(p.name for p in tmp_path.iterdir())
-    res = run_cli("train", config)
+    config, needles, *rest = CASES[case](tmp_path)
+    extra_args = rest[0] if rest else []
+    absent = rest[1] if len(rest) > 1 else []
+    had_run = (tmp_path / "run").exists()
+    before = _snapshot(tmp_path)
+    # Bytecode writing on, as on a user's machine: a python judge's file must not get a __pycache__ beside it.
+    res = run_cli("train", config, *extra_args, env={"PYTHONDONTWRITEBYTECODE": ""})
     _assert_user_error(res, *needles)
-    assert not (tmp_path / "run").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    for secret in absent:
+        assert secret not in res.stderr and secret not in res.stdout
+    # Failed before training: no run folder (an existing one untouched) and no file created or changed anywhere.
+    assert (tmp_path / "run").exists() == had_run
+    assert _snapshot(tmp_path) == before
     # --debug shows where it came from instead.
     if case == "empty_dataset":
         assert "Traceback" in run_cli("--debug", "train", config).stderr
@@ -144,8 +311,8 @@ def test_tokenizer_without_pad_token_trains_with_eos_as_pad(tmp_path):
 
 
 def test_tokenizer_without_pad_or_eos_is_a_clear_error(tmp_path):
-    from dpokit.errors import UserError
-    from dpokit.models import build_tiny_tokenizer, load_tokenizer
+    from dpokit.core.errors import UserError
+    from dpokit.core.models import build_tiny_tokenizer, load_tokenizer
 
     tok = build_tiny_tokenizer("gpt2")
     tok.eos_token = None

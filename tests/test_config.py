@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpokit.config import load_config
-from dpokit.errors import UserError
+from dpokit.core.config import load_config
+from dpokit.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,11 @@ import json
 import pytest
 
 from conftest import FIXTURES
-from dpokit.config import DataConfig
+from dpokit.core.config import DataConfig
+from dpokit.core.errors import UserError
+from dpokit.core.templates import render, setup_chat_template
 from dpokit.data import load_preferences, prompt_key
-from dpokit.data.templates import encode_rows, render, setup_chat_template
-from dpokit.errors import UserError
+from dpokit.data.encode import encode_rows
 
 DATA = FIXTURES / "data"
 
@@ -145,7 +146,7 @@ def test_every_shape_encodes_on_two_tokenizers(name, tiny_llama, tiny_gpt2):
 
 
 def test_template_checks_fail_loudly(tiny_llama):
-    from dpokit.data.templates import CHATML
+    from dpokit.core.templates import CHATML
 
     row = SHAPES["explicit_conversational.jsonl"][2][1]
     tok = type(tiny_llama[1]).from_pretrained(tiny_llama[1].name_or_path)
@@ -287,7 +288,7 @@ def test_report_numbers_match_hand_count(cli, tmp_path):
     7    "" (1)  1+1=2   3+1=4     empty prompt (kept)
     chosen mean 21/6 = 3.5, rejected mean 19/6 = 3.1667, chosen longer 3/6 = 0.5.
     """
-    from dpokit.models import load_tokenizer
+    from dpokit.core.models import load_tokenizer
 
     tok = load_tokenizer("dpokit-tiny-gpt2")
     assert len(tok("the" + " the" * 19)["input_ids"]) == 21 and len(tok(" the" * 5)["input_ids"]) == 5

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from dpokit.cli import describe_config
-from dpokit.config import RunConfig
+from dpokit.core.config import RunConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,3 +28,17 @@ def test_readme_names_every_cli_command():
         subs = getattr(cmd, "commands", None)
         for full in ([f"dpokit {name} {sub}" for sub in subs] if subs else [f"dpokit {name}"]):
             assert full in text, f"README does not show `{full}`"
+
+
+def _generated_block(text: str, marker: str) -> str:
+    block = text[text.index(marker) + len(marker):].lstrip("\n")
+    return block[: block.index("\n\n")]
+
+
+def test_readme_run_folder_and_eval_json_tables_match_the_artifact_models():
+    from dpokit.core.run import readme_tables
+
+    text = README.read_text(encoding="utf-8")
+    tables = readme_tables()
+    assert _generated_block(text, "<!-- run-folder table: generated, tests/test_docs.py -->") == tables["run_folder"]
+    assert _generated_block(text, "<!-- eval.json table: generated, tests/test_docs.py -->") == tables["eval_json"]

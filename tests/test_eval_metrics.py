@@ -4,6 +4,8 @@ import math
 
 import pytest
 
+from dpokit.core.scoring import response_logps
+from dpokit.core.stats import mean_interval, wilson_interval
 from dpokit.eval.likelihood import preference_metrics
 from dpokit.eval.metrics import (
     histogram,
@@ -14,10 +16,8 @@ from dpokit.eval.metrics import (
     length_summary,
     outcome_summary,
     ratio_interval,
-    response_logps,
     score_length_regression,
 )
-from dpokit.eval.stats import mean_interval, wilson_interval
 
 Z = 1.959963984540054
 
@@ -137,7 +137,7 @@ def test_response_logps_and_kl_of_a_model_with_itself(tiny_llama):
     """Real forward: batched right-padded scoring equals one-at-a-time scoring, and KL(model||model) is 0."""
     import torch
 
-    from dpokit.train.batching import token_logps
+    from dpokit.core.batching import token_logps
 
     model, tok = tiny_llama
     prompts = [tok("<s>Hello there")["input_ids"], tok("Hi")["input_ids"]]
@@ -155,7 +155,7 @@ def test_response_logps_and_kl_of_a_model_with_itself(tiny_llama):
 
 
 def test_sample_is_seeded_and_keeps_ids(tiny_llama):
-    from dpokit.eval.generation import generate, sample
+    from dpokit.core.sampling import generate, sample
 
     model, tok = tiny_llama
     prompts = ["How was the sea?", [{"role": "user", "content": "Tell me about the park."}]]

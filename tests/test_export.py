@@ -7,18 +7,20 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_config
-from dpokit.config import config_from_dict
+from dpokit.core.config import config_from_dict
 
 PROMPTS = ["How was the sea?", "Tell me about the garden.", "Give a review of the movie."]
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
+    from dpokit.eval import evaluate_run
     from dpokit.train.trainer import run_training
 
     tmp = tmp_path_factory.mktemp("lora")
     cfg = tiny_config(tmp, train={"max_steps": 6, "learning_rate": 1e-2, "lora": {"r": 8}})
-    run_training(config_from_dict(cfg))
+    result = run_training(config_from_dict(cfg))
+    evaluate_run(result.run_dir, quiet=True)  # training no longer evaluates: the caller chains it
     return tmp / "run"
 
 
@@ -33,7 +35,7 @@ def test_merged_export_generates_like_the_adapter_model(lora_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpokit.models import load_model
+    from dpokit.core.models import load_model
 
     out = tmp_path / "export"
     res = run_cli("export", lora_run, "--out", out, "--merge")

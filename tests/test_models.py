@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from dpokit.errors import UserError
-from dpokit.models import cache_dir, load_model, load_tokenizer, resolve_model_path
+from dpokit.core.errors import UserError
+from dpokit.core.models import cache_dir, load_model, load_tokenizer, resolve_model_path
 
 
 def test_tiny_aliases_build_deterministically(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_missing_local_folder_is_user_error():
 
 def test_smollm2_answers_and_second_load_uses_cache():
     """The bundled GGUF converts once to a safetensors folder; a chat prompt gets a coherent answer."""
-    from dpokit.eval.generation import generate
+    from dpokit.core.sampling import generate
 
     path = resolve_model_path("smollm2-135m-instruct")
     assert path == str(cache_dir() / "models" / "smollm2-135m-instruct")

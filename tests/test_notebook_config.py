@@ -4,7 +4,7 @@
 import json
 
 from conftest import CONFIGS, FIXTURES
-from dpokit.config import load_config
+from dpokit.core.config import load_config
 
 NOTEBOOK = CONFIGS / "notebook-gpt2-ultrafeedback.yaml"
 
@@ -31,9 +31,9 @@ def test_notebook_config_as_written():
 
 def test_notebook_rows_render_as_prompt_then_last_assistant_message():
     """Chosen/rejected are the last assistant message, appended to the prompt text, closed by EOS (no roles)."""
+    from dpokit.core.models import load_tokenizer
+    from dpokit.core.templates import render, setup_chat_template
     from dpokit.data import load_preferences
-    from dpokit.data.templates import render, setup_chat_template
-    from dpokit.models import load_tokenizer
 
     cfg = load_config(NOTEBOOK, [f"data.source={FIXTURES / 'ultrafeedback_train_prefs.jsonl'}",
                                  f"data.eval_source={FIXTURES / 'ultrafeedback_test_prefs.jsonl'}"])
@@ -49,10 +49,13 @@ def test_notebook_rows_render_as_prompt_then_last_assistant_message():
 
 
 def test_notebook_config_trains_offline_with_its_settings(tmp_path):
+    from dpokit.eval import evaluate_run
     from dpokit.train.trainer import run_training
 
     cfg = offline_config(tmp_path)
     result = run_training(cfg)
+    assert result.evaluate
+    evaluate_run(result.run_dir, quiet=True)
     run = result.run_dir
     adapter = json.loads((run / "model" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and adapter["lora_dropout"] == 0.1

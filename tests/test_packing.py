@@ -10,17 +10,11 @@ import pytest
 import torch
 
 from conftest import CONFIGS
-from dpokit.config import TrainConfig
-from dpokit.train.batching import PairCollator, sequence_logps
+from dpokit.core.batching import PairCollator, sequence_logps
+from dpokit.core.config import TrainConfig
+from dpokit.core.packing import PackedPairCollator, pack_pairs, packed_sequence_logps, packing_self_check
 from dpokit.train.losses import PairLogps, sigmoid_loss
-from dpokit.train.packing import (
-    PackedPairCollator,
-    TokenBudgetBatchSampler,
-    choose_collator,
-    pack_pairs,
-    packed_sequence_logps,
-    packing_self_check,
-)
+from dpokit.train.packing import TokenBudgetBatchSampler, choose_collator
 from dpokit.train.trainer import disable_dropout
 
 TOL = 1e-5
@@ -119,7 +113,7 @@ def test_pair_logps_packed_equals_padded(model_and_pad, monkeypatch):
     token counts as padded rows (batches of 3 over the mixed shapes, so rows hold several pairs)."""
     import importlib
 
-    from dpokit.eval.likelihood import pair_logps
+    from dpokit.core.scoring import pair_logps
 
     packing = importlib.import_module("dpokit.train.packing")  # `dpokit.train` the attribute is the function
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import tiny_config
-from dpokit.config import config_from_dict
-from dpokit.utils import read_jsonl
+from dpokit.core.config import config_from_dict
+from dpokit.core.io import read_jsonl
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected", "grad_norm")
@@ -30,7 +30,7 @@ def _models_dir(monkeypatch, tmp_path):
     """Keep the tiny model build in the session cache: link it into each test cache."""
     import os
 
-    from dpokit.models import cache_dir
+    from dpokit.core.models import cache_dir
 
     shared = cache_dir() / "models"
     for cache in ("cache_a", "cache_b"):
@@ -40,7 +40,7 @@ def _models_dir(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_beta_sweep_reuses_reference_logps(tmp_path, monkeypatch):
-    from dpokit.models import resolve_model_path
+    from dpokit.core.models import resolve_model_path
 
     resolve_model_path("dpokit-tiny-llama")  # build once in the shared cache
     _models_dir(monkeypatch, tmp_path)

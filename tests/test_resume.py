@@ -6,8 +6,8 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import tiny_config
-from dpokit.config import config_from_dict
-from dpokit.utils import read_jsonl
+from dpokit.core.config import config_from_dict
+from dpokit.core.io import read_jsonl
 
 
 class StopAt(TrainerCallback):

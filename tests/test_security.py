@@ -4,7 +4,7 @@ safetensors; no remote code unless the config turns it on."""
 import yaml
 
 from conftest import run_cli, tiny_config
-from dpokit.config import config_from_dict
+from dpokit.core.config import config_from_dict
 
 SECRET = "hf_dpokitTestSecretValue0123456789"
 

@@ -6,10 +6,10 @@ import json
 import pytest
 
 from conftest import tiny_config
-from dpokit.config import config_from_dict
-from dpokit.errors import UserError
+from dpokit.core.config import config_from_dict
+from dpokit.core.errors import UserError
+from dpokit.core.io import read_jsonl
 from dpokit.train.trainer import run_training
-from dpokit.utils import read_jsonl
 
 
 def _train(tmp_path, name, **train):

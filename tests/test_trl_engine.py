@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import CONFIGS
-from dpokit.utils import read_jsonl
+from dpokit.core.io import read_jsonl
 
 
 def _first_row(cli, tmp_path, engine):
@@ -40,7 +40,7 @@ def test_trl_engine_checkpoints_go_through_staging(tmp_path, monkeypatch):
     """Each TRL checkpoint is written under checkpoints/.staging and renamed into place, as native ones are."""
     import os
 
-    from dpokit.config import load_config
+    from dpokit.core.config import load_config
     from dpokit.train.trainer import run_training
 
     renames = []
@@ -48,7 +48,7 @@ def test_trl_engine_checkpoints_go_through_staging(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda a, b: renames.append((str(a), str(b))) or real_replace(a, b))
     out = tmp_path / "trl"
     run_training(load_config(CONFIGS / "tiny.yaml", ["train.engine=trl", "train.max_steps=2", "train.save_steps=1",
-                                                     f"output.dir={out}"]), evaluate=False)
+                                                     f"output.dir={out}"]))
     staged = [(a, b) for a, b in renames if ".staging" in a]
     assert staged == [(str(out / "checkpoints" / ".staging" / f"checkpoint-{n}"), str(out / "checkpoints" / f"checkpoint-{n}"))
                       for n in (1, 2)]

@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from dpokit.config import TrainConfig
-from dpokit.data.templates import encode_pair
-from dpokit.train.batching import PairCollator
+from dpokit.core.batching import PairCollator
+from dpokit.core.config import TrainConfig
+from dpokit.data.encode import encode_pair
 from dpokit.train.losses import TRL_LOSSES, needs_reference
 
 ROWS = [

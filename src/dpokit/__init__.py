@@ -2,12 +2,15 @@
 
 Pipeline: data -> train -> eval -> report. Each stage has one entry function:
 
-    from dpokit import load_config, train, evaluate
-    cfg = load_config("configs/tiny.yaml")
-    result = train(cfg)            # -> TrainResult(run_dir, ...)
-    metrics = evaluate(result.run_dir)
+    import dpokit
+    cfg = dpokit.load_config("configs/tiny.yaml")
+    result = dpokit.run_training(cfg)          # -> TrainResult(run_dir, ...)
+    metrics = dpokit.evaluate(result.run_dir)  # -> EvalResult, also written to RUN_DIR/eval.json
+
+The names below are resolved on first use, so `import dpokit` (and `dpokit --version`) loads no torch.
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -15,31 +18,34 @@ try:
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+source"
 
-# The subpackages dpokit.train / dpokit.eval must be imported before the functions below are defined: importing a
-# subpackage later would rebind the attribute `dpokit.train` to the module and hide the function.
-import importlib as _importlib  # noqa: E402
-
-from dpokit.config import RunConfig, load_config  # noqa: E402
-from dpokit.errors import UserError  # noqa: E402
-
-for _sub in ("train", "eval", "data"):
-    _importlib.import_module(f"dpokit.{_sub}")
-
-
-def train(config, **kwargs):
-    """Train with DPO from a `RunConfig` (or a path to a YAML file). See `dpokit.train.trainer.run_training`."""
-    from dpokit.train.trainer import run_training
-
-    if not isinstance(config, RunConfig):
-        config = load_config(config)
-    return run_training(config, **kwargs)
+# Public name -> "module:attribute". None of them is a subpackage name, so `import dpokit.train.packing` works.
+_API = {
+    "RunConfig": "dpokit.core.config:RunConfig",
+    "load_config": "dpokit.core.config:load_config",
+    "UserError": "dpokit.core.errors:UserError",
+    "RunDir": "dpokit.core.run:RunDir",
+    "plan_training": "dpokit.train.plan:plan_training",
+    "run_training": "dpokit.train.trainer:run_training",
+    "evaluate": "dpokit.eval:evaluate_run",
+}
 
 
-def evaluate(run_dir, **kwargs):
-    """Evaluate a finished run folder. See `dpokit.eval.evaluate_run`."""
-    from dpokit.eval import evaluate_run
-
-    return evaluate_run(run_dir, **kwargs)
+_SUBPACKAGES = ("core", "data", "train", "eval", "cli")
 
 
-__all__ = ["RunConfig", "UserError", "__version__", "evaluate", "load_config", "train"]
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:  # `dpokit.train` before anything imported it
+        return import_module(f"dpokit.{name}")
+    if name not in _API:
+        raise AttributeError(f"module 'dpokit' has no attribute {name!r}")
+    module, _, attr = _API[name].partition(":")
+    value = getattr(import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_API])
+
+
+__all__ = ["__version__", *_API]

@@ -7,15 +7,19 @@ temporary sibling folder and renamed into place, so a failed export leaves nothi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import yaml
+from huggingface_hub import HfApi
+from peft import PeftModel
+from transformers import AutoTokenizer, GenerationConfig
 
-from dpokit.errors import UserError
+from dpokit.core.errors import UserError
+from dpokit.core.models import load_model, load_model_and_tokenizer
+from dpokit.core.run import RunDir
 
 
 def _check_out(out: Path, run_dir: Path, overwrite: bool) -> None:
@@ -27,17 +31,11 @@ def _check_out(out: Path, run_dir: Path, overwrite: bool) -> None:
         raise UserError(f"--out: {out} already exists and is not empty; pass --overwrite or choose another --out")
 
 
-def load_export_model(run_dir: Path, cfg, merge: bool):
+def load_export_model(run: RunDir, cfg, merge: bool):
     """(model, tokenizer, kind): kind is 'full', 'merged' (LoRA folded into the base) or 'adapter'."""
-    from transformers import AutoTokenizer
-
-    from dpokit.models import load_model, load_model_and_tokenizer
-
-    model_dir = run_dir / "model"
+    model_dir = run.model_dir
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
-    if (model_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
+    if run.is_adapter():
         base, _ = load_model_and_tokenizer(cfg.model, tokenizer=tokenizer)
         model = PeftModel.from_pretrained(base, str(model_dir))
         if merge:
@@ -49,8 +47,6 @@ def load_export_model(run_dir: Path, cfg, merge: bool):
 
 def generation_config_for(model, tokenizer):
     """The model's generation config with the tokenizer's special tokens filled in (greedy unless told)."""
-    from transformers import GenerationConfig
-
     gen = getattr(model, "generation_config", None)
     gen = GenerationConfig.from_dict(gen.to_dict()) if gen is not None else GenerationConfig()
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -59,14 +55,12 @@ def generation_config_for(model, tokenizer):
     return gen
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def model_card(run_dir: Path, cfg, kind: str) -> str:
+def model_card(run: RunDir, cfg, kind: str) -> str:
     """README.md for the exported folder, from the run's own artifacts."""
-    report = _read_json(run_dir / "data" / "report.json") or {}
-    evaluation = _read_json(run_dir / "eval.json")
+    data_report = run.read_data_report()
+    report = data_report.model_dump() if data_report else {}
+    result = run.read_eval()
+    evaluation = result.model_dump(mode="python") if result else None
     base = cfg.model.name_or_path
     lines = ["---", yaml.safe_dump({"base_model": base, "library_name": "peft" if kind == "adapter" else "transformers",
                                     "tags": ["dpo", "dpokit", "preference-optimization"]}, sort_keys=False).strip(),
@@ -112,12 +106,11 @@ def model_card(run_dir: Path, cfg, kind: str) -> str:
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, merge: bool = False, overwrite: bool = False,
                push_to_hub: str | None = None) -> Path:
     """Write the run's model as a standalone HF folder at `out`; optionally upload it to a hub repo."""
-    from dpokit.eval import load_run
-
-    run_dir, out = Path(run_dir), Path(out)
-    cfg = load_run(run_dir)
-    _check_out(out, run_dir, overwrite)
-    model, tokenizer, kind = load_export_model(run_dir, cfg, merge)
+    run, out = RunDir(run_dir), Path(out)
+    run.require_model()
+    cfg = run.read_config()
+    _check_out(out, run.path, overwrite)
+    model, tokenizer, kind = load_export_model(run, cfg, merge)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -126,7 +119,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, merge: bool =
         tokenizer.save_pretrained(str(tmp))
         if kind != "adapter":
             generation_config_for(model, tokenizer).save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(model_card(run_dir, cfg, kind), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(run, cfg, kind), encoding="utf-8")
         for stray in tmp.glob("*.bin"):  # safetensors only (no pickled training args or weights)
             stray.unlink()
         if out.exists():
@@ -142,8 +135,6 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, merge: bool =
 
 def push_folder(folder: Path, repo_id: str) -> None:
     """Upload to the hub; the token comes from the environment (HF_TOKEN) or `huggingface-cli login`."""
-    from huggingface_hub import HfApi
-
     try:
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True, private=True)

@@ -17,8 +17,20 @@ import shutil
 import time
 from pathlib import Path
 
-from dpokit.errors import UserError
-from dpokit.utils import atomic_write_text, write_jsonl
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from dpokit.core.config import load_config
+from dpokit.core.errors import UserError
+from dpokit.core.io import atomic_write_text, write_jsonl
+from dpokit.core.judges import check_judge
+from dpokit.core.run import EvalResult, RunDir, TrainSummary
+from dpokit.data.generate import read_prompts
+from dpokit.eval import evaluate_run
+from dpokit.report import write_report
+from dpokit.train.plan import plan_training
+from dpokit.train.trainer import run_training
 
 MARKER = ".dpokit-quickstart"
 PLACEHOLDER_SOURCE = "quickstart-generated-pairs"
@@ -32,10 +44,6 @@ def default_config_path() -> Path:
 
 def load_quickstart_config(path: str | Path | None, overrides: list[str] | None = None):
     """A run config whose data.source is filled in later with the generated pairs."""
-    import yaml
-
-    from dpokit.config import load_config
-
     path = Path(path) if path else default_config_path()
     if path.is_file():
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -70,20 +78,17 @@ def split_prompts(prompts: list, gen) -> tuple[list, list]:
     return train, held
 
 
-def pair_settings(cfg):
-    from dpokit.data.generate import PairSettings
-    from dpokit.models import pick_sampling_dtype
+def pair_settings(cfg) -> dict:
+    """What `generate_pairs` and `settings_key` take besides `cfg.pairs`: the system prompt and the resolved
+    sampling dtype (never "auto", so the cache key says what sampled)."""
+    from dpokit.core.models import pick_sampling_dtype
 
-    g = cfg.pairs
-    return PairSettings(num_samples=g.num_samples, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                        top_p=g.top_p, seed=g.seed, batch_size=g.batch_size, judge=g.judge,
-                        judge_options=dict(g.judge_options), min_gap=g.min_gap,
-                        system_prompt=cfg.data.system_prompt, dtype=pick_sampling_dtype(g.dtype))
+    return {"system_prompt": cfg.data.system_prompt, "dtype": pick_sampling_dtype(cfg.pairs.dtype)}
 
 
 def model_identity(cfg) -> dict:
     """What identifies the sampling model in the pairs' cache key (a folder also by its weights' mtimes)."""
-    from dpokit.models import resolve_model_path
+    from dpokit.core.models import resolve_model_path
 
     ident = {"name": cfg.model.name_or_path, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
              "tokenizer": cfg.model.tokenizer, "chat_template": cfg.data.chat_template}
@@ -95,26 +100,28 @@ def model_identity(cfg) -> dict:
 
 def stage_pairs(cfg, train_prompts: list, held_prompts: list, out: Path, fresh: bool, console) -> dict:
     """Generated pairs in OUT/pairs/{train,eval}.jsonl, from the cache when the same settings were run before."""
-    import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from dpokit.core.models import cache_dir, load_model_and_tokenizer
+    from dpokit.core.templates import setup_chat_template
     from dpokit.data.generate import as_chat, generate_pairs, settings_key
-    from dpokit.data.templates import setup_chat_template
-    from dpokit.models import cache_dir, load_model_and_tokenizer
 
     settings = pair_settings(cfg)
-    key = settings_key(json.dumps(model_identity(cfg), sort_keys=True), [train_prompts, held_prompts], settings)
+    key = settings_key(json.dumps(model_identity(cfg), sort_keys=True), [train_prompts, held_prompts], cfg.pairs,
+                       **settings)
     cached = cache_dir() / "pairs" / key
     if fresh or not (cached / "stats.json").is_file():
         model, tokenizer = load_model_and_tokenizer(cfg.model)
-        model.to(getattr(torch, settings.dtype))  # sampling only: no gradients, so bf16 is safe where it is fast
         setup_chat_template(tokenizer, cfg.data.chat_template)
         prompts = train_prompts + held_prompts
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn()]
         with Progress(*columns, console=console) as bar:
-            task = bar.add_task(f"1/4 sampling answers ({settings.dtype})", total=len(prompts) * settings.num_samples)
-            pairs, stats = generate_pairs(model, tokenizer, prompts, settings, progress=lambda n: bar.advance(task, n))
+            task = bar.add_task(f"1/4 sampling answers ({settings['dtype']})",
+                                total=len(prompts) * cfg.pairs.num_samples)
+            # generate_pairs casts the model to the sampling dtype: no gradients, so bf16 is safe where it is fast.
+            pairs, stats = generate_pairs(model, tokenizer, prompts, cfg.pairs, **settings,
+                                          progress=lambda n: bar.advance(task, n))
         del model
         held_chat = {json.dumps(as_chat(p, tokenizer), sort_keys=True) for p in held_prompts}
         train_pairs = [p for p in pairs if json.dumps(p["prompt"], sort_keys=True) not in held_chat]
@@ -137,37 +144,28 @@ def stage_pairs(cfg, train_prompts: list, held_prompts: list, out: Path, fresh: 
     return stats
 
 
-def stage_train(cfg, out: Path, pairs_key: str, fresh: bool, console) -> dict:
+def stage_train(cfg, out: Path, pairs_key: str, fresh: bool, console) -> TrainSummary:
     """Train unless OUT/run already holds a finished run of this exact config and these pairs."""
-    from dpokit.train.trainer import run_training
-
-    run_dir = out / "run"
+    run = RunDir(out / "run")
     cfg.data.source = str((out / "pairs" / "train.jsonl").resolve())
     cfg.data.eval_source = str((out / "pairs" / "eval.jsonl").resolve())
-    cfg.output.dir = str(run_dir)
+    cfg.output.dir = str(run.path)
     cfg.output.overwrite = True
-    stamp = run_dir / ".quickstart_pairs_key"
-    same = (not fresh and (run_dir / "train_summary.json").is_file() and (run_dir / "model").is_dir()
-            and stamp.is_file() and stamp.read_text() == pairs_key
-            and (run_dir / "config.yaml").read_text(encoding="utf-8") == cfg.to_yaml())
+    stamp = run.path / ".quickstart_pairs_key"
+    summary = run.read_train_summary() if not fresh and run.has_model() else None
+    same = (summary is not None and stamp.is_file() and stamp.read_text() == pairs_key
+            and run.read_config() == cfg)
     if same:
-        console.print(f"2/4 training: reusing the finished run in {run_dir}")
-        return json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
+        console.print(f"2/4 training: reusing the finished run in {run.path}")
+        return summary
     console.print("2/4 training DPO with LoRA")
-    run_training(cfg, evaluate=False, refresh_reference=fresh)
+    run_training(plan_training(cfg, evaluate=True), refresh_reference=fresh)
     atomic_write_text(stamp, pairs_key)
-    return json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
+    return run.read_train_summary()
 
 
-def stage_report(run_dir: Path, console) -> str | None:
-    """The HTML report, when the report module is available; None (with a note) otherwise."""
-    try:
-        from dpokit.report import write_report
-    except ImportError:
-        console.print("4/4 report: skipped (this dpokit has no report module)")
-        return None
-    path = write_report(run_dir)
-    return str(path)
+def stage_report(run_dir: Path) -> str:
+    return str(write_report(run_dir))
 
 
 def _get(d, *keys):
@@ -178,34 +176,35 @@ def _get(d, *keys):
     return d
 
 
-def summarize(ev: dict, stats: dict, train_summary: dict, stage_seconds: dict, report: str | None) -> dict:
-    gen = ev.get("generation") or {}
-    outcomes = gen.get("outcomes") or {}
+def summarize(ev: EvalResult, stats: dict, train_summary: TrainSummary, stage_seconds: dict, report: str | None) -> dict:
+    gen, kl, pref = ev.generation, ev.kl, ev.preference
+    outcomes = gen.outcomes if gen else None
+    scores = gen.scores if gen else None
     return {
-        "win_rate": _get(outcomes, "win_rate", "value"),
-        "win_rate_ci": _get(outcomes, "win_rate", "ci"),
-        "wins": outcomes.get("wins"), "ties": outcomes.get("ties"), "losses": outcomes.get("losses"),
-        "n_eval_prompts": gen.get("n_prompts"),
-        "mean_score_base": _get(gen, "scores", "base", "value"),
-        "mean_score_tuned": _get(gen, "scores", "tuned", "value"),
-        "implicit_reward_accuracy": _get(ev, "preference", "implicit_reward_accuracy", "value"),
-        "implicit_reward_accuracy_ci": _get(ev, "preference", "implicit_reward_accuracy", "ci"),
-        "n_eval_pairs": _get(ev, "preference", "n_pairs"),
-        "kl": _get(ev, "kl", "sequence", "value"),
-        "kl_per_token": _get(ev, "kl", "per_token", "value"),
-        "mean_length_base": _get(gen, "lengths", "base", "mean", "value"),
-        "mean_length_tuned": _get(gen, "lengths", "tuned", "mean", "value"),
+        "win_rate": outcomes.win_rate.value if outcomes else None,
+        "win_rate_ci": outcomes.win_rate.ci if outcomes else None,
+        "wins": outcomes.wins if outcomes else None,
+        "ties": outcomes.ties if outcomes else None,
+        "losses": outcomes.losses if outcomes else None,
+        "n_eval_prompts": gen.n_prompts if gen else None,
+        "mean_score_base": scores["base"]["value"] if scores else None,
+        "mean_score_tuned": scores["tuned"]["value"] if scores else None,
+        "implicit_reward_accuracy": pref.implicit_reward_accuracy.value,
+        "implicit_reward_accuracy_ci": pref.implicit_reward_accuracy.ci,
+        "n_eval_pairs": pref.n_pairs,
+        "kl": kl.sequence.value if kl else None,
+        "kl_per_token": kl.per_token.value if kl else None,
+        "mean_length_base": gen.lengths["base"]["mean"]["value"] if gen else None,
+        "mean_length_tuned": gen.lengths["tuned"]["mean"]["value"] if gen else None,
         "train_pairs": stats.get("train_pairs"),
         "eval_pairs": stats.get("eval_pairs"),
-        "train_steps": train_summary.get("global_step"),
+        "train_steps": train_summary.global_step,
         "report": report,
         "stage_seconds": stage_seconds,
     }
 
 
 def print_summary(summary: dict, console) -> None:
-    from rich.table import Table
-
     def num(v, fmt="{:.3f}"):
         return "n/a" if v is None else fmt.format(v)
 
@@ -233,14 +232,14 @@ def print_summary(summary: dict, console) -> None:
 def run_quickstart(out: str = "runs/quickstart", *, config: str | None = None, fresh: bool = False,
                    overrides: list[str] | None = None, console=None) -> dict:
     """Run every stage; returns the summary (also written to OUT/summary.json)."""
-    from rich.console import Console
-
-    from dpokit.data.generate import read_prompts
-    from dpokit.eval import evaluate_run
-
     start = time.time()
     console = console or Console()
     cfg = load_quickstart_config(config, overrides)  # all user input is checked before anything is written
+    problems = check_judge(cfg.pairs.judge, cfg.pairs.judge_options, "pairs")
+    if problems:
+        raise UserError("; ".join(problems))
+    plan_training(cfg.model_copy(update={"output": cfg.output.model_copy(
+        update={"dir": str(Path(out) / "run"), "overwrite": True})}), evaluate=True)
     prompts = read_prompts(cfg.pairs.prompts)
     train_prompts, held_prompts = split_prompts(prompts, cfg.pairs)
     out_dir = Path(out)
@@ -263,7 +262,7 @@ def run_quickstart(out: str = "runs/quickstart", *, config: str | None = None, f
     seconds["eval"] = time.time() - t
 
     t = time.time()
-    report = stage_report(out_dir / "run", console)
+    report = stage_report(out_dir / "run")
     seconds["report"] = time.time() - t
 
     summary = summarize(ev, stats, train_summary, seconds, report)

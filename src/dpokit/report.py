@@ -9,12 +9,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from pathlib import Path
 
-from dpokit.errors import UserError
-from dpokit.utils import atomic_write_text, read_jsonl
+from dpokit.core.io import atomic_write_text
+from dpokit.core.run import RunDir
 
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -246,16 +245,12 @@ def _page(title: str, body: str) -> str:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples: int = 20) -> Path:
     """Write RUN_DIR/report.html (self-contained) and RUN_DIR/report.md (+ report_plots/*.png). Returns the html."""
-    run_dir = Path(run_dir)
-    eval_path = run_dir / "eval.json"
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir}: not a dpokit run folder (no config.yaml); pass the output.dir of a training run")
-    if not eval_path.is_file():
-        raise UserError(f"{run_dir}: no eval.json; run `dpokit eval {run_dir}` first")
-    result = json.loads(eval_path.read_text(encoding="utf-8"))
-    metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
-    samples = read_jsonl(run_dir / "eval_samples.jsonl") if (run_dir / "eval_samples.jsonl").is_file() else []
-    out = Path(out) if out else run_dir / "report.html"
+    run = RunDir(run_dir)
+    run_dir = run.path
+    result = run.require_eval().model_dump(mode="python")
+    metrics = [row.model_dump() for row in run.read_metrics()]
+    samples = [row.model_dump() for row in run.read_eval_samples()]
+    out = Path(out) if out else run.report_html
 
     plots: dict[str, tuple[str, bytes]] = {}
     curves = training_curves(metrics)

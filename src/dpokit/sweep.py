@@ -10,9 +10,14 @@ import itertools
 import json
 from pathlib import Path
 
-from dpokit.config import load_config, parse_override
-from dpokit.errors import UserError
-from dpokit.utils import atomic_write_text
+from dpokit.core.config import load_config, parse_override
+from dpokit.core.errors import UserError
+from dpokit.core.io import atomic_write_text
+from dpokit.core.run import RunDir
+from dpokit.eval import evaluate_run
+from dpokit.report import write_sweep_report
+from dpokit.train.plan import plan_training
+from dpokit.train.trainer import run_training
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
@@ -38,24 +43,24 @@ def sweep_points(swept: list[tuple[str, list[str]]]) -> list[list[str]]:
 def summarize_run(run_dir: Path, label: str) -> dict:
     """One frontier point: KL(tuned||base) per answer and the tuned model's reward (mean judge score; the win rate
     for pairwise judges), with their intervals."""
-    result = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+    result = RunDir(run_dir).require_eval()
     row = {"label": label, "run_dir": str(run_dir), "kl": None, "kl_ci": None, "reward": None, "reward_ci": None,
-           "reward_kind": None, "accuracy": result["preference"]["implicit_reward_accuracy"]["value"]}
-    gen, kl = result.get("generation"), result.get("kl")
+           "reward_kind": None, "accuracy": result.preference.implicit_reward_accuracy.value}
+    gen, kl = result.generation, result.kl
     if kl:
-        row.update(kl=kl["sequence"]["value"], kl_ci=kl["sequence"]["ci"])
+        row.update(kl=kl.sequence.value, kl_ci=kl.sequence.ci)
     if gen:
-        metric = gen["scores"]["tuned"] if gen["scores"] else gen["outcomes"]["win_rate"]
-        row.update(reward=metric["value"], reward_ci=metric["ci"],
-                   reward_kind=f"mean {gen['judge']['name']} score, tuned" if gen["scores"] else
-                   f"win rate vs base ({gen['judge']['name']})")
+        judge = gen.judge["name"]
+        if gen.scores:
+            tuned = gen.scores["tuned"]
+            row.update(reward=tuned["value"], reward_ci=tuned["ci"], reward_kind=f"mean {judge} score, tuned")
+        else:
+            rate = gen.outcomes.win_rate
+            row.update(reward=rate.value, reward_ci=rate.ci, reward_kind=f"win rate vs base ({judge})")
     return row
 
 
 def run_sweep(config: str, overrides: list[str], overwrite: bool = False) -> Path:
-    from dpokit.report import write_sweep_report
-    from dpokit.train.trainer import run_training
-
     fixed, swept = split_overrides(overrides)
     if not swept:
         raise UserError("dpokit sweep: no swept key; give comma-separated values, e.g. --set train.beta=0.05,0.1,0.5")
@@ -72,13 +77,11 @@ def run_sweep(config: str, overrides: list[str], overwrite: bool = False) -> Pat
         cfg = load_config(config, extra)
         if not cfg.eval.generate:
             raise UserError("eval.generate: a sweep needs generation (KL and judge scores); drop eval.generate=false")
-        run_dir = Path(cfg.output.dir)
-        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-            raise UserError(f"{run_dir}: already exists; pass --overwrite or choose another output.dir")
-        configs.append((label, cfg))
+        configs.append((label, plan_training(cfg, evaluate=True, origin=f"{config} ({label})")))
     rows = []
-    for label, cfg in configs:
-        result = run_training(cfg)
+    for label, plan in configs:
+        result = run_training(plan)
+        evaluate_run(result.run_dir)
         rows.append(summarize_run(result.run_dir, label))
     y_label = next((r["reward_kind"] for r in rows if r["reward_kind"]), "reward")
     atomic_write_text(sweep_dir / "sweep.json", json.dumps({"config": str(config), "fixed": fixed,

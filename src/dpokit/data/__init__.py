@@ -9,10 +9,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from dpokit.core.errors import UserError
 from dpokit.data.checks import MAX_EXAMPLES, Tally, preview, row_checks, shared_prompts
 from dpokit.data.formats import FORMATS, ConvertOptions, Drop, RowError, apply_column_map, detect_format
 from dpokit.data.sources import read_rows, read_source  # noqa: F401  (read_source is public API)
-from dpokit.errors import UserError
 
 
 @dataclass

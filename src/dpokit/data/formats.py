@@ -330,7 +330,7 @@ def parse_columns(text: str | None) -> dict[str, str]:
     for item in text.split(","):
         canonical, sep, theirs = item.partition("=")
         if not sep or not canonical.strip() or not theirs.strip():
-            from dpokit.errors import UserError
+            from dpokit.core.errors import UserError
 
             raise UserError(f"--columns {text!r}: expected canonical=yours pairs, e.g. "
                             "prompt=question,chosen=response_j,rejected=response_k")

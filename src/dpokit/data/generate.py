@@ -1,8 +1,9 @@
 """On-policy preference pairs: sample N answers per prompt, score each with a judge, keep best vs worst.
 
 This is how the DPO paper built its controlled-sentiment pairs, and how a reward model bootstraps preferences.
-Entry points: `read_prompts(path)`, `generate_pairs(model, tokenizer, prompts, settings) -> (pairs, stats)`,
-`generate_pairs_to_file(...)` (the `dpokit data generate` command).
+Entry points: `read_prompts(path)`, `generate_pairs(model, tokenizer, prompts, pairs_cfg, dtype=...) -> (pairs,
+stats)`, `generate_pairs_to_file(...)` (the `dpokit data generate` command). Every setting is the run config's
+`pairs` section (`PairsConfig`), the one type shared by `dpokit quickstart` and `dpokit data generate`.
 """
 
 from __future__ import annotations
@@ -10,30 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import random
 from pathlib import Path
 
-from dpokit.errors import UserError
-from dpokit.utils import write_jsonl
+from dpokit.core.config import PairsConfig
+from dpokit.core.errors import UserError
+from dpokit.core.io import write_jsonl
 
 BUNDLED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "quickstart_prompts.txt"
 
 
-@dataclass
-class PairSettings:
-    """Sampling and selection settings; everything that changes the pairs is here (and in the cache key)."""
-
-    num_samples: int = 4
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 32
-    judge: str = "sentiment"
-    judge_options: dict = field(default_factory=dict)
-    min_gap: float = 0.1
-    system_prompt: str | None = None
-    dtype: str = "float32"  # sampling precision, resolved (never "auto"), so it is part of the cache key
+# PairsConfig keys that pick *which* prompts are sampled, not how: the cache key holds the prompts themselves.
+_PROMPT_SELECTION_KEYS = frozenset({"prompts", "num_prompts", "eval_prompts"})
 
 
 def read_prompts(path: str | os.PathLike | None) -> list[str | list[dict]]:
@@ -102,26 +91,35 @@ def select_pair(prompt, samples: list[str], scores: list[float], min_gap: float)
             "score_chosen": best[0], "score_rejected": worst[0]}
 
 
-def generate_pairs(model, tokenizer, prompts: list, settings: PairSettings, progress=None) -> tuple[list[dict], dict]:
-    """Canonical pairs (with `score_chosen`/`score_rejected`) and counts of what was kept and dropped."""
-    from dpokit.eval.generation import generate
-    from dpokit.eval.judges import build_judge
+def generate_pairs(model, tokenizer, prompts: list, pairs_cfg: PairsConfig, *, system_prompt: str | None = None,
+                   dtype: str, progress=None) -> tuple[list[dict], dict]:
+    """Canonical pairs (with `score_chosen`/`score_rejected`) and counts of what was kept and dropped.
 
-    if settings.num_samples < 2:
-        raise UserError(f"--num-samples: {settings.num_samples}; need at least 2 samples per prompt to form a pair")
-    judge = build_judge(settings.judge, settings.judge_options)
+    `dtype`: the sampling precision (a name; "auto" is resolved by `pick_sampling_dtype`). The model is cast to it
+    when it is in another dtype (sampling only, no gradients). `pairs_cfg.prompts`/`num_prompts`/`eval_prompts` are
+    not read here: the caller picks `prompts`."""
+    import torch
+
+    from dpokit.core.judges import build_judge
+    from dpokit.core.models import pick_sampling_dtype
+    from dpokit.core.sampling import generate
+
+    dtype = pick_sampling_dtype(dtype)
+    if next(model.parameters()).dtype != getattr(torch, dtype):
+        model.to(getattr(torch, dtype))
+    judge = build_judge(pairs_cfg.judge, dict(pairs_cfg.judge_options))
     chats = [as_chat(p, tokenizer) for p in prompts]
-    samples = generate(model, tokenizer, chats, num_samples=settings.num_samples,
-                       max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                       top_p=settings.top_p, seed=settings.seed, batch_size=settings.batch_size,
-                       system_prompt=settings.system_prompt, progress=progress)
+    samples = generate(model, tokenizer, chats, num_samples=pairs_cfg.num_samples,
+                       max_new_tokens=pairs_cfg.max_new_tokens, temperature=pairs_cfg.temperature,
+                       top_p=pairs_cfg.top_p, seed=pairs_cfg.seed, batch_size=pairs_cfg.batch_size,
+                       system_prompt=system_prompt, progress=progress)
     flat_prompts = [c for c, s in zip(chats, samples, strict=True) for _ in s]
     flat_scores = judge.score(flat_prompts, [t for s in samples for t in s])
     pairs, start = [], 0
     for chat, group in zip(chats, samples, strict=True):
         scores = flat_scores[start:start + len(group)]
         start += len(group)
-        pair = select_pair(chat, group, scores, settings.min_gap)
+        pair = select_pair(chat, group, scores, pairs_cfg.min_gap)
         if pair is not None:
             pairs.append(pair)
     mean_score = sum(flat_scores) / len(flat_scores) if flat_scores else float("nan")
@@ -131,38 +129,53 @@ def generate_pairs(model, tokenizer, prompts: list, settings: PairSettings, prog
     return pairs, stats
 
 
-def settings_key(model_id: str, prompts: list, settings: PairSettings, extra: dict | None = None) -> str:
-    """Cache key of generated pairs: model identity + prompts + every sampling/selection setting."""
-    blob = json.dumps({"model": model_id, "prompts": prompts, "settings": asdict(settings), "extra": extra or {}},
+def settings_key(model_id: str, prompts: list, pairs_cfg: PairsConfig, *, system_prompt: str | None, dtype: str,
+                 extra: dict | None = None) -> str:
+    """Cache key of generated pairs: model identity + the prompts + every setting that changes the pairs: all of
+    `pairs_cfg` (sampling, judge and its options, selection, seed, batch size: it changes the RNG batching) except
+    the keys that only pick the prompts, with the dtype resolved (never "auto") and the system prompt."""
+    from dpokit.core.models import pick_sampling_dtype
+
+    settings = pairs_cfg.model_dump(mode="json", exclude=set(_PROMPT_SELECTION_KEYS))
+    settings.update(dtype=pick_sampling_dtype(dtype), system_prompt=system_prompt)
+    blob = json.dumps({"model": model_id, "prompts": prompts, "settings": settings, "extra": extra or {}},
                       sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def generate_pairs_to_file(model_name: str, prompts_path: str | None, out: str, settings: PairSettings, *,
+def take_prompts(prompts: list, pairs_cfg: PairsConfig) -> list:
+    """`pairs.num_prompts`: the first N prompts after a shuffle seeded by `pairs.seed` (as `dpokit quickstart`
+    picks them); None = every prompt, in file order."""
+    if not pairs_cfg.num_prompts:
+        return list(prompts)
+    order = list(range(len(prompts)))
+    random.Random(pairs_cfg.seed).shuffle(order)
+    return [prompts[i] for i in order[: pairs_cfg.num_prompts]]
+
+
+def generate_pairs_to_file(model_name: str, out: str, pairs_cfg: PairsConfig, *, system_prompt: str | None = None,
                            overwrite: bool = False) -> dict:
-    """`dpokit data generate`: check the output path first, then sample, judge and write JSONL atomically."""
+    """`dpokit data generate`: check the output path and read the prompts first, then load the model, sample,
+    judge and write JSONL atomically. Prompts come from `pairs_cfg.prompts` (capped by `pairs_cfg.num_prompts`)."""
     from rich.progress import Progress
 
-    from dpokit.models import load_model, load_tokenizer
+    from dpokit.core.models import load_model, load_tokenizer, pick_sampling_dtype
 
     out_path = Path(out)
     if out_path.suffix.lower() != ".jsonl":
         raise UserError(f"--out: {out}: write pairs to a .jsonl file")
     if out_path.exists() and not overwrite:
         raise UserError(f"--out: {out} already exists; pass --overwrite to replace it or choose another path")
-    if not 0.0 <= settings.min_gap:
-        raise UserError(f"--min-gap: {settings.min_gap}; must be >= 0")
-    if settings.num_samples < 2:
-        raise UserError(f"--num-samples: {settings.num_samples}; need at least 2 samples per prompt to form a pair")
-    prompts = read_prompts(prompts_path)
+    prompts = take_prompts(read_prompts(pairs_cfg.prompts), pairs_cfg)
+    dtype = pick_sampling_dtype(pairs_cfg.dtype)
     tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name, dtype=settings.dtype)
+    model = load_model(model_name, dtype=dtype)
     with Progress(transient=False) as bar:
-        task = bar.add_task("sampling", total=len(prompts) * settings.num_samples)
-        pairs, stats = generate_pairs(model, tokenizer, prompts, settings,
+        task = bar.add_task("sampling", total=len(prompts) * pairs_cfg.num_samples)
+        pairs, stats = generate_pairs(model, tokenizer, prompts, pairs_cfg, system_prompt=system_prompt, dtype=dtype,
                                       progress=lambda n: bar.advance(task, n))
     if not pairs:
-        raise UserError(f"no pairs: all {len(prompts)} prompts gave ties or gaps under --min-gap {settings.min_gap}; "
-                        "lower --min-gap or raise --num-samples")
+        raise UserError(f"no pairs: all {len(prompts)} prompts gave ties or gaps under pairs.min_gap (--min-gap) "
+                        f"{pairs_cfg.min_gap}; lower pairs.min_gap or raise pairs.num_samples")
     write_jsonl(out_path, pairs)
     return stats

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from dpokit.config import looks_like_local_path
-from dpokit.errors import UserError
+from dpokit.core.config import looks_like_local_path
+from dpokit.core.errors import UserError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 

@@ -1,46 +1,53 @@
-"""Evaluation of a finished run. Entry point: `evaluate_run(run_dir) -> dict` (also written to eval.json)."""
+"""Evaluation of a finished run. Entry point: `evaluate_run(run_dir) -> EvalResult` (also written to eval.json)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import yaml
+import torch
+from peft import PeftModel
+from rich.console import Console
+from rich.table import Table
 
-from dpokit.config import config_from_dict
-from dpokit.errors import UserError
-from dpokit.utils import atomic_write_text, read_jsonl, write_jsonl
+from dpokit.core.config import EvalConfig, RunConfig, apply_overrides, config_from_dict, parse_override
+from dpokit.core.errors import UserError
+from dpokit.core.judges import build_judge, check_judge, compare
+from dpokit.core.models import load_model, load_model_and_tokenizer
+from dpokit.core.run import EvalResult, EvalSample, RunDir
+from dpokit.core.sampling import sample
+from dpokit.core.scoring import pair_logps, response_logps
+from dpokit.core.stats import interval
+from dpokit.core.templates import setup_chat_template
+from dpokit.data import prompt_key
+from dpokit.data.encode import encode_rows
+from dpokit.eval.likelihood import preference_metrics
+from dpokit.eval.metrics import (
+    kl_summary,
+    length_buckets,
+    length_summary,
+    outcome_summary,
+    score_length_regression,
+)
 
 
-def load_run(run_dir: str | Path):
+def load_run(run_dir: str | Path) -> RunConfig:
     """The run's resolved config, after checking the folder holds a finished run."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir}: not a dpokit run folder (no config.yaml); pass the output.dir of a training run")
-    if not (run_dir / "model").is_dir():
-        raise UserError(f"{run_dir}: no trained model in {run_dir / 'model'}; finish (or --resume) training first")
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    return config_from_dict(raw, str(run_dir / "config.yaml"))
+    run = RunDir(run_dir)
+    run.require_model()
+    return run.read_config()
 
 
-def load_tuned_and_base(run_dir: Path, cfg):
+def load_tuned_and_base(run: RunDir, cfg: RunConfig):
     """(tuned, base, tokenizer). With LoRA, `base` is None: the caller disables the adapter instead."""
-    from dpokit.models import load_model, load_model_and_tokenizer
-
-    model_dir = run_dir / "model"
     base, tokenizer = load_model_and_tokenizer(cfg.model)
-    if (model_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base, str(model_dir)), None, tokenizer
-    tuned = load_model(str(model_dir), dtype=cfg.model.dtype)
+    if run.is_adapter():
+        return PeftModel.from_pretrained(base, str(run.model_dir)), None, tokenizer
+    tuned = load_model(str(run.model_dir), dtype=cfg.model.dtype)
     return tuned, base, tokenizer
 
 
 def eval_prompts(rows: list[dict], limit: int) -> list:
     """Distinct held-out prompts, in file order, at most `limit`."""
-    from dpokit.data import prompt_key
-
     seen, prompts = set(), []
     for row in rows:
         key = prompt_key(row["prompt"])
@@ -50,47 +57,62 @@ def eval_prompts(rows: list[dict], limit: int) -> list:
     return prompts[:limit]
 
 
-def evaluate_run(run_dir: str | Path, batch_size: int | None = None, quiet: bool = False) -> dict:
-    import torch
+def eval_settings(cfg: RunConfig, overrides: list[str] | None, origin: str) -> EvalConfig:
+    """The run's `eval` section with `--set eval.KEY=VALUE` overrides applied and validated (one line on error)."""
+    raw = {"eval": cfg.eval.model_dump(mode="json")}
+    for item in overrides or []:
+        parts, _ = parse_override(item)
+        if parts[0] != "eval":
+            raise UserError(f"--set {item!r}: dpokit eval changes only eval settings (eval.KEY=VALUE); "
+                            f"{parts[0]} settings are fixed by the trained run")
+    apply_overrides(raw, overrides or [])
+    return config_from_dict({**cfg.model_dump(mode="json"), "eval": raw["eval"]}, origin).eval
 
-    from dpokit.data.templates import encode_rows, setup_chat_template
-    from dpokit.eval.likelihood import pair_logps, preference_metrics
 
-    run_dir = Path(run_dir)
-    cfg = load_run(run_dir)
-    eval_path = run_dir / "data" / "eval.jsonl"
-    rows = read_jsonl(eval_path) if eval_path.is_file() else []
-    if cfg.eval.max_pairs:
-        rows = rows[: cfg.eval.max_pairs]
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, quiet: bool = False) -> EvalResult:
+    """Held-out preference metrics and (eval.generate) judged answers of tuned vs base, with KL. Writes
+    RUN_DIR/eval.json (with the eval settings used) and RUN_DIR/eval_samples.jsonl. Checks every input (settings,
+    judge, held-out pairs) before any model loads."""
+    run = RunDir(run_dir)
+    run.require_model()
+    cfg = run.read_config()
+    settings = eval_settings(cfg, overrides, f"{run.path}: --set")
+    cfg = cfg.model_copy(update={"eval": settings})
+    rows = run.read_eval_pairs()
+    if settings.max_pairs:
+        rows = rows[: settings.max_pairs]
     if not rows:
-        raise UserError(f"{run_dir}: no held-out pairs in {eval_path}; set data.eval_fraction > 0 or data.eval_source")
+        raise UserError(f"{run.path}: no held-out pairs in {run.eval_pairs}; set data.eval_fraction > 0 or "
+                        "data.eval_source")
     judge = None
-    if cfg.eval.generate:  # a bad judge config fails here, before any model is loaded or file written
-        from dpokit.eval.judges import build_judge
-
-        judge = build_judge(cfg.eval.judge, cfg.eval.judge_options)
-    tuned, base, tokenizer = load_tuned_and_base(run_dir, cfg)
+    if settings.generate:  # a bad judge config fails here, before any model is loaded or file written
+        problems = check_judge(settings.judge, settings.judge_options)
+        if problems:
+            raise UserError("; ".join(problems))
+        judge = build_judge(settings.judge, settings.judge_options)
+    tuned, base, tokenizer = load_tuned_and_base(run, cfg)
     setup_chat_template(tokenizer, cfg.data.chat_template)
-    encoded, _ = encode_rows(rows, tokenizer, cfg.data, origin=str(eval_path))
+    encoded, _ = encode_rows(rows, tokenizer, cfg.data, origin=str(run.eval_pairs))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tuned.to(device)
     if base is not None:
         base.to(device)
-    bs = batch_size or cfg.eval.batch_size
+    bs = settings.batch_size
     tuned_lp = pair_logps(tuned, encoded, tokenizer.pad_token_id, bs, cfg.train.packing)
     with _as_base(tuned, base) as base_model:
         base_lp = pair_logps(base_model, encoded, tokenizer.pad_token_id, bs, cfg.train.packing)
-    result = {"schema_version": 1, "run_dir": str(run_dir), "model": cfg.model.name_or_path, "beta": cfg.train.beta,
+    result = {"run_dir": str(run.path), "model": cfg.model.name_or_path, "beta": cfg.train.beta,
+              "settings": settings.model_dump(mode="json"),
               "preference": preference_metrics(tuned_lp, base_lp, cfg.train.beta)}
     samples = []
     if judge is not None:
         result["generation"], result["kl"], samples = generation_metrics(
-            cfg, judge, eval_prompts(rows, cfg.eval.num_prompts), tuned, base, tokenizer, bs)
-    write_jsonl(run_dir / "eval_samples.jsonl", samples)
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+            cfg, judge, eval_prompts(rows, settings.num_prompts), tuned, base, tokenizer, bs)
+    typed = EvalResult.model_validate(result)
+    run.write_eval(typed, [EvalSample.model_validate(s) for s in samples])
     if not quiet:
-        print_eval_table(result)
-    return result
+        print_eval_table(typed.model_dump(mode="python"))
+    return typed
 
 
 class _as_base:
@@ -116,17 +138,6 @@ def generation_metrics(cfg, judge, prompts: list, tuned, base, tokenizer, batch_
     """Sample base and tuned answers with identical seeds and decoding; judge tuned vs base; KL on tuned samples.
 
     Returns (generation dict, kl dict, per-sample records)."""
-    from dpokit.eval.generation import sample
-    from dpokit.eval.judges import compare
-    from dpokit.eval.metrics import (
-        kl_summary,
-        length_buckets,
-        length_summary,
-        outcome_summary,
-        response_logps,
-        score_length_regression,
-    )
-
     e = cfg.eval
     decoding = dict(num_samples=e.samples_per_prompt, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
                     top_p=e.top_p, seed=e.seed, batch_size=e.gen_batch_size, system_prompt=cfg.data.system_prompt)
@@ -151,9 +162,7 @@ def generation_metrics(cfg, judge, prompts: list, tuned, base, tokenizer, batch_
                               "regression": None},
     }
     if cmp.scores_a is not None:
-        from dpokit.eval.metrics import _interval
-
-        generation["scores"] = {"tuned": _interval(cmp.scores_a), "base": _interval(cmp.scores_b),
+        generation["scores"] = {"tuned": interval(cmp.scores_a), "base": interval(cmp.scores_b),
                                 "tuned_values": cmp.scores_a, "base_values": cmp.scores_b}
         generation["length_controlled"]["regression"] = score_length_regression(cmp.scores_a, cmp.scores_b,
                                                                                 len_t, len_b)
@@ -181,9 +190,6 @@ def _fmt(metric: dict) -> str:
 
 
 def print_eval_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     pref = result["preference"]
     table = Table(title=f"Held-out preference metrics ({pref['n_pairs']} pairs, 95% CI)")

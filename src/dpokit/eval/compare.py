@@ -4,33 +4,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from dpokit.core.judges import build_judge
+from dpokit.core.run import RunDir
+from dpokit.core.sampling import sample
+from dpokit.core.templates import setup_chat_template
+from dpokit.eval import _as_base, load_tuned_and_base
+
 
 def compare_prompt(run_dir: str | Path, prompt: str, *, samples: int | None = None, max_new_tokens: int | None = None,
                    temperature: float | None = None, seed: int | None = None, score: bool = True) -> list[dict]:
     """Generate base and tuned answers to `prompt` with the run's eval decoding (overridable) and, if the run's
     judge is pointwise, score them. A chat-formatted run (conversational held-out prompts) gets the prompt as a
     user message; a plain-text run gets it verbatim."""
-    import torch
-
-    from dpokit.data.templates import setup_chat_template
-    from dpokit.eval import _as_base, load_run, load_tuned_and_base
-    from dpokit.eval.generation import sample
-    from dpokit.utils import read_jsonl
-
-    run_dir = Path(run_dir)
-    cfg = load_run(run_dir)
+    run = RunDir(run_dir)
+    run.require_model()
+    cfg = run.read_config()
     e = cfg.eval
-    eval_path = run_dir / "data" / "eval.jsonl"
-    rows = read_jsonl(eval_path) if eval_path.is_file() else []
+    rows = run.read_eval_pairs()
     chat = bool(rows) and isinstance(rows[0]["prompt"], list)
     judge = None
     if score:
-        from dpokit.eval.judges import build_judge
-
         judge = build_judge(e.judge, e.judge_options)
         if getattr(judge, "kind", "pointwise") != "pointwise":
             judge = None  # a pairwise judge has no per-answer score to show
-    tuned, base, tokenizer = load_tuned_and_base(run_dir, cfg)
+    tuned, base, tokenizer = load_tuned_and_base(run, cfg)
     setup_chat_template(tokenizer, cfg.data.chat_template)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tuned.to(device)
@@ -56,9 +57,6 @@ def compare_prompt(run_dir: str | Path, prompt: str, *, samples: int | None = No
 
 
 def print_comparison(prompt: str, rows: list[dict], judge_name: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"Prompt: {prompt}", show_lines=True, expand=True)
     table.add_column("#", justify="right", width=3)
     table.add_column("base", ratio=1, overflow="fold")

@@ -9,13 +9,7 @@ import math
 
 import torch
 
-from dpokit.eval.stats import Z95, mean_interval, proportion, wilson_interval
-from dpokit.train.batching import token_logps
-
-
-def _interval(values: list[float]) -> dict:
-    mean, low, high = mean_interval(values)
-    return {"value": mean, "ci": [low, high], "n": len(values)}
+from dpokit.core.stats import Z95, interval, proportion, wilson_interval
 
 
 def _win_rate(wins: int, ties: int, n: int) -> dict:
@@ -72,7 +66,7 @@ def length_summary(lengths: dict[str, list[int]], bins: int = 10) -> dict:
     for who, vals in lengths.items():
         ordered = sorted(vals)
         median = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2 if ordered else float("nan")
-        out[who] = {"mean": _interval([float(v) for v in vals]), "median": median,
+        out[who] = {"mean": interval([float(v) for v in vals]), "median": median,
                     "min": min(vals) if vals else None, "max": max(vals) if vals else None,
                     "histogram": histogram(vals, edges), "values": list(vals)}
     return out
@@ -153,36 +147,9 @@ def kl_summary(logp_tuned: list[float], logp_base: list[float], n_tokens: list[i
     sum_t [log pi_tuned(y_t|...) - log pi_base(y_t|...)], with a 95% interval; per token: total log-ratio over
     total tokens."""
     diffs = [t - b for t, b in zip(logp_tuned, logp_base, strict=False)]
-    return {"n_samples": len(diffs), "total_tokens": int(sum(n_tokens)), "sequence": _interval(diffs),
+    return {"n_samples": len(diffs), "total_tokens": int(sum(n_tokens)), "sequence": interval(diffs),
             "per_token": ratio_interval(diffs, [float(n) for n in n_tokens])}
 
 
-@torch.no_grad()
-def response_logps(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                   batch_size: int = 8) -> tuple[list[float], list[int]]:
-    """Summed log-prob of each response given its prompt (right padding), and the response token counts."""
-    device = next(model.parameters()).device
-    model.eval()
-    sums: list[float] = []
-    counts: list[int] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        prompts, responses = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
-        seqs = [p + r for p, r in zip(prompts, responses, strict=False)]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        mask = torch.zeros_like(ids)
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=False)):
-            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-            attention[i, :len(p) + len(r)] = 1
-            mask[i, len(p):len(p) + len(r)] = 1
-        ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        per_token = token_logps(logits[:, :-1], ids[:, 1:]) * mask[:, 1:]
-        sums.extend(per_token.sum(-1).float().cpu().tolist())
-        counts.extend(mask[:, 1:].sum(-1).cpu().tolist())
-    return sums, counts
-
-
 __all__ = ["kl_summary", "length_buckets", "length_summary", "outcome_summary", "ratio_interval",
-           "response_logps", "score_length_regression", "wilson_interval"]
+           "score_length_regression", "wilson_interval"]

@@ -13,7 +13,10 @@ import json
 import logging
 from pathlib import Path
 
-from dpokit.utils import atomic_write_text
+from dpokit.core.io import atomic_write_text
+from dpokit.core.models import cache_dir
+from dpokit.core.scoring import pair_logps
+from dpokit.train.resilience import no_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +39,11 @@ def cache_key(model_fp: str, data_fp: str, template: str | None, max_length: int
 
 
 def cache_path(key: str) -> Path:
-    from dpokit.models import cache_dir
-
     return cache_dir() / "reference_logps" / f"{key}.json"
 
 
 def compute_logps(model, pairs: list[dict], pad_id: int, batch_size: int, packing: bool = True) -> list[list[float]]:
     """[[ref_chosen, ref_rejected], ...] for every pair (the same forward evaluation uses)."""
-    from dpokit.eval.likelihood import pair_logps
-
     was_training = model.training
     res = pair_logps(model, pairs, pad_id, batch_size, packing)
     model.train(was_training)
@@ -63,8 +62,6 @@ def rank_and_world_size() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     from accelerate import PartialState
-
-    from dpokit.train.resilience import no_accelerator
 
     state = PartialState(cpu=no_accelerator())  # the same state TrainingArguments builds later (a singleton)
     return state.process_index, state.num_processes
@@ -87,7 +84,7 @@ def precompute(ref_model, train_pairs: list[dict], eval_pairs: list[dict], *, pa
     With `world` processes (a launcher) each computes every world-th pair from its `rank` and the values are
     gathered, so the work is split, not repeated; the cache is used only when every process finds it (nodes may
     not share a disk)."""
-    from dpokit.models import fingerprint_model
+    from dpokit.core.models import fingerprint_model
 
     key = cache_key(fingerprint_model(ref_model), fingerprint_pairs(train_pairs, eval_pairs), template, max_length)
     path = cache_path(key)

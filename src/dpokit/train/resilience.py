@@ -23,7 +23,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from dpokit.errors import UserError
+from dpokit.core.errors import UserError
 
 STAGING = ".staging"
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last, so its presence marks a finished save
@@ -86,7 +86,7 @@ def trim_metrics(path: Path, last_step: int) -> None:
     """On resume, drop metric rows logged after the checkpoint (they are logged again) and a line cut by a kill."""
     if not is_main_process() or not path.is_file():
         return
-    from dpokit.utils import atomic_write_text
+    from dpokit.core.io import atomic_write_text
 
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():

@@ -1,7 +1,8 @@
 """DPO training on `transformers.Trainer`: the loop, checkpoints and distribution are Trainer's; the loss is ours.
 
-Entry point: `run_training(cfg) -> TrainResult`. Read top to bottom: prepare data -> load models -> build the
-trainer -> train -> save -> evaluate.
+Entry point: `run_training(cfg) -> TrainResult`, a short recipe read at the bottom of this file:
+plan (dpokit.train.plan: every static check) -> setup (data, then models) -> write the run folder's start -> fit ->
+save. Evaluation is not part of training: the caller chains it.
 """
 
 from __future__ import annotations
@@ -10,19 +11,28 @@ import copy
 import json
 import logging
 import math
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from dpokit.config import RunConfig
-from dpokit.errors import UserError
+from dpokit.core.config import RunConfig
+from dpokit.core.errors import UserError
+from dpokit.core.models import load_model, load_model_and_tokenizer, load_tokenizer
+from dpokit.core.packing import batch_logps
+from dpokit.core.run import DataReport, TrainSummary
+from dpokit.core.secrets import apply_token_env
+from dpokit.core.templates import setup_chat_template
+from dpokit.data import PreferenceData, load_preferences
+from dpokit.data.encode import encode_rows
 from dpokit.train.losses import LOSSES, PairLogps, combined_loss, needs_reference, parse_loss_spec
-from dpokit.train.packing import PackingTrainerMixin, batch_logps, choose_collator
+from dpokit.train.packing import PackingTrainerMixin, choose_collator
+from dpokit.train.plan import TrainPlan, plan_training
+from dpokit.train.reference import precompute, rank_and_world_size
 from dpokit.train.resilience import (
     AtomicCheckpointMixin,
     StopOnSignal,
@@ -35,7 +45,8 @@ from dpokit.train.resilience import (
     quiet_non_main_process,
     trim_metrics,
 )
-from dpokit.utils import atomic_write_text, write_jsonl
+from dpokit.train.trackers import tracker_arguments
+from dpokit.train.trl_engine import build_trl_trainer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +59,7 @@ class TrainResult:
     run_dir: Path
     final_metrics: dict
     wall_seconds: float
+    evaluate: bool = False  # the plan says evaluation follows (eval.enabled, a saved model, held-out pairs)
 
 
 class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
@@ -197,37 +209,8 @@ def disable_dropout(model) -> None:
             module.p = 0.0
 
 
-def pick_precision(precision: str) -> tuple[bool, bool]:
-    """(bf16, fp16) for TrainingArguments."""
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        return (cuda and torch.cuda.is_bf16_supported()), False
-    if precision in ("bf16", "fp16") and not cuda:
-        raise UserError(f"train.precision: {precision} needs a GPU; use fp32 (or auto) on CPU")
-    return precision == "bf16", precision == "fp16"
-
-
-def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
-    """Check the run folder can be used; changes nothing (an --overwrite deletes only after validation passes)."""
-    run_dir = Path(cfg.output.dir).expanduser()
-    if resume:
-        if last_complete_checkpoint(run_dir / "checkpoints") is None:
-            raise UserError(f"--resume: {run_dir} has no checkpoints to resume from (no complete checkpoint-N); drop "
-                            "--resume to start fresh, or set train.save_steps to checkpoint during training")
-        return run_dir
-    # Only the main process checks: other ranks may start after it has created the folder.
-    if is_main_process() and run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
-        raise UserError(
-            f"output.dir: {run_dir} already exists and is not empty; pass --overwrite, choose another "
-            "--set output.dir=..., or --resume to continue it"
-        )
-    return run_dir
-
-
 def load_reference_model(cfg: RunConfig):
     """train.reference_model, loaded with the policy's dtype and safety settings."""
-    from dpokit.models import load_model
-
     return load_model(cfg.train.reference_model, dtype=cfg.model.dtype,
                       trust_remote_code=cfg.model.trust_remote_code,
                       allow_pickle_weights=cfg.model.allow_pickle_weights)
@@ -237,32 +220,12 @@ def build_reference(cfg: RunConfig, model, reference: str):
     """The frozen reference model, or None when the adapter (LoRA) or precomputed log-probs stand in for it."""
     if reference in ("adapter", "none", "precomputed"):
         return None
-    if cfg.train.reference_model:
-        ref = load_reference_model(cfg)
-    else:
-        ref = copy.deepcopy(model)
+    ref = load_reference_model(cfg) if cfg.train.reference_model else copy.deepcopy(model)
     ref.eval().requires_grad_(False)
     return ref
 
 
-def resolve_reference(cfg: RunConfig) -> str:
-    try:
-        needs_ref = needs_reference(parse_loss_spec(cfg.train.loss, cfg.train.sft_weight))
-    except ValueError as err:
-        raise UserError(f"train.loss: {err}") from None
-    if not needs_ref:
-        return "none"
-    if cfg.train.reference == "none":
-        raise UserError(f"train.reference: none, but loss {cfg.train.loss!r} needs a reference; use auto, model, "
-                        "adapter or precomputed, or a reference-free loss (simpo, orpo, sft)")
-    if cfg.train.reference == "auto":
-        return "adapter" if cfg.train.lora is not None and not cfg.train.reference_model else "model"
-    return cfg.train.reference
-
-
 def apply_lora(model, lora_cfg):
-    from peft import LoraConfig, get_peft_model
-
     peft_cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                           target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
     try:
@@ -271,11 +234,10 @@ def apply_lora(model, lora_cfg):
         raise UserError(f"train.lora.target_modules: {err}; list module names of this model (e.g. q_proj,v_proj)") from None
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> TrainingArguments:
-    t = cfg.train
-    bf16, fp16 = pick_precision(t.precision)
-    kwargs = dict(
-        output_dir=str(run_dir / "checkpoints"),
+def training_arguments(plan: TrainPlan, has_eval: bool) -> TrainingArguments:
+    cfg, t = plan.cfg, plan.cfg.train
+    return TrainingArguments(
+        output_dir=str(plan.run_dir.checkpoints),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=cfg.eval.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -287,8 +249,8 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> Trainin
         max_steps=t.max_steps,
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
-        bf16=bf16,
-        fp16=fp16,
+        bf16=plan.bf16,
+        fp16=plan.fp16,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -300,40 +262,53 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> Trainin
         eval_steps=t.eval_steps or None,
         remove_unused_columns=False,
         dataloader_num_workers=t.num_workers,
-        report_to=[],
+        report_to=tracker_arguments(t.report_to, plan.run_dir.path / "logs"),  # "none" -> []
         use_cpu=no_accelerator(),  # CPU-only: lets torchrun / accelerate launch set up a gloo process group
         ddp_find_unused_parameters=False,  # every parameter takes part in the DPO forward
     )
-    return TrainingArguments(**kwargs)
 
 
-def prepare_data(cfg: RunConfig, tokenizer):
-    """Canonical rows (train, eval), their encodings and the data report."""
-    from dpokit.data import load_preferences
-    from dpokit.data.templates import encode_rows, setup_chat_template
+@dataclass
+class Setup:
+    """Everything training needs, loaded and validated; nothing written yet."""
 
+    model: object
+    tokenizer: object
+    data: PreferenceData
+    train_enc: list[dict]
+    eval_enc: list[dict]
+    ref_model: object | None
+    precomputed: dict | None
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> tuple[PreferenceData, list[dict], list[dict]]:
+    """Canonical rows, their encodings and the data report. `data.train` keeps exactly the rows that were encoded
+    (pairs `data.truncation: drop` removed are gone), so `data/train.jsonl` is what was trained on."""
     data = load_preferences(cfg.data)
     setup_chat_template(tokenizer, cfg.data.chat_template)
-    train_enc, train_counts = encode_rows(data.train, tokenizer, cfg.data, origin=cfg.data.source)
-    eval_enc, eval_counts = encode_rows(data.eval, tokenizer, cfg.data, origin="eval split")
+    kept_train: list[int] = []
+    kept_eval: list[int] = []
+    train_enc, train_counts = encode_rows(data.train, tokenizer, cfg.data, origin=cfg.data.source,
+                                          locations=data.train_locations, kept=kept_train)
+    eval_enc, eval_counts = encode_rows(data.eval, tokenizer, cfg.data, origin="eval split",
+                                        locations=data.eval_locations, kept=kept_eval)
     if not train_enc:
         raise UserError(
             f"{cfg.data.source}: every pair was dropped as longer than data.max_length={cfg.data.max_length}; "
             "raise max_length or set data.truncation: prompt_left"
         )
-    data.report.update(train_tokenization=train_counts, eval_tokenization=eval_counts)
+    data.train = [data.train[i] for i in kept_train]
+    data.eval = [data.eval[i] for i in kept_eval]
+    data.report.update(train_tokenization=train_counts, eval_tokenization=eval_counts,
+                       n_train=len(data.train), n_eval=len(data.eval))
     return data, train_enc, eval_enc
 
 
 def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, refresh: bool = False) -> dict:
     """reference: precomputed: attach cached (or freshly computed) reference log-probs to every pair; the reference
     model (the initial policy, or train.reference_model) is used here only, never during training."""
-    from dpokit.train.reference import precompute, rank_and_world_size
-
     rank, world = rank_and_world_size()  # joins the launcher's process group now, so each rank uses its own GPU
-    ref = model
-    if cfg.train.reference_model:
-        ref = load_reference_model(cfg)
+    ref = load_reference_model(cfg) if cfg.train.reference_model else model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref.to(device)
     info = precompute(ref, train_enc, eval_enc, pad_id=tokenizer.pad_token_id,
@@ -344,26 +319,9 @@ def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, 
     return info
 
 
-def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = None,
-                 callbacks: list | None = None, refresh_reference: bool = False) -> TrainResult:
-    """`callbacks`: extra transformers TrainerCallbacks (API users; the tests stop a run midway with one).
-    `refresh_reference`: recompute precomputed reference log-probs even when the cache has them."""
-    start = time.time()
-    from dpokit.models import load_model_and_tokenizer, load_tokenizer
-    from dpokit.secrets import apply_token_env
-
-    quiet_non_main_process()
-
-    reference = resolve_reference(cfg)
-    pick_precision(cfg.train.precision)  # fails on this hardware now, not after the run folder is written
-    if cfg.train.engine == "trl":
-        from dpokit.train.trl_engine import check_trl_config
-
-        reference = check_trl_config(cfg.train, reference)
-    run_dir = prepare_run_dir(cfg, resume)
-
-    # 1. Data and models: everything that can fail on user input happens before the run folder is written.
-    # Tokenizer and data first: bad data fails in seconds, before the weights load.
+def setup(plan: TrainPlan, refresh_reference: bool = False) -> Setup:
+    """Tokenizer and data first (bad data fails in seconds, before the weights load), then the models."""
+    cfg = plan.cfg
     apply_token_env(cfg.model)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code)
@@ -372,52 +330,57 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     if cfg.train.disable_dropout:
         disable_dropout(model)
     precomputed = (precompute_reference(cfg, model, tokenizer, train_enc, eval_enc, refresh_reference)
-                   if reference == "precomputed" else None)
-    ref_model = build_reference(cfg, model, reference)
+                   if plan.reference == "precomputed" else None)
+    ref_model = build_reference(cfg, model, plan.reference)
     if cfg.train.lora is not None:
         model = apply_lora(model, cfg.train.lora)
         if cfg.train.disable_dropout:
             disable_dropout(model)
     if cfg.train.gradient_checkpointing and cfg.train.lora is not None:
         model.enable_input_require_grads()
+    return Setup(model, tokenizer, data, train_enc, eval_enc, ref_model, precomputed)
 
-    # 2. Run folder (main process only): resolved config and the exact data used, so eval and reports read only
-    # artifacts. The split is seeded, so every rank holds the same rows without reading them back.
-    if is_main_process():
-        if not resume and run_dir.exists():
-            shutil.rmtree(run_dir)  # --overwrite, now that everything validated
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        write_jsonl(run_dir / "data" / "train.jsonl", data.train)
-        write_jsonl(run_dir / "data" / "eval.jsonl", data.eval)
-        atomic_write_text(run_dir / "data" / "report.json", json.dumps(data.report, indent=2))
 
-    # 3. Train.
-    args = training_arguments(cfg, run_dir, has_eval=bool(eval_enc))
-    if ref_model is not None:
-        ref_model.to(args.device)
-    collator, budget_sampler = choose_collator(cfg.train, model, ref_model, train_enc, tokenizer.pad_token_id)
-    if cfg.train.engine == "trl":
-        from dpokit.train.trl_engine import build_trl_trainer
-
-        trainer = build_trl_trainer(cfg, model, tokenizer, args, train_enc, eval_enc, ref_model, reference)
+def write_run_start(plan: TrainPlan, s: Setup) -> None:
+    """The run folder (main process only): manifest, resolved config and the exact data used, so eval and reports
+    read only artifacts. The split is seeded, so every rank holds the same rows without reading them back."""
+    if not is_main_process():
+        return
+    if plan.resume:
+        plan.run_dir.write_config(plan.cfg)
     else:
-        trainer = DPOTrainer(
-            model=model, args=args, train_dataset=train_enc, eval_dataset=eval_enc or None,
-            data_collator=collator, processing_class=tokenizer,
-            dpo_cfg=cfg.train, ref_model=ref_model,
-        )
+        plan.run_dir.create(plan.cfg, replace=plan.replace_run_dir)  # --overwrite deletes only now, after setup
+        plan.run_dir.metrics.unlink(missing_ok=True)
+    plan.run_dir.write_data(s.data.train, s.data.eval, DataReport.model_validate(s.data.report))
+
+
+def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
+    cfg = plan.cfg
+    args = training_arguments(plan, has_eval=bool(s.eval_enc))
+    if s.ref_model is not None:
+        s.ref_model.to(args.device)
+    collator, budget_sampler = choose_collator(cfg.train, s.model, s.ref_model, s.train_enc, s.tokenizer.pad_token_id)
+    if cfg.train.engine == "trl":
+        trainer = build_trl_trainer(cfg, s.model, s.tokenizer, args, s.train_enc, s.eval_enc, s.ref_model,
+                                    plan.reference)
+    else:
+        trainer = DPOTrainer(model=s.model, args=args, train_dataset=s.train_enc, eval_dataset=s.eval_enc or None,
+                             data_collator=collator, processing_class=s.tokenizer, dpo_cfg=cfg.train,
+                             ref_model=s.ref_model)
         trainer.token_budget_sampler = budget_sampler
-    if not resume and (run_dir / "metrics.jsonl").exists() and is_main_process():
-        (run_dir / "metrics.jsonl").unlink()
-    trainer.add_callback(MetricsFileCallback(run_dir / "metrics.jsonl"))
+    trainer.add_callback(MetricsFileCallback(plan.run_dir.metrics))
     trainer.add_callback(FiniteGradientCallback(trainer.model))
     for callback in callbacks or []:
         trainer.add_callback(callback)
-    checkpoint = _last_checkpoint(run_dir) if resume else None
+    return trainer
+
+
+def fit(plan: TrainPlan, trainer: Trainer):
+    """trainer.train(), resuming from the last complete checkpoint, stopping cleanly on SIGINT/SIGTERM."""
+    checkpoint = last_complete_checkpoint(plan.run_dir.checkpoints) if plan.resume else None
     if checkpoint:
-        clean_staging(run_dir / "checkpoints")
-        trim_metrics(run_dir / "metrics.jsonl", checkpoint_step(checkpoint))
+        clean_staging(plan.run_dir.checkpoints)
+        trim_metrics(plan.run_dir.metrics, checkpoint_step(checkpoint))
     stopper = StopOnSignal()
     trainer.add_callback(stopper)
     stopper.install()
@@ -428,40 +391,47 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate: bool | None = N
     if stopper.received is not None:
         raise TrainingStopped(
             f"training stopped by {stopper.signal_name} at step {trainer.state.global_step}; checkpoint saved in "
-            f"{_last_checkpoint(run_dir)}; continue with: dpokit train CONFIG --resume", stopper.received)
+            f"{last_complete_checkpoint(plan.run_dir.checkpoints)}; continue with: dpokit train CONFIG --resume",
+            stopper.received)
+    return output
 
-    # 4. Save.
-    if cfg.output.save_model:
+
+def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float) -> dict:
+    run_dir = plan.run_dir
+    if plan.cfg.output.save_model:
         # Every rank calls save_model (FSDP / ZeRO-3 gather the shards); Trainer writes from rank 0 only.
-        trainer.save_model(str(run_dir / "model"))
+        trainer.save_model(str(run_dir.model_dir))
         if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(str(run_dir / "model"))
-            (run_dir / "model" / "training_args.bin").unlink(missing_ok=True)  # a pickle: we write JSON instead
+            s.tokenizer.save_pretrained(str(run_dir.model_dir))
+            (run_dir.model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: we write JSON instead
     final = dict(output.metrics)
-    wall = time.time() - start
     if trainer.is_world_process_zero():
-        # What reached the Trainer, as JSON (transformers' own training_args.bin is a pickle).
-        atomic_write_text(run_dir / "training_args.json", trainer.args.to_json_string())
-        atomic_write_text(run_dir / "train_summary.json",
-                          json.dumps({"metrics": final, "wall_seconds": wall, "global_step": trainer.state.global_step,
-                                      "reference": reference, "engine": cfg.train.engine,
-                                      "reference_forwards": {
-                                          "precompute": precomputed["forwards"] if precomputed else 0,
-                                          "training": getattr(trainer, "reference_forwards", None)},
-                                      "reference_cache": precomputed,
-                                      "step0_check": getattr(trainer, "step0_check", None)}, indent=2))
-    del trainer, ref_model
-    result = TrainResult(run_dir=run_dir, final_metrics=final, wall_seconds=wall)
-
-    # 5. Evaluate on the held-out split.
-    if (cfg.eval.enabled if evaluate is None else evaluate) and data.eval and cfg.output.save_model:
-        if is_main_process():
-            from dpokit.eval import evaluate_run
-
-            evaluate_run(run_dir)
-    return result
+        run_dir.write_training_args(trainer.args.to_json_string())
+        run_dir.write_train_summary(TrainSummary(
+            metrics=final, wall_seconds=wall, global_step=trainer.state.global_step, reference=plan.reference,
+            engine=plan.cfg.train.engine,
+            reference_forwards={"precompute": s.precomputed["forwards"] if s.precomputed else 0,
+                                "training": getattr(trainer, "reference_forwards", None)},
+            reference_cache=s.precomputed, step0_check=getattr(trainer, "step0_check", None),
+            pairs_trained=len(s.train_enc)))
+    return final
 
 
-def _last_checkpoint(run_dir: Path) -> str | None:
-    return last_complete_checkpoint(run_dir / "checkpoints")
+def run_training(cfg: RunConfig | TrainPlan, resume: bool = False, callbacks: list | None = None,
+                 refresh_reference: bool = False) -> TrainResult:
+    """Train as the config says: plan -> setup -> fit -> save. Evaluation is the caller's next step
+    (`dpokit.evaluate(result.run_dir)`; the CLI chains it when eval.enabled).
 
+    `cfg`: a RunConfig, or a TrainPlan from `plan_training` (the CLI plans first, to check the judge as well).
+    `callbacks`: extra transformers TrainerCallbacks (API users; the tests stop a run midway with one).
+    `refresh_reference`: recompute precomputed reference log-probs even when the cache has them."""
+    start = time.time()
+    quiet_non_main_process()
+    plan = cfg if isinstance(cfg, TrainPlan) else plan_training(cfg, resume=resume, evaluate=False)
+    s = setup(plan, refresh_reference)
+    write_run_start(plan, s)
+    trainer = build_trainer(plan, s, callbacks)
+    output = fit(plan, trainer)
+    final = save(plan, s, trainer, output, time.time() - start)
+    return TrainResult(run_dir=plan.run_dir.path, final_metrics=final, wall_seconds=time.time() - start,
+                       evaluate=plan.evaluate and bool(s.data.eval))

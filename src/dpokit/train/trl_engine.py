@@ -13,8 +13,9 @@ import dataclasses
 
 from transformers import TrainingArguments
 
-from dpokit.errors import UserError
+from dpokit.core.errors import UserError
 from dpokit.train.losses import TRL_LOSSES, parse_loss_spec
+from dpokit.train.resilience import AtomicCheckpointMixin
 
 
 def trl_loss_types(train_cfg) -> tuple[list[str], list[float]]:
@@ -54,8 +55,6 @@ def dpo_config(args: TrainingArguments, train_cfg):
 def build_trl_trainer(cfg, model, tokenizer, args, train_enc, eval_enc, ref_model, reference):
     from datasets import Dataset
     from trl import DPOTrainer
-
-    from dpokit.train.resilience import AtomicCheckpointMixin
 
     class TRLDPOTrainer(AtomicCheckpointMixin, DPOTrainer):
         """TRL's trainer with dpokit's checkpoints: written to a staging folder, renamed into place when complete."""

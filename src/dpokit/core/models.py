@@ -9,16 +9,19 @@ Aliases:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from dpokit.errors import UserError
+from dpokit.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,43 @@ def cache_dir() -> Path:
         return Path(os.environ["DPOKIT_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "dpokit"
+
+
+@contextlib.contextmanager
+def quiet_hf(*, logs: bool = True):
+    """Hide the Hugging Face libraries' progress bars for the block, then restore the previous settings.
+
+    With `logs=True` (dpokit's own builds: tiny models, the GGUF conversion) transformers' log messages below
+    errors and Python warnings are hidden too, so a build prints nothing. `load_model` passes `logs=False`: what
+    transformers reports about a user's model (missing or unexpected weights) stays visible.
+    """
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hub_bars_were_off = hub_utils.are_progress_bars_disabled()
+    verbosity = hf_logging.get_verbosity()
+    with warnings.catch_warnings():
+        # huggingface_hub warns when HF_HUB_DISABLE_PROGRESS_BARS overrules these switches; the variable wins.
+        warnings.simplefilter("ignore")
+        hf_logging.disable_progress_bar()  # transformers' bars, and huggingface_hub's (it switches both)
+    if logs:
+        hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            if logs:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
+            if hub_bars_were_off:
+                hub_utils.disable_progress_bars()
+            else:
+                hub_utils.enable_progress_bars()
 
 
 def _atomic_build(target: Path, build) -> Path:
@@ -72,15 +112,21 @@ def _convert_smollm2(out: Path) -> None:
 
     gguf = smollm2_gguf_path()
     log.info("Converting %s to a safetensors folder (once) ...", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The GGUF loader marks the model as quantized; drop that so save_pretrained writes plain bf16 tensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model = model.to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    # transformers' GGUF reader draws its "de-quantizing" bar with tqdm directly, past the switches in quiet_hf;
+    # this build prints nothing, so its stderr goes to a buffer (errors still raise).
+    with quiet_hf(), contextlib.redirect_stderr(io.StringIO()):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # Workaround (transformers 5.x): its GGUF loader dequantizes the tensors but still sets `model.hf_quantizer`
+        # and `config.quantization_config`, so save_pretrained would write a config that declares the plain bf16
+        # weights quantized. Drop both. Remove this once transformers saves a dequantized GGUF model as plain
+        # weights (no quantization_config in the saved config.json).
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model = model.to(torch.bfloat16)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
 
 
 def build_tiny_tokenizer(arch: str):
@@ -88,7 +134,7 @@ def build_tiny_tokenizer(arch: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = (Path(__file__).parent / "assets" / "tiny_corpus.txt").read_text(encoding="utf-8").split("\n")
+    words = (Path(__file__).resolve().parents[1] / "assets" / "tiny_corpus.txt").read_text(encoding="utf-8").split("\n")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -114,7 +160,7 @@ def build_tiny_tokenizer(arch: str):
         tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="</s>",
         additional_special_tokens=["<|im_start|>"],
     )
-    from dpokit.data.templates import CHATML
+    from dpokit.core.templates import CHATML
 
     fast.chat_template = CHATML
     return fast
@@ -134,9 +180,10 @@ def _build_tiny(arch: str, out: Path) -> None:
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    with quiet_hf():
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -225,7 +272,8 @@ def load_model(name_or_path: str, *, dtype: str = "auto", revision=None, trust_r
     if not allow_pickle_weights:
         kwargs["use_safetensors"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with quiet_hf(logs=False):  # no "Loading weights" bar on every train/eval; transformers' warnings stay
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         msg = str(err)
         if "safetensors" in msg.lower() and not allow_pickle_weights:
@@ -239,7 +287,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", revision=None, trust_r
 
 def load_model_and_tokenizer(model_cfg, tokenizer=None):
     """Both halves from a `ModelConfig` (pass `tokenizer` when it is already loaded)."""
-    from dpokit.secrets import apply_token_env
+    from dpokit.core.secrets import apply_token_env
 
     apply_token_env(model_cfg)
     if tokenizer is None:

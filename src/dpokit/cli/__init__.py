@@ -1,6 +1,10 @@
 """The `dpokit` command. Commands stay thin: parse options, call one entry function, print.
 
 User errors (`UserError`) print one line on stderr and exit 2; `--debug` shows the traceback instead.
+
+The CLI keeps its heavy imports (the pipeline stages, hence torch, transformers, datasets) lazy, inside the command
+functions, for startup time: `dpokit --help` and `dpokit --version` load none of them (tests/test_layers.py checks).
+This is the one place where such function-level imports are the rule; at module level import only light modules.
 """
 
 from __future__ import annotations
@@ -11,14 +15,15 @@ from typing import Annotated
 
 import typer
 
-from dpokit.errors import UserError
+from dpokit.core.config import ModelConfig, PairsConfig
+from dpokit.core.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Direct Preference Optimization on the Hugging Face stack: data -> train -> eval -> report.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, convert and generate preference data.")
 app.add_typer(data_app, name="data")
 
-from dpokit.data.commands import register as _register_data_commands  # noqa: E402
+from dpokit.cli.data import register as _register_data_commands  # noqa: E402
 
 _register_data_commands(data_app)
 
@@ -46,7 +51,7 @@ def _root(
 
 
 def _load(config: str, overrides: list[str] | None, overwrite: bool = False):
-    from dpokit.config import load_config
+    from dpokit.core.config import load_config
 
     extra = list(overrides or [])
     if overwrite:
@@ -62,61 +67,113 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the evaluation at the end.")] = False,
 ) -> None:
-    """Train with DPO as the config says; writes the run folder (output.dir)."""
+    """Train with DPO as the config says; writes the run folder (output.dir), then evaluates it (eval.enabled)."""
+    from dpokit.eval import evaluate_run
+    from dpokit.train.plan import plan_training
     from dpokit.train.trainer import run_training
 
     cfg = _load(config, set_, overwrite)
-    result = run_training(cfg, resume=resume, evaluate=False if no_eval else None)
+    # Every static check, the evaluation's judge included, runs before any weights load.
+    plan = plan_training(cfg, resume=resume, evaluate=False if no_eval else None, origin=config)
+    result = run_training(plan)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per job, not per rank
         typer.echo(f"run folder: {result.run_dir}  ({result.wall_seconds:.1f} s)")
+        if result.evaluate:
+            evaluate_run(result.run_dir)
 
 
 @app.command("eval")
 def eval_(
     run_dir: Annotated[str, typer.Argument(help="A run folder written by `dpokit train`.")],
-    batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override an eval setting for this evaluation: --set eval.KEY=VALUE (repeatable), e.g. "
+        "--set eval.judge=python --set eval.num_prompts=32. The settings used are recorded in eval.json.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass (eval.batch_size).")] = None,
 ) -> None:
     """Evaluate a trained run on its held-out pairs; writes RUN_DIR/eval.json."""
     from dpokit.eval import evaluate_run
 
-    evaluate_run(run_dir, batch_size=batch_size)
+    overrides = list(set_ or [])
+    if batch_size is not None:
+        overrides.append(f"eval.batch_size={batch_size}")
+    evaluate_run(run_dir, overrides=overrides)
     typer.echo(f"wrote {os.path.join(run_dir, 'eval.json')}")
+
+
+def _pairs_option(key: str):
+    """A `dpokit data generate` flag for `pairs.KEY`: its help is the key's own description (one text, in
+    core/config.py) and the default shown is the key's default; the flag itself defaults to None (= not given)."""
+    field = PairsConfig.model_fields[key]
+    return typer.Option(help=field.description or "",
+                        show_default=f"pairs.{key} = {field.get_default(call_default_factory=True)}")
 
 
 @data_app.command("generate")
 def data_generate(
-    model: Annotated[str, typer.Option(help="Model: hub id, folder or alias.")] = "smollm2-135m-instruct",
-    prompts: Annotated[str | None, typer.Option(help="Prompts: .txt (one a line) or .jsonl ('prompt' field); "
-                                                     "default: the bundled quickstart prompts.")] = None,
-    num_samples: Annotated[int, typer.Option(help="Answers sampled per prompt.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="Max tokens per answer.")] = 48,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
-    judge: Annotated[str, typer.Option(help="Judge scoring each answer (higher = preferred).")] = "sentiment",
-    min_gap: Annotated[float, typer.Option(help="Keep a pair only if best - worst score >= this.")] = 0.1,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Sequences per generate() call.")] = 32,
-    dtype: Annotated[str, typer.Option(help="Sampling precision: auto (bfloat16 where the GPU or CPU runs it "
-                                            "natively, else float32), float32, bfloat16, float16.")] = "auto",
+    model: Annotated[str | None, typer.Option(
+        help="Model: hub id, folder or alias; default: model.name_or_path of --config, else "
+        f"{ModelConfig.model_fields['name_or_path'].default}.")] = None,
+    prompts: Annotated[str | None, _pairs_option("prompts")] = None,
+    num_samples: Annotated[int | None, _pairs_option("num_samples")] = None,
+    max_new_tokens: Annotated[int | None, _pairs_option("max_new_tokens")] = None,
+    temperature: Annotated[float | None, _pairs_option("temperature")] = None,
+    top_p: Annotated[float | None, _pairs_option("top_p")] = None,
+    judge: Annotated[str | None, _pairs_option("judge")] = None,
+    min_gap: Annotated[float | None, _pairs_option("min_gap")] = None,
+    seed: Annotated[int | None, _pairs_option("seed")] = None,
+    batch_size: Annotated[int | None, _pairs_option("batch_size")] = None,
+    dtype: Annotated[str | None, _pairs_option("dtype")] = None,
     out: Annotated[str, typer.Option(help="Output .jsonl of canonical pairs.")] = "pairs.jsonl",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    config: Annotated[str | None, typer.Option(
+        "--config", help="Run config YAML (e.g. configs/quickstart.yaml) whose pairs section, model.name_or_path and "
+        "data.system_prompt to use; flags and --set override it.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a pairs key: --set pairs.KEY=VALUE (repeatable), e.g. --set pairs.num_samples=8 "
+        "--set pairs.judge_options.model=./my-rm. Keys: `dpokit config-keys` (pairs section).")] = None,
 ) -> None:
-    """Sample answers per prompt, score them with a judge, write best-vs-worst preference pairs (JSONL)."""
-    import typing
+    """Sample answers per prompt, score them with a judge, write best-vs-worst preference pairs (JSONL).
 
-    from dpokit.config import PairsConfig
-    from dpokit.data.generate import PairSettings, generate_pairs_to_file
-    from dpokit.models import pick_sampling_dtype
+    Settings are the run config's `pairs` section: defaults, then --config's pairs, then the flags, then --set.
+    pairs.eval_prompts (quickstart's held-out split) does not apply: every pair goes to --out."""
+    from dpokit.core.config import apply_overrides, parse_override, read_config_file, section_from_dict
+    from dpokit.data.generate import generate_pairs_to_file
 
-    choices = typing.get_args(PairsConfig.model_fields["dtype"].annotation)  # the config key's own choices
-    if dtype not in choices:
-        raise UserError(f"--dtype: {dtype!r}; use one of {', '.join(choices)}")
-    settings = PairSettings(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, seed=seed, batch_size=batch_size, judge=judge, min_gap=min_gap,
-                            dtype=pick_sampling_dtype(dtype))
-    stats = generate_pairs_to_file(model, prompts, out, settings, overwrite=overwrite)
+    raw_pairs: dict = {}
+    model_name = system_prompt = None
+    if config:
+        raw = read_config_file(config)
+        raw_pairs = dict(raw.get("pairs") or {})
+        model_name = (raw.get("model") or {}).get("name_or_path")
+        system_prompt = (raw.get("data") or {}).get("system_prompt")
+        for key, value in (("model.name_or_path", model_name), ("data.system_prompt", system_prompt)):
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{config}: {key}: expected a string, got {type(value).__name__}")
+    flags = {"prompts": prompts, "num_samples": num_samples, "max_new_tokens": max_new_tokens,
+             "temperature": temperature, "top_p": top_p, "judge": judge, "min_gap": min_gap, "seed": seed,
+             "batch_size": batch_size, "dtype": dtype}
+    labels = {}
+    for key, value in flags.items():
+        if value is not None:
+            raw_pairs[key] = value
+            labels[f"pairs.{key}"] = "--" + key.replace("_", "-")
+    for item in set_ or []:
+        parts, _ = parse_override(item)
+        if parts[0] != "pairs":
+            raise UserError(f"--set {item!r}: dpokit data generate takes only pairs keys (--set pairs.KEY=VALUE, e.g. "
+                            f"--set pairs.num_samples=8); {'.'.join(parts)} is not one")
+        if parts[1] == "eval_prompts":
+            raise UserError(f"--set {item!r}: pairs.eval_prompts is dpokit quickstart's held-out split; dpokit data "
+                            "generate writes every pair to --out (hold pairs out when training: data.eval_fraction)")
+        labels[".".join(parts[:2])] = "--set"
+    raw_pairs = apply_overrides({"pairs": raw_pairs}, list(set_ or []))["pairs"]
+    origin = "dpokit data generate" + (f" --config {config}" if config else "")
+    pairs_cfg = section_from_dict("pairs", raw_pairs, origin, labels)
+    model_name = model or model_name or ModelConfig.model_fields["name_or_path"].default
+    stats = generate_pairs_to_file(model_name, out, pairs_cfg, system_prompt=system_prompt, overwrite=overwrite)
     typer.echo(f"wrote {stats['pairs']} pairs from {stats['prompts']} prompts to {out} "
-               f"({stats['dropped_ties_or_small_gap']} dropped: ties or gap < {min_gap}; sampled in {stats['dtype']})")
+               f"({stats['dropped_ties_or_small_gap']} dropped: ties or gap < {pairs_cfg.min_gap}; "
+               f"sampled in {stats['dtype']})")
 
 
 @app.command()
@@ -133,7 +190,7 @@ def quickstart(
     run_quickstart(out, config=config, fresh=fresh, overrides=set_)
 
 
-from dpokit.eval.commands import register as _register_eval_commands  # noqa: E402
+from dpokit.cli.reports import register as _register_eval_commands  # noqa: E402
 
 _register_eval_commands(app)  # compare, report, sweep
 
@@ -166,7 +223,7 @@ def export(
 @app.command("config-keys")
 def config_keys() -> None:
     """Print every config key with its default and help."""
-    from dpokit.config import RunConfig
+    from dpokit.core.config import RunConfig
 
     typer.echo(describe_config(RunConfig))
 
@@ -188,6 +245,12 @@ def describe_config(model, prefix: str = "") -> str:
 
 
 def _click_exception_types():
+    """The ClickException classes a usage error may be raised as, whichever typer is installed.
+
+    Workaround for typer's vendoring: typer >= 0.20 ships its own copy of click as `typer._click` and raises those
+    exceptions (not subclasses of click's), while older typer raises click's own `click.exceptions`. Probe both.
+    Remove once dpokit requires typer >= 0.20 only: then catch `typer._click.exceptions.ClickException` directly.
+    """
     import importlib
 
     for module in ("typer._click.exceptions", "click.exceptions"):
@@ -214,7 +277,6 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as err:  # click usage errors carry their own exit code
-        # typer >= 0.20 vendors click as typer._click; older typer raises click's own exceptions.
         click_errors = tuple(_click_exception_types())
         if isinstance(err, click_errors):
             err.show()

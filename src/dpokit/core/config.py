@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dpokit.errors import UserError
+from dpokit.core.errors import UserError
 
 
 class Section(BaseModel):
@@ -123,6 +123,11 @@ class TrainConfig(Section):
     disable_dropout: bool = Field(True, description="Turn dropout off in policy and reference (as TRL does).")
     seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
     logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    report_to: list[str] | str = Field(
+        "none", description="Also log metrics to experiment trackers transformers supports: tensorboard, wandb, "
+        "mlflow, comet_ml, trackio, ... (a name or a list); none = off; all = every installed one. TensorBoard "
+        "writes to RUN_DIR/logs; each tracker's package must be installed.",
+    )
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most N checkpoints.")
     eval_steps: int = Field(0, ge=0, description="Evaluate held-out loss every N steps (0 = never during training).")
@@ -206,12 +211,8 @@ class RunConfig(Section):
             problems.append("train.reference: 'adapter' needs train.lora; set train.lora or use reference: model")
         if self.train.reference_model and self.train.reference not in ("auto", "model", "precomputed"):
             problems.append("train.reference_model: only used with reference: model or precomputed")
-        from dpokit.train.losses import parse_loss_spec  # the loss registry names the valid losses
-
-        try:
-            parse_loss_spec(self.train.loss, self.train.sft_weight)
-        except ValueError as err:
-            problems.append(f"train.loss: {err}")
+        # Loss names are checked against the loss registry by the training plan (dpokit.train.plan), which
+        # lives above this layer.
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -263,24 +264,29 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
+def _format_validation_error(err: ValidationError, origin: str, prefix: tuple[str, ...] = (),
+                             labels: dict[str, str] | None = None) -> str:
+    """One line naming every problem by its dotted key. `prefix`: the section when a section was validated on its
+    own; `labels`: how the user gave a key other than in YAML, e.g. {"pairs.num_samples": "--num-samples"}."""
     problems = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = (*prefix, *e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        shown = f"{key} ({labels[key]})" if labels and key in labels else key
         kind = e["type"]
         if kind == "extra_forbidden":
-            section = ".".join(str(p) for p in e["loc"][:-1])
-            valid = _valid_keys(e["loc"][:-1])
-            problems.append(f"{key}: unknown key; valid keys{' in ' + section if section else ''}: {', '.join(valid)}")
+            section = ".".join(str(p) for p in loc[:-1])
+            valid = _valid_keys(loc[:-1])
+            problems.append(f"{shown}: unknown key; valid keys{' in ' + section if section else ''}: {', '.join(valid)}")
         elif kind == "missing":
-            problems.append(f"{key}: required; add it to the config or pass --set {key}=...")
+            problems.append(f"{shown}: required; add it to the config or pass --set {key}=...")
         else:
             got = e.get("input")
             msg = e["msg"].replace("Value error, ", "")
             if key == "(top level)":
                 problems.append(msg)
             else:
-                problems.append(f"{key}: {msg} (got {got!r}); see `dpokit config-keys` for its type")
+                problems.append(f"{shown}: {msg} (got {got!r}); see `dpokit config-keys` for its type")
     return f"{origin}: invalid config: " + "; ".join(problems)
 
 
@@ -305,8 +311,36 @@ def config_from_dict(raw: dict, origin: str = "config") -> RunConfig:
         raise UserError(_format_validation_error(err, origin)) from None
 
 
+def section_from_dict(section: str, raw: dict | None, origin: str = "config",
+                      labels: dict[str, str] | None = None) -> Section:
+    """One section of the run config (e.g. "pairs" -> `PairsConfig`) validated on its own, for commands that take
+    only that section. Problems are one `UserError` line naming `section.KEY` (and its flag, via `labels`)."""
+    field = RunConfig.model_fields.get(section)
+    section_cls = field and next((c for c in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                                  if isinstance(c, type) and issubclass(c, Section)), None)
+    if section_cls is None:
+        raise ValueError(f"{section!r} is not a section of RunConfig")
+    if raw is not None and not isinstance(raw, dict):
+        raise UserError(f"{origin}: {section}: expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        return section_cls.model_validate(raw or {})
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err, origin, (section,), labels)) from None
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config. Raises `UserError` with every problem on one line."""
+    path = Path(path)
+    raw = read_config_file(path)
+    apply_overrides(raw, overrides or [])
+    cfg = config_from_dict(raw, str(path))
+    check_paths(cfg, str(path))
+    return cfg
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A run config YAML as a dict of sections, not yet validated: relative paths resolved against its folder,
+    empty sections as {}. Unreadable files, malformed YAML and non-mapping sections are one `UserError` line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found; pass the path to a YAML file such as configs/tiny.yaml")
@@ -331,10 +365,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         if value is None:
             raw[section] = {}
     _resolve_relative_paths(raw, path.resolve().parent)
-    apply_overrides(raw, overrides or [])
-    cfg = config_from_dict(raw, str(path))
-    check_paths(cfg, str(path))
-    return cfg
+    return raw
 
 
 def looks_like_local_path(value: str) -> bool:

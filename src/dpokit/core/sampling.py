@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpokit.data.templates import is_conversational
+from dpokit.core.templates import is_conversational
 
 
 def prompt_text(prompt, tokenizer, system_prompt: str | None = None) -> str:

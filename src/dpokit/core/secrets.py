@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from dpokit.errors import UserError
+from dpokit.core.errors import UserError
 
 
 def apply_token_env(model_cfg) -> None:

@@ -36,3 +36,9 @@ def proportion(flags: list[bool]) -> dict:
     k = sum(bool(f) for f in flags)
     low, high = wilson_interval(k, n)
     return {"value": k / n if n else float("nan"), "ci": [low, high], "n": n}
+
+
+def interval(values: list[float]) -> dict:
+    """{value, ci, n}: the mean of `values` with its normal 95% interval."""
+    mean, low, high = mean_interval(values)
+    return {"value": mean, "ci": [low, high], "n": len(values)}

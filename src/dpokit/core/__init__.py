@@ -1,0 +1,1 @@
+"""Shared pieces below every stage: config, run folder, models, templates, scoring, sampling, judges, stats."""

@@ -1,0 +1,204 @@
+"""Packed DPO batches: prefix sharing and padding-free rows.
+
+One pair is laid out once as `[prompt, chosen, rejected]`. A 4-D attention mask lets the rejected tokens see the
+prompt and themselves but never the chosen tokens, and `position_ids` restart the rejected part at the prompt's
+length, so every token sees exactly what it would see in its own unpadded `prompt + response` sequence. Several
+pairs share a row when they fit beside each other (block-diagonal mask), rows are as wide as the widest pair of the
+batch, and only response positions go through the LM head.
+
+Scoring is explicit rather than "shift by one": each scored token records the row and position whose logits
+predict it (for the first rejected token that is the last prompt token, not the last chosen one) and the output
+slot it adds to (chosen of pair i = slot i, rejected of pair i = slot B + i), so the sums equal the padded path's.
+
+Entry points: `PackedPairCollator`, `packed_sequence_logps`, `batch_logps` (dispatches packed/padded),
+`packing_self_check`. Training's token-budget batches are `dpokit.train.packing`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dpokit.core.batching import PairCollator, sequence_logps, token_logps
+
+log = logging.getLogger(__name__)
+
+# Architectures whose LM head is a plain linear layer on the decoder's last hidden state: for them the head runs on
+# the scored positions only (saves the prompt positions' vocab projection). Others run the full model forward.
+_PLAIN_HEAD_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gpt2", "phi3", "olmo", "olmo2"}
+
+
+def pair_length(pair: dict) -> int:
+    """Tokens one pair occupies when prefix-shared: the prompt once plus both responses."""
+    return len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+
+
+def _first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: pair indices per row, each row's total length <= width."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return rows
+
+
+def pack_pairs(pairs: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """A packed batch of B pairs. Keys: input_ids, position_ids (R, W); attention_mask (R, 1, W, W) bool, True =
+    may attend; score_row/score_pos/score_target/score_slot (N,) for the N scored tokens; num_pairs."""
+    lengths = [pair_length(p) for p in pairs]
+    width = max(max(lengths), 1)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    rows = _first_fit_rows(lengths, width)
+    n_pairs = len(pairs)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    # Every position sees itself (padding included: a query with nothing to attend to gives NaN under sdpa).
+    mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    s_row, s_pos, s_tgt, s_slot = [], [], [], []
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            p, c, j = pairs[i]["prompt_ids"], pairs[i]["chosen_ids"], pairs[i]["rejected_ids"]
+            lp, lc, lr = len(p), len(c), len(j)
+            end = start + lp + lc + lr
+            input_ids[r, start:end] = torch.tensor(p + c + j, dtype=torch.long)
+            position_ids[r, start:start + lp + lc] = torch.arange(lp + lc)
+            position_ids[r, start + lp + lc:end] = torch.arange(lp, lp + lr)
+            block = causal[: end - start, : end - start].clone()
+            block[lp + lc:, lp:lp + lc] = False  # rejected never sees chosen
+            mask[r, 0, start:end, start:end] = block
+            # chosen token k is predicted by the position before it in prompt+chosen
+            for k in range(lc):
+                src = lp + k - 1
+                if src >= 0:
+                    s_row.append(r), s_pos.append(start + src), s_tgt.append(c[k]), s_slot.append(i)
+            # rejected token k: by the last prompt token for k = 0, else by the rejected token before it
+            for k in range(lr):
+                if k == 0:
+                    if lp == 0:
+                        continue
+                    src = lp - 1
+                else:
+                    src = lp + lc + k - 1
+                s_row.append(r), s_pos.append(start + src), s_tgt.append(j[k]), s_slot.append(n_pairs + i)
+            start = end
+    batch = {
+        "input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
+        "score_row": torch.tensor(s_row, dtype=torch.long), "score_pos": torch.tensor(s_pos, dtype=torch.long),
+        "score_target": torch.tensor(s_tgt, dtype=torch.long), "score_slot": torch.tensor(s_slot, dtype=torch.long),
+        "num_pairs": torch.tensor(n_pairs, dtype=torch.long),
+    }
+    if "ref_chosen_logps" in pairs[0]:
+        batch["ref_chosen_logps"] = torch.tensor([p["ref_chosen_logps"] for p in pairs], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor([p["ref_rejected_logps"] for p in pairs], dtype=torch.float32)
+    return batch
+
+
+class PackedPairCollator:
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
+        return pack_pairs(pairs, self.pad_id, self.pad_to_multiple_of)
+
+
+def is_packed(batch: dict) -> bool:
+    return "score_slot" in batch
+
+
+def _model_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _attn_impl(model) -> str | None:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def _split_head(model):
+    """(decoder, lm_head) when the logits are a plain linear map of the decoder output, else None."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    decoder, head = getattr(inner, "base_model", None), inner.get_output_embeddings()
+    if decoder is None or decoder is inner or not isinstance(head, torch.nn.Linear):
+        return None
+    return decoder, head
+
+
+def packed_sequence_logps(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Same output as `batching.sequence_logps` (chosen/rejected sums and token counts), from a packed batch."""
+    allowed = batch["attention_mask"]
+    if _attn_impl(model) == "sdpa":
+        mask = allowed  # sdpa takes the bool mask as is, whatever the compute dtype (autocast included)
+    else:  # eager adds the mask to the scores: additive float mask
+        dtype = _model_dtype(model)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
+    split = _split_head(model)
+    rows, pos = batch["score_row"], batch["score_pos"]
+    if split is not None:
+        decoder, head = split
+        hidden = decoder(**kwargs).last_hidden_state
+        logits = head(hidden[rows, pos])
+    else:
+        logits = model(**kwargs).logits[rows, pos]
+    per_token = token_logps(logits, batch["score_target"])
+    n = int(batch["num_pairs"])
+    slot = batch["score_slot"]
+    sums = torch.zeros(2 * n, dtype=per_token.dtype, device=per_token.device).index_add(0, slot, per_token)
+    counts = torch.zeros(2 * n, dtype=torch.float32, device=per_token.device).index_add(
+        0, slot, torch.ones_like(per_token, dtype=torch.float32))
+    return {"chosen": sums[:n], "rejected": sums[n:], "chosen_tokens": counts[:n], "rejected_tokens": counts[n:],
+            "chosen_nll_sum": -sums[:n]}
+
+
+def batch_logps(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sequence log-probs of a padded or a packed batch."""
+    return packed_sequence_logps(model, batch) if is_packed(batch) else sequence_logps(model, batch)
+
+
+def batch_num_pairs(batch: dict) -> int:
+    return int(batch["num_pairs"]) if is_packed(batch) else batch["input_ids"].shape[0] // 2
+
+
+def packing_self_check(model, pair: dict, pad_id: int) -> str | None:
+    """Compare packed and padded log-probs of one pair on the loaded model. None when they agree, else the reason."""
+    probe = {k: pair[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded = sequence_logps(model, {k: v.to(device) for k, v in PairCollator(pad_id)([probe]).items()})
+            packed = packed_sequence_logps(model, {k: v.to(device) for k, v in pack_pairs([probe], pad_id).items()})
+    except Exception as err:  # noqa: BLE001 - any failure means: use the padded path
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"packed forward failed ({type(err).__name__}: {first[:200]})"
+    finally:
+        model.train(was_training)
+    # Per-token tolerance: fp32 kernels agree to ~1e-6; half precision differs in accumulation order.
+    tol = 1e-4 if _model_dtype(model) == torch.float32 else 3e-2
+    for name in ("chosen", "rejected"):
+        tokens = max(float(padded[f"{name}_tokens"][0]), 1.0)
+        diff = abs(float(padded[name][0]) - float(packed[name][0])) / tokens
+        if not diff <= tol:
+            return f"packed and padded {name} log-probs differ by {diff:.2e} per token (tolerance {tol:g})"
+    return None

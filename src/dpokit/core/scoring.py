@@ -1,0 +1,57 @@
+"""Log-prob scoring shared by every stage: summed response log-probs of encoded pairs (eval, the reference
+precompute) and of sampled answers (KL). Training scores its batches with `dpokit.core.packing.batch_logps`."""
+
+from __future__ import annotations
+
+import torch
+
+from dpokit.core.batching import pad_pairs, token_logps
+from dpokit.core.packing import batch_logps, pack_pairs, packing_self_check
+
+
+@torch.no_grad()
+def pair_logps(model, encoded: list[dict], pad_id: int, batch_size: int = 8,
+               packing: bool = True) -> dict[str, list[float]]:
+    """Summed response log-probs and token counts for every encoded pair.
+
+    packing (`train.packing`): the packed layout (prompt once, LM head on response tokens only; 1.5x faster on a
+    CPU) when the model passes the packing self-check, else padded rows. Both give the same sums.
+    """
+    device = next(model.parameters()).device
+    out = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
+    packed = packing and bool(encoded) and packing_self_check(model, encoded[0], pad_id) is None
+    collate = pack_pairs if packed else pad_pairs
+    model.eval()
+    for start in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[start:start + batch_size], pad_id).items()}
+        res = batch_logps(model, batch)
+        for key in out:
+            out[key].extend(res[key].float().cpu().tolist())
+    return out
+
+
+@torch.no_grad()
+def response_logps(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                   batch_size: int = 8) -> tuple[list[float], list[int]]:
+    """Summed log-prob of each response given its prompt (right padding), and the response token counts."""
+    device = next(model.parameters()).device
+    model.eval()
+    sums: list[float] = []
+    counts: list[int] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts, responses = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
+        seqs = [p + r for p, r in zip(prompts, responses, strict=False)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        mask = torch.zeros_like(ids)
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=False)):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+            attention[i, :len(p) + len(r)] = 1
+            mask[i, len(p):len(p) + len(r)] = 1
+        ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        per_token = token_logps(logits[:, :-1], ids[:, 1:]) * mask[:, 1:]
+        sums.extend(per_token.sum(-1).float().cpu().tolist())
+        counts.extend(mask[:, 1:].sum(-1).cpu().tolist())
+    return sums, counts

@@ -1,0 +1,107 @@
+"""Plan, then run: every static decision and check of a training run, before any weights load or file is written.
+
+`plan_training(cfg) -> TrainPlan` resolves the loss terms, the reference, the precision and the run-folder action,
+and checks everything that can be checked without the model: loss vs reference, the TRL engine's limits, precision
+on this hardware, trackers, data paths, the judge the evaluation will use, and the run folder. All problems are
+reported together, each with its fix, as one `UserError` (exit 2, nothing written).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dpokit.core.config import RunConfig, check_paths
+from dpokit.core.errors import UserError
+from dpokit.core.judges import check_judge
+from dpokit.core.run import RunDir
+from dpokit.train.losses import needs_reference, parse_loss_spec
+from dpokit.train.resilience import is_main_process, last_complete_checkpoint
+from dpokit.train.trackers import check_report_to
+from dpokit.train.trl_engine import check_trl_config
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    cfg: RunConfig
+    run_dir: RunDir
+    loss_terms: list[tuple[str, float]]
+    reference: str  # model | adapter | precomputed | none: what training will actually use
+    bf16: bool
+    fp16: bool
+    resume: bool
+    replace_run_dir: bool  # --overwrite of a non-empty folder: deleted once setup has validated the data
+    evaluate: bool  # the caller chains `dpokit.evaluate` after training (its judge was checked here)
+
+
+def pick_precision(precision: str) -> tuple[bool, bool]:
+    """(bf16, fp16) for TrainingArguments; raises UserError when this hardware cannot run it."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return (cuda and torch.cuda.is_bf16_supported()), False
+    if precision in ("bf16", "fp16") and not cuda:
+        raise UserError(f"train.precision: {precision} needs a GPU; use fp32 (or auto) on CPU")
+    return precision == "bf16", precision == "fp16"
+
+
+def resolve_reference(cfg: RunConfig, terms: list[tuple[str, float]]) -> str:
+    if not needs_reference(terms):
+        return "none"
+    if cfg.train.reference == "none":
+        raise UserError(f"train.reference: none, but loss {cfg.train.loss!r} needs a reference; use auto, model, "
+                        "adapter or precomputed, or a reference-free loss (simpo, orpo, sft)")
+    if cfg.train.reference == "auto":
+        return "adapter" if cfg.train.lora is not None and not cfg.train.reference_model else "model"
+    return cfg.train.reference
+
+
+def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None = None,
+                  origin: str = "config") -> TrainPlan:
+    """All static checks of a run; raises one UserError listing every problem. `evaluate`: whether evaluation
+    follows training (default `eval.enabled`); its judge is then checked here, not after the training."""
+    problems: list[str] = []
+
+    def check(fn, *args):
+        try:
+            return fn(*args)
+        except UserError as err:
+            problems.append(str(err))
+            return None
+
+    terms = check(lambda: _loss_terms(cfg)) or []
+    reference = check(resolve_reference, cfg, terms) if terms else None
+    if reference is not None and cfg.train.engine == "trl":
+        reference = check(check_trl_config, cfg.train, reference)
+    precision = check(pick_precision, cfg.train.precision) or (False, False)
+    problems += check_report_to(cfg.train.report_to)
+    check(check_paths, cfg, origin)
+
+    evaluate = cfg.eval.enabled if evaluate is None else evaluate
+    evaluate = evaluate and cfg.output.save_model
+    if evaluate and cfg.eval.generate:
+        problems += check_judge(cfg.eval.judge, cfg.eval.judge_options)
+
+    run_dir = RunDir(cfg.output.dir)
+    replace = False
+    if resume:
+        if last_complete_checkpoint(run_dir.checkpoints) is None:
+            problems.append(f"--resume: {run_dir.path} has no checkpoints to resume from (no complete checkpoint-N); "
+                            "drop --resume to start fresh, or set train.save_steps to checkpoint during training")
+    elif is_main_process() and run_dir.exists_nonempty():  # other ranks may start after rank 0 created it
+        if cfg.output.overwrite:
+            replace = True
+        else:
+            problems.append(f"output.dir: {run_dir.path} already exists and is not empty; pass --overwrite, choose "
+                            "another --set output.dir=..., or --resume to continue it")
+    if problems:
+        raise UserError("; ".join(dict.fromkeys(problems)))  # each problem once, in the order found
+    return TrainPlan(cfg=cfg, run_dir=run_dir, loss_terms=terms, reference=reference, bf16=precision[0],
+                     fp16=precision[1], resume=resume, replace_run_dir=replace, evaluate=evaluate)
+
+
+def _loss_terms(cfg: RunConfig) -> list[tuple[str, float]]:
+    try:
+        return parse_loss_spec(cfg.train.loss, cfg.train.sft_weight)
+    except ValueError as err:
+        raise UserError(f"train.loss: {err}") from None

@@ -1,0 +1,83 @@
+"""Package structure: every module imports, the CLI starts without the heavy libraries, and the import-linter
+layers contract in pyproject.toml ([tool.importlinter]) holds."""
+
+import importlib
+import json
+import os
+import pkgutil
+import shutil
+import subprocess
+import sys
+import traceback
+
+import pytest
+
+import dpokit
+from conftest import ROOT
+
+HEAVY = ("torch", "transformers", "datasets")
+
+
+def _python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -c CODE` in a fresh interpreter (this tree's dpokit: conftest puts src/ on PYTHONPATH)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_every_module_imports():
+    names = [m.name for m in pkgutil.walk_packages(dpokit.__path__, prefix="dpokit.")]
+    assert "dpokit.core.models" in names and "dpokit.cli.data" in names, names  # the walk found the tree
+    failures = {}
+    for name in names:
+        if name.rsplit(".", 1)[-1] == "__main__":  # runs the CLI when imported; the tests below start it
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception:  # report every broken module at once
+            failures[name] = traceback.format_exc(limit=-3)
+    assert not failures, "\n".join(f"{name}:\n{tb}" for name, tb in failures.items())
+
+
+def test_train_packing_imports_in_a_fresh_interpreter():
+    # `dpokit.train.packing` must not depend on import order (e.g. on dpokit.train's __init__ or a lazy
+    # attribute of dpokit shadowing the subpackage).
+    res = _python("import dpokit.train.packing as m; print(m.__name__)")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "dpokit.train.packing"
+
+
+# Runs the package like `python -m dpokit ARGS`, then reports which heavy libraries got imported.
+_CLI_PROBE = """
+import json, runpy, sys
+sys.argv = ["dpokit", *{args!r}]
+code = 0
+try:
+    runpy.run_module("dpokit", run_name="__main__", alter_sys=True)
+except SystemExit as exit_:  # the CLI always ends with sys.exit
+    code = exit_.code
+print("PROBE " + json.dumps({{"exit": code, "heavy": sorted(m for m in {heavy!r} if m in sys.modules)}}))
+"""
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["data", "--help"], ["train", "--help"]],
+                         ids=" ".join)
+def test_cli_startup_imports_no_heavy_library(args):
+    res = _python(_CLI_PROBE.format(args=args, heavy=HEAVY))
+    assert res.returncode == 0, res.stderr[-3000:]
+    probe = json.loads(res.stdout.rsplit("PROBE ", 1)[1])
+    assert probe["exit"] in (0, None), (probe, res.stderr[-3000:])
+    assert probe["heavy"] == [], (
+        f"`dpokit {' '.join(args)}` imported {probe['heavy']}: keep heavy imports inside the CLI's command "
+        "functions (see src/dpokit/cli/__init__.py)"
+    )
+    if args == ["--version"]:
+        assert res.stdout.startswith("dpokit "), res.stdout
+
+
+def test_import_linter_contract_holds():
+    exe = shutil.which("lint-imports")
+    if exe is None:
+        pytest.skip("lint-imports (package import-linter, in the dev extra) is not installed")
+    res = subprocess.run([exe, "--no-cache"], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
