@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dpokit.core.errors import UserError
+
 
 class RowError(ValueError):
     """A malformed row: the message names the field and what is wrong. `kind` groups errors in the report."""
@@ -330,8 +332,6 @@ def parse_columns(text: str | None) -> dict[str, str]:
     for item in text.split(","):
         canonical, sep, theirs = item.partition("=")
         if not sep or not canonical.strip() or not theirs.strip():
-            from dpokit.core.errors import UserError
-
             raise UserError(f"--columns {text!r}: expected canonical=yours pairs, e.g. "
                             "prompt=question,chosen=response_j,rejected=response_k")
         out[canonical.strip()] = theirs.strip()

@@ -7,7 +7,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from dpokit.core.config import DataConfig, _format_validation_error, parse_override
 from dpokit.core.errors import UserError
+from dpokit.core.io import atomic_write_text, write_jsonl
+from dpokit.core.models import load_tokenizer
+from dpokit.core.templates import setup_chat_template
+from dpokit.data import load_preferences
+from dpokit.data.encode import encode_rows
 
 DEFAULT_TOKENIZER = "dpokit-tiny-llama"  # built locally, no download; pass --model for your model's token counts
 OUTPUT_FILES = ("train.jsonl", "eval.jsonl", "report.json")
@@ -21,10 +29,6 @@ class Prepared:
 
 def data_config(source: str, overrides: dict, sets: list[str] | None = None):
     """A validated DataConfig from the command's options and `--set key=value` (or data.key=value)."""
-    from pydantic import ValidationError
-
-    from dpokit.core.config import DataConfig, parse_override
-
     raw = {"source": source, **{k: v for k, v in overrides.items() if v is not None}}
     for item in sets or []:
         parts, value = parse_override(item if item.startswith("data.") else f"data.{item}")
@@ -34,18 +38,11 @@ def data_config(source: str, overrides: dict, sets: list[str] | None = None):
     try:
         return DataConfig.model_validate(raw)
     except ValidationError as err:
-        from dpokit.core.config import _format_validation_error
-
         raise UserError(_format_validation_error(err, "data options").replace("invalid config", "invalid option")) from None
 
 
 def run_checks(data_cfg, model: str | None = None) -> Prepared:
     """Read, normalise, split, tokenize and check; everything `prepare` writes and `inspect` prints."""
-    from dpokit.core.models import load_tokenizer
-    from dpokit.core.templates import setup_chat_template
-    from dpokit.data import load_preferences
-    from dpokit.data.encode import encode_rows
-
     data = load_preferences(data_cfg)
     tokenizer = load_tokenizer(model or DEFAULT_TOKENIZER)
     setup_chat_template(tokenizer, data_cfg.chat_template)
@@ -62,8 +59,6 @@ def run_checks(data_cfg, model: str | None = None) -> Prepared:
 
 
 def prepare(data_cfg, out_dir: str, model: str | None = None, overwrite: bool = False) -> Prepared:
-    from dpokit.core.io import atomic_write_text, write_jsonl
-
     out = Path(out_dir)
     existing = [name for name in OUTPUT_FILES if (out / name).exists()]
     if existing and not overwrite:

@@ -89,6 +89,9 @@ class PackingTrainerMixin:
                             pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
 
+    # Workaround: transformers.Trainer counts "items" for loss normalisation with the private
+    # `Trainer._get_num_items_in_batch` (label tokens != -100), which means nothing for pairs. Overridden to count the
+    # pairs of the step's micro-batches (transformers 5.x); remove if Trainer gains a public hook for the item count.
     def _get_num_items_in_batch(self, batch_samples: list, device):
         if self.token_budget_sampler is None:
             return super()._get_num_items_in_batch(batch_samples, device)

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from dpokit.core.io import atomic_write_text
-from dpokit.core.models import cache_dir
+from dpokit.core.models import cache_dir, fingerprint_model
 from dpokit.core.scoring import pair_logps
 from dpokit.train.resilience import no_accelerator
 
@@ -84,8 +84,6 @@ def precompute(ref_model, train_pairs: list[dict], eval_pairs: list[dict], *, pa
     With `world` processes (a launcher) each computes every world-th pair from its `rank` and the values are
     gathered, so the work is split, not repeated; the cache is used only when every process finds it (nodes may
     not share a disk)."""
-    from dpokit.core.models import fingerprint_model
-
     key = cache_key(fingerprint_model(ref_model), fingerprint_pairs(train_pairs, eval_pairs), template, max_length)
     path = cache_path(key)
     stored = None

@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from dpokit.core.errors import UserError
+from dpokit.core.io import atomic_write_text
 
 STAGING = ".staging"
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last, so its presence marks a finished save
@@ -86,8 +87,6 @@ def trim_metrics(path: Path, last_step: int) -> None:
     """On resume, drop metric rows logged after the checkpoint (they are logged again) and a line cut by a kill."""
     if not is_main_process() or not path.is_file():
         return
-    from dpokit.core.io import atomic_write_text
-
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -100,7 +99,14 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 
 class AtomicCheckpointMixin:
-    """Mix in before `transformers.Trainer`: checkpoints appear only complete (write to staging, then rename)."""
+    """Mix in before `transformers.Trainer`: checkpoints appear only complete (write to staging, then rename).
+
+    Workaround: transformers.Trainer writes `checkpoint-N` in place (`Trainer._save_checkpoint`), so a kill mid-save
+    leaves a half-written folder that `resume_from_checkpoint` then loads. We override the private methods
+    `_get_output_dir` and `_save_checkpoint` (transformers 5.x) to redirect the save into a staging folder and rename
+    it when every rank is done. Remove when Trainer saves checkpoints atomically itself; re-check both private
+    methods on every transformers upgrade (tests/test_crash_recovery.py fails if their behaviour changes).
+    """
 
     _staging_root: str | None = None
 
