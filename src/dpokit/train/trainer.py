@@ -427,7 +427,7 @@ def run_training(cfg: RunConfig | TrainPlan, resume: bool = False, callbacks: li
     `refresh_reference`: recompute precomputed reference log-probs even when the cache has them."""
     start = time.time()
     quiet_non_main_process()
-    plan = cfg if isinstance(cfg, TrainPlan) else plan_training(cfg, resume=resume, evaluate=False)
+    plan = cfg if isinstance(cfg, TrainPlan) else plan_training(cfg, resume=resume)
     s = setup(plan, refresh_reference)
     write_run_start(plan, s)
     trainer = build_trainer(plan, s, callbacks)
