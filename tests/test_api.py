@@ -4,9 +4,9 @@ import importlib
 import warnings
 
 import pytest
-from conftest import tiny_config
 
 import dpokit
+from conftest import tiny_config
 from dpokit.core.config import config_from_dict
 
 

@@ -156,7 +156,10 @@ class EvalConfig(Section):
                                "with top_p 1.0, where the samples come from the tuned model itself.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     seed: int = Field(0, description="Sampling seed; base and tuned models draw the same random numbers.")
-    gen_batch_size: int = Field(16, ge=1, description="Sequences per generate() call.")
+    gen_batch_size: int = Field(16, ge=1, description="Sequences sampled together (one batch).")
+    engine: Literal["fast", "hf"] = Field("fast", description="Sampler: fast (prefill each prompt once, fork its KV "
+                                          "cache, own decode loop; several times hf's tokens/s on a CPU) or hf "
+                                          "(transformers' generate, the reference). Their random streams differ.")
     judge: str = Field("sentiment", description="Judge of tuned vs base answers: sentiment, reward-model, llm or "
                        "python. See README 'Evaluate and report'.")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="Options of the judge, e.g. "
@@ -182,7 +185,10 @@ class PairsConfig(Section):
     judge: str = Field("sentiment", description="Judge scoring each answer; higher = preferred.")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="Options of the judge.")
     min_gap: float = Field(0.1, ge=0.0, description="Keep a pair only if best - worst score >= this (ties dropped).")
-    batch_size: int = Field(32, ge=1, description="Sequences per generate() call.")
+    batch_size: int = Field(32, ge=1, description="Sequences sampled together (one batch).")
+    engine: Literal["fast", "hf"] = Field("fast", description="Sampler: fast (prefill each prompt once, fork its KV "
+                                          "cache, own decode loop) or hf (transformers' generate, the reference). "
+                                          "Their random streams differ, so the pairs differ.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Sampling precision. auto: bfloat16 on a bf16 GPU or a CPU with native bf16 "
         "(AMX/AVX512-BF16), else float32. Training precision is train.precision.")

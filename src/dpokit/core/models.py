@@ -179,8 +179,10 @@ def _build_tiny(arch: str, out: Path) -> None:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with quiet_hf():
+    # Fixed weights (seed 0, drawn on the CPU), and the caller's RNG state is left as it was: a run that builds the
+    # model first draws the same LoRA start and dropout as one that finds it built.
+    with torch.random.fork_rng(devices=[]), quiet_hf():
+        torch.default_generator.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)

@@ -1,10 +1,26 @@
-"""Batched sampling with left padding, seeded so base and tuned models see the same randomness."""
+"""Sampling answers from a causal LM, behind one interface: `sample(model, tokenizer, prompts, ...)` returns, per
+prompt, `num_samples` `Sample`s with token ids, text and (engine `fast`) per-token log-probs.
+
+Engines (`engine=`):
+- `fast` (default): each prompt is prefilled once and its KV cache forked for its samples; a short decode loop of
+  our own (no logits processors, no per-step mask rebuilding) samples with one fp32 pass over the vocabulary,
+  stops a sequence at its first EOS and drops finished sequences from the batch, and records each token's
+  log-probability under the model (temperature 1, no top_p), so KL needs no second forward.
+- `hf`: `model.generate`, the reference the `fast` engine is tested against.
+
+Seeds: each batch draws from a generator seeded by (seed, batch index), the same for every model, so base and tuned
+models sampled with the same arguments see the same random numbers within an engine (`fast` draws noise for every
+row and step of the batch, finished or not, so a row's randomness never depends on other rows). The two engines'
+random streams differ: the same seed gives other samples under `hf` and `fast`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from dpokit.core.templates import is_conversational
 
@@ -19,10 +35,13 @@ def prompt_text(prompt, tokenizer, system_prompt: str | None = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+ENGINES = ("fast", "hf")
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, max_new_tokens: int = 64,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-             system_prompt: str | None = None, progress=None) -> list[list[str]]:
+             system_prompt: str | None = None, progress=None, engine: str = "fast") -> list[list[str]]:
     """`num_samples` completions per prompt (decoded, special tokens stripped). temperature 0 = greedy.
 
     Each batch reseeds torch from (seed, batch index), so two models sampled with the same arguments draw the same
@@ -30,18 +49,19 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, max_new_t
     """
     samples = sample(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-                     system_prompt=system_prompt, progress=progress)
+                     system_prompt=system_prompt, progress=progress, engine=engine)
     return [[s.text for s in per_prompt] for per_prompt in samples]
 
 
 @dataclass
 class Sample:
-    """One generated answer: the unpadded prompt ids, the generated ids (up to and including the first EOS), and
-    the decoded text."""
+    """One generated answer: the unpadded prompt ids, the generated ids (up to and including the first EOS), the
+    decoded text, and (engine `fast`) the log-probability of each generated id under the model at temperature 1."""
 
     prompt_ids: list[int]
     response_ids: list[int]
     text: str
+    token_logps: list[float] | None = field(default=None, repr=False)
 
 
 def _trim(ids: list[int], eos_ids: set[int]) -> list[int]:
@@ -52,45 +72,151 @@ def _trim(ids: list[int], eos_ids: set[int]) -> list[int]:
     return ids
 
 
+def _encode_prompts(tokenizer, texts: list[str], device):
+    """Left-padded ids and mask; no second BOS when the chat template already wrote one."""
+    add_special = not (tokenizer.bos_token and all(t.startswith(tokenizer.bos_token) for t in texts))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special).to(device)
+    finally:
+        tokenizer.padding_side = side
+
+
+def _cache_kwarg(model) -> str:
+    # transformers renamed the forward argument `past_key_values` to `cache` during 5.x (the old name warns);
+    # pass whichever this version's forward takes. Drop when dpokit requires a transformers that has `cache`.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps forward in **kwargs
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list, *, num_samples: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-           system_prompt: str | None = None, progress=None) -> list[list[Sample]]:
-    """Like `generate`, keeping token ids (for log-prob scoring of the samples, e.g. KL)."""
+           system_prompt: str | None = None, progress=None, engine: str = "fast") -> list[list[Sample]]:
+    """`num_samples` answers per prompt (temperature 0 = greedy). `batch_size` counts sequences per batch."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown sampling engine {engine!r}; use one of {', '.join(ENGINES)}")
     texts = [prompt_text(p, tokenizer, system_prompt) for p in prompts]
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    was_training = model.training
     model.eval()
-    eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    try:
+        run = _sample_fast if engine == "fast" else _sample_hf
+        return run(model, tokenizer, texts, num_samples, max_new_tokens, temperature, top_p, seed, batch_size,
+                   progress)
+    finally:
+        model.train(was_training)
+
+
+def _sample_hf(model, tokenizer, texts, num_samples, max_new_tokens, temperature, top_p, seed, batch_size,
+               progress) -> list[list[Sample]]:
+    device = next(model.parameters()).device
+    eos_ids = _eos_ids(tokenizer)
     outputs: list[list[Sample]] = [[] for _ in texts]
     jobs = [(i, s) for i in range(len(texts)) for s in range(num_samples)]
-    try:
-        for b, start in enumerate(range(0, len(jobs), batch_size)):
-            chunk = jobs[start:start + batch_size]
-            batch_texts = [texts[i] for i, _ in chunk]
-            add_special = not (tokenizer.bos_token and all(t.startswith(tokenizer.bos_token) for t in batch_texts))
-            enc = tokenizer(batch_texts, return_tensors="pt", padding=True, add_special_tokens=add_special).to(device)
-            torch.manual_seed(seed * 100003 + b)
-            sampling = temperature > 0
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=sampling,
-                temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                top_k=0 if sampling else None,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )
-            width = enc["input_ids"].shape[1]
-            for row, (i, _) in enumerate(chunk):
-                prompt_ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
-                response_ids = _trim(out[row, width:].tolist(), eos_ids)
-                text = tokenizer.decode(response_ids, skip_special_tokens=True).strip()
-                outputs[i].append(Sample(prompt_ids, response_ids, text))
-            if progress is not None:
-                progress(len(chunk))
-    finally:
-        tokenizer.padding_side = side
+    for b, start in enumerate(range(0, len(jobs), batch_size)):
+        chunk = jobs[start:start + batch_size]
+        enc = _encode_prompts(tokenizer, [texts[i] for i, _ in chunk], device)
+        torch.manual_seed(seed * 100003 + b)
+        sampling = temperature > 0
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=sampling,
+            temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+            top_k=0 if sampling else None,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        width = enc["input_ids"].shape[1]
+        for row, (i, _) in enumerate(chunk):
+            prompt_ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+            response_ids = _trim(out[row, width:].tolist(), eos_ids)
+            text = tokenizer.decode(response_ids, skip_special_tokens=True).strip()
+            outputs[i].append(Sample(prompt_ids, response_ids, text))
+        if progress is not None:
+            progress(len(chunk))
     return outputs
 
 
-__all__ = ["Sample", "generate", "is_conversational", "prompt_text", "sample"]
+def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, noise: torch.Tensor | None):
+    """(next token ids, their log-probs under the model) from fp32 logits [B, V].
+
+    Sampling uses the exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) draws i with probability p_i, in one
+    pass over the vocabulary (no cumulative sums, no sorted copy unless top_p < 1). The returned log-prob is
+    log softmax(logits) at the chosen id: the model's own distribution, whatever temperature/top_p sampled it."""
+    logp = torch.log_softmax(logits, dim=-1)
+    if temperature <= 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        scaled = logp if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_lp, order = scaled.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            drop = sorted_lp.exp().cumsum(dim=-1) - sorted_lp.exp() >= top_p
+            scaled = scaled.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+        tokens = (scaled - noise.log()).argmax(dim=-1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def _sample_fast(model, tokenizer, texts, num_samples, max_new_tokens, temperature, top_p, seed, batch_size,
+                 progress) -> list[list[Sample]]:
+    device = next(model.parameters()).device
+    cache_arg = _cache_kwarg(model)
+    eos = torch.tensor(sorted(_eos_ids(tokenizer)) or [-1], device=device)
+    per_batch = max(1, batch_size // num_samples)  # prompts per batch: their samples fill about batch_size rows
+    outputs: list[list[Sample]] = [[] for _ in texts]
+    for b, start in enumerate(range(0, len(texts), per_batch)):
+        chunk = list(range(start, min(start + per_batch, len(texts))))
+        enc = _encode_prompts(tokenizer, [texts[i] for i in chunk], device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)  # filled in place by every forward
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{cache_arg: cache})
+        # Fork: one prefill per prompt, its cache repeated for its samples (rows i*n .. i*n+n-1 are prompt i's).
+        cache.batch_repeat_interleave(num_samples)
+        logits = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)
+        mask = mask.repeat_interleave(num_samples, dim=0)
+        position = positions[:, -1:].repeat_interleave(num_samples, dim=0) + 1
+        rows = logits.shape[0]
+        alive = torch.arange(rows, device=device)  # original row of each live row
+        tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.long, device=device)
+        logps = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
+        generator = torch.Generator(device=device).manual_seed(seed * 100003 + b)
+        for step in range(max_new_tokens):
+            noise = None
+            if temperature > 0:  # noise for every row of the batch, so a row's draws never depend on the others
+                noise = torch.empty((rows, logits.shape[-1]), device=device).exponential_(generator=generator)[alive]
+            token, token_logp = pick_tokens(logits, temperature, top_p, noise)
+            tokens[alive, step] = token
+            logps[alive, step] = token_logp
+            keep = ~torch.isin(token, eos)
+            if step == max_new_tokens - 1 or not bool(keep.any()):
+                break
+            if not bool(keep.all()):  # finished rows leave the batch: the next forward is smaller
+                index = keep.nonzero()[:, 0]
+                cache.batch_select_indices(index)
+                alive, token, mask, position = alive[index], token[index], mask[index], position[index]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                        **{cache_arg: cache})
+            logits = out.logits[:, -1].float()
+            position = position + 1
+        tokens_list, logps_list = tokens.tolist(), logps.tolist()
+        for k, i in enumerate(chunk):
+            prompt_ids = enc["input_ids"][k][enc["attention_mask"][k].bool()].tolist()
+            for s in range(num_samples):
+                row = k * num_samples + s
+                n = next((j for j, t in enumerate(tokens_list[row]) if t < 0), max_new_tokens)
+                response_ids = tokens_list[row][:n]
+                text = tokenizer.decode(response_ids, skip_special_tokens=True).strip()
+                outputs[i].append(Sample(prompt_ids, response_ids, text, logps_list[row][:n]))
+        if progress is not None:
+            progress(len(chunk) * num_samples)
+    return outputs
+
+
+__all__ = ["ENGINES", "Sample", "generate", "is_conversational", "pick_tokens", "prompt_text", "sample"]

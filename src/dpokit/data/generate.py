@@ -112,7 +112,7 @@ def generate_pairs(model, tokenizer, prompts: list, pairs_cfg: PairsConfig, *, s
     samples = generate(model, tokenizer, chats, num_samples=pairs_cfg.num_samples,
                        max_new_tokens=pairs_cfg.max_new_tokens, temperature=pairs_cfg.temperature,
                        top_p=pairs_cfg.top_p, seed=pairs_cfg.seed, batch_size=pairs_cfg.batch_size,
-                       system_prompt=system_prompt, progress=progress)
+                       system_prompt=system_prompt, progress=progress, engine=pairs_cfg.engine)
     flat_prompts = [c for c, s in zip(chats, samples, strict=True) for _ in s]
     flat_scores = judge.score(flat_prompts, [t for s in samples for t in s])
     pairs, start = [], 0

@@ -42,7 +42,7 @@ def compare_prompt(run_dir: str | Path, prompt: str, *, samples: int | None = No
     decoding = dict(num_samples=n, max_new_tokens=max_new_tokens or e.max_new_tokens,
                     temperature=e.temperature if temperature is None else temperature, top_p=e.top_p,
                     seed=e.seed if seed is None else seed, batch_size=e.gen_batch_size,
-                    system_prompt=cfg.data.system_prompt)
+                    system_prompt=cfg.data.system_prompt, engine=e.engine)
     tuned_s = sample(tuned, tokenizer, [the_prompt], **decoding)[0]
     with _as_base(tuned, base) as base_model:
         base_s = sample(base_model, tokenizer, [the_prompt], **decoding)[0]

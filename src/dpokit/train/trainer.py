@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from dpokit.core.config import RunConfig
 from dpokit.core.errors import UserError
@@ -322,6 +322,8 @@ def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, 
 def setup(plan: TrainPlan, refresh_reference: bool = False) -> Setup:
     """Tokenizer and data first (bad data fails in seconds, before the weights load), then the models."""
     cfg = plan.cfg
+    # Before anything draws (LoRA's initial weights come before the Trainer seeds): identical configs, identical runs.
+    set_seed(cfg.train.seed)
     apply_token_env(cfg.model)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code)
