@@ -2,11 +2,14 @@
 nothing written (no run folder; an existing one untouched)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from conftest import run_cli, tiny_config
+from dpokit.cli import main
 
 GOOD_ROW = {"prompt": "How was the sea?", "chosen": " Lovely.", "rejected": " Ugly."}
 
@@ -74,7 +77,7 @@ def _case_too_long_with_truncation_error(tmp_path):
     rows = [GOOD_ROW] * 5 + [{"prompt": "Tell me everything. " * 40, "chosen": " Fine.", "rejected": " Bad."}]
     src = _write_rows(tmp_path / "long.jsonl", rows)
     cfg = _config(tmp_path, data={"source": str(src), "truncation": "error", "max_length": 32, "eval_fraction": 0.0})
-    return cfg, ["row 6", "data.max_length=32", "data.truncation"]
+    return cfg, ["long.jsonl:6", "data.max_length=32", "data.truncation"]
 
 
 def _case_no_chat_template(tmp_path):
@@ -259,23 +262,51 @@ def _snapshot(root):
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
+def run_main(capfd, *args) -> subprocess.CompletedProcess:
+    """`dpokit ARGS` through the CLI's real entry point (`dpokit.cli.main`), in this process: the same code path as
+    the console script without a fresh interpreter (and torch import) per case. capfd captures at the file-descriptor
+    level, so output of handlers bound to the real stderr is seen too. The subprocess path is checked below."""
+    capfd.readouterr()
+    argv, bytecode = sys.argv, sys.dont_write_bytecode
+    sys.argv = ["dpokit", *map(str, args)]
+    sys.dont_write_bytecode = False  # as on a user's machine: a python judge's file must get no __pycache__ beside it
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv, sys.dont_write_bytecode = argv, bytecode
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def _check_case(tmp_path, case, run):
     config, needles, *rest = CASES[case](tmp_path)
     extra_args = rest[0] if rest else []
     absent = rest[1] if len(rest) > 1 else []
     had_run = (tmp_path / "run").exists()
     before = _snapshot(tmp_path)
-    # Bytecode writing on, as on a user's machine: a python judge's file must not get a __pycache__ beside it.
-    res = run_cli("train", config, *extra_args, env={"PYTHONDONTWRITEBYTECODE": ""})
+    res = run("train", config, *extra_args)
     _assert_user_error(res, *needles)
     for secret in absent:
         assert secret not in res.stderr and secret not in res.stdout
     # Failed before training: no run folder (an existing one untouched) and no file created or changed anywhere.
     assert (tmp_path / "run").exists() == had_run
     assert _snapshot(tmp_path) == before
-    # --debug shows where it came from instead.
-    if case == "empty_dataset":
+    return config
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case, capfd):
+    _check_case(tmp_path, case, lambda *args: run_main(capfd, *args))
+
+
+@pytest.mark.parametrize("case", ["malformed_yaml", "empty_dataset", "judge_typo", "python_judge_file_missing"])
+def test_bad_input_in_a_real_process(tmp_path, case):
+    """The same contract through the installed entry point in a fresh interpreter, bytecode writing on."""
+    config = _check_case(tmp_path, case, lambda *args: run_cli(*args, env={"PYTHONDONTWRITEBYTECODE": ""}))
+    if case == "empty_dataset":  # --debug shows where it came from instead
         assert "Traceback" in run_cli("--debug", "train", config).stderr
 
 

@@ -3,7 +3,6 @@ process with the same global batch, and write one set of outputs."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,6 @@ import pytest
 import yaml
 
 from conftest import CONFIGS, ROOT, run_cli, tiny_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rows(run):
@@ -39,7 +32,8 @@ def test_two_process_ddp_matches_single_process(tmp_path, reference):
     env = dict(os.environ, OMP_NUM_THREADS="1", DPOKIT_CACHE=str(tmp_path / "cache"))
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate" / "ddp.yaml"),
-           "--num_processes", "2", "--main_process_port", str(_free_port()),
+           # Port 0: the launcher binds a free port itself (a port picked here could be taken before it binds).
+           "--num_processes", "2", "--main_process_port", "0",
            "-m", "dpokit", "train", str(tmp_path / "ddp.yaml")]
     ddp = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -93,3 +87,22 @@ def test_shipped_accelerate_configs_parse():
         assert str(cfg.distributed_type).endswith(kind), name
         if stage:
             assert cfg.deepspeed_config["zero_stage"] == stage
+
+
+def test_process_group_is_destroyed_at_exit_after_training():
+    """A launched rank that finished training destroys its process group at exit, while Python is alive: a gloo
+    group left to interpreter shutdown aborts the rank now and then (SIGABRT after a successful run)."""
+    code = """
+import atexit
+import torch.distributed as dist
+from dpokit.train.resilience import destroy_process_group_at_exit
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized()))  # runs after dpokit's hook (LIFO)
+destroy_process_group_at_exit()  # no group yet: nothing to do
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+destroy_process_group_at_exit()
+destroy_process_group_at_exit()  # registered once
+print("group alive after training:", dist.is_initialized())
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("\n")[:2] == ["group alive after training: True", "group alive at exit: False"]

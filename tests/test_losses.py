@@ -9,8 +9,10 @@ import torch
 
 from dpokit.train.losses import LOSSES, PairLogps, combined_loss, loss_names, parse_loss_spec
 
-# Hand-built pairs: (pi_w, pi_l, ref_w, ref_l, |y_w|, |y_l|)
-PAIRS = [(-12.0, -15.0, -13.0, -14.0, 6, 5), (-30.5, -22.0, -29.0, -23.5, 12, 9), (-4.0, -9.0, -4.0, -9.0, 2, 4)]
+# Hand-built pairs: (pi_w, pi_l, ref_w, ref_l, |y_w|, |y_l|). The last has unequal log-ratios (2 vs -1.5), so a
+# swapped length or a sign error cannot cancel out, and a margin past 1/beta (the hinge loss's zero region).
+PAIRS = [(-12.0, -15.0, -13.0, -14.0, 6, 5), (-30.5, -22.0, -29.0, -23.5, 12, 9), (-4.0, -9.0, -4.0, -9.0, 2, 4),
+         (-8.0, -20.0, -10.0, -18.5, 4, 10)]
 CFG = SimpleNamespace(beta=0.3, label_smoothing=0.15, simpo_gamma=0.4)
 
 

@@ -111,17 +111,16 @@ def test_self_check_passes_on_supported_models(tiny_llama, tiny_gpt2):
 def test_pair_logps_packed_equals_padded(model_and_pad, monkeypatch):
     """Evaluation and the reference precompute score pairs packed when the self-check passes: same sums, same
     token counts as padded rows (batches of 3 over the mixed shapes, so rows hold several pairs)."""
-    import importlib
-
+    from dpokit.core import packing, scoring
     from dpokit.core.scoring import pair_logps
-
-    packing = importlib.import_module("dpokit.train.packing")  # `dpokit.train` the attribute is the function
 
     model, pad_id = model_and_pad
     pairs = make_pairs(MIXED, model.config.vocab_size, seed=3)
     packed_batches = []
     real_pack = packing.pack_pairs
-    monkeypatch.setattr(packing, "pack_pairs", lambda batch, pad: packed_batches.append(len(batch)) or real_pack(batch, pad))
+    counting = lambda batch, pad: packed_batches.append(len(batch)) or real_pack(batch, pad)  # noqa: E731
+    monkeypatch.setattr(packing, "pack_pairs", counting)  # the self-check's
+    monkeypatch.setattr(scoring, "pack_pairs", counting)  # pair_logps' batches
     packed = pair_logps(model, pairs, pad_id, batch_size=3)  # packing on, and the self-check passes here
     assert packed_batches == [1, 3, 3, 1]  # the one-pair self-check, then every batch packed
     padded = pair_logps(model, pairs, pad_id, batch_size=3, packing=False)

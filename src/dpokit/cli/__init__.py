@@ -50,13 +50,13 @@ def _root(
     _state["debug"] = debug or os.environ.get("DPOKIT_DEBUG") == "1"
 
 
-def _load(config: str, overrides: list[str] | None, overwrite: bool = False):
+def _load(config: str, overrides: list[str] | None, overwrite: bool = False, check_files: bool = True):
     from dpokit.core.config import load_config
 
     extra = list(overrides or [])
     if overwrite:
         extra.append("output.overwrite=true")
-    return load_config(config, extra)
+    return load_config(config, extra, check_files=check_files)
 
 
 @app.command()
@@ -72,7 +72,7 @@ def train(
     from dpokit.train.plan import plan_training
     from dpokit.train.trainer import run_training
 
-    cfg = _load(config, set_, overwrite)
+    cfg = _load(config, set_, overwrite, check_files=False)  # the plan checks the paths with everything else
     # Every static check, the evaluation's judge included, runs before any weights load.
     plan = plan_training(cfg, resume=resume, evaluate=False if no_eval else None, origin=config)
     result = run_training(plan)

@@ -244,11 +244,13 @@ def _resolve_relative_paths(raw: dict, base: Path) -> None:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (['section', 'key'], parsed value). Values are read as YAML scalars/lists."""
     if "=" not in item:
-        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.beta=0.2")
+        raise UserError(f"--set {item!r}: no '=' in it; write section.key=value, e.g. --set train.beta=0.2 (a space "
+                        "instead of '=' does not work)")
     key, _, value = item.partition("=")
     parts = [p for p in key.strip().split(".") if p]
     if len(parts) < 2:
-        raise UserError(f"--set {item!r}: name the section too, e.g. --set train.{key.strip() or 'beta'}={value}")
+        raise UserError(f"--set {item!r}: no section in the key; name it, e.g. --set "
+                        f"train.{key.strip() or 'beta'}={value}")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
@@ -334,13 +336,17 @@ def section_from_dict(section: str, raw: dict | None, origin: str = "config",
         raise UserError(_format_validation_error(err, origin, (section,), labels)) from None
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a run config. Raises `UserError` with every problem on one line."""
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, check_files: bool = True) -> RunConfig:
+    """Read, override and validate a run config. Raises `UserError` with every problem on one line.
+
+    `check_files=False` leaves the data/model paths to the caller's plan (`dpokit.train.plan`), which reports them
+    together with every other problem."""
     path = Path(path)
     raw = read_config_file(path)
     apply_overrides(raw, overrides or [])
     cfg = config_from_dict(raw, str(path))
-    check_paths(cfg, str(path))
+    if check_files:
+        check_paths(cfg, str(path))
     return cfg
 
 

@@ -107,7 +107,7 @@ def generate_pairs(model, tokenizer, prompts: list, pairs_cfg: PairsConfig, *, s
     dtype = pick_sampling_dtype(dtype)
     if next(model.parameters()).dtype != getattr(torch, dtype):
         model.to(getattr(torch, dtype))
-    judge = build_judge(pairs_cfg.judge, dict(pairs_cfg.judge_options))
+    judge = build_judge(pairs_cfg.judge, dict(pairs_cfg.judge_options), key="pairs")
     chats = [as_chat(p, tokenizer) for p in prompts]
     samples = generate(model, tokenizer, chats, num_samples=pairs_cfg.num_samples,
                        max_new_tokens=pairs_cfg.max_new_tokens, temperature=pairs_cfg.temperature,

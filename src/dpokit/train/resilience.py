@@ -7,10 +7,13 @@
 - `last_complete_checkpoint()`: what `--resume` continues from (only renamed, complete checkpoints).
 - `StopOnSignal`: the first SIGINT/SIGTERM asks Trainer to save a checkpoint and stop at the end of the current
   step (agreed across ranks, so no rank waits in a collective for one that left); a second one stops at once.
+- `destroy_process_group_at_exit()`: after a finished run, the launcher's process group is destroyed when the
+  process exits, while Python is still alive.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -58,6 +61,31 @@ def no_accelerator() -> bool:
     if acc is not None:
         return not acc.is_available()
     return not torch.cuda.is_available()
+
+
+def destroy_process_group_at_exit() -> None:
+    """Call when training finished on every rank: this process's process group (torchrun / accelerate launch) is
+    destroyed at exit (atexit, Python still alive) instead of during interpreter shutdown. Nothing without one.
+
+    Workaround: Trainer never destroys the process group it creates, and torch leaves an undestroyed gloo group to
+    interpreter shutdown, where its worker threads may not be joined yet (std::terminate) or may still hold a
+    finished collective's tensors (freeing them needs the GIL of a dying interpreter): the rank dies with SIGABRT
+    after a successful run, now and then, depending on thread timing (tests/test_distributed.py saw it). torch's
+    docs ask programs to call destroy_process_group(); we do it only after success, because destroying while another
+    rank is still inside a collective blocks. Remove when torch or Trainer destroys the group at exit itself."""
+    global _destroy_registered
+    if _destroy_registered or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    atexit.register(_destroy_process_group)
+    _destroy_registered = True
+
+
+_destroy_registered = False
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def last_complete_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:

@@ -39,6 +39,7 @@ from dpokit.train.resilience import (
     TrainingStopped,
     checkpoint_step,
     clean_staging,
+    destroy_process_group_at_exit,
     is_main_process,
     last_complete_checkpoint,
     no_accelerator,
@@ -435,5 +436,6 @@ def run_training(cfg: RunConfig | TrainPlan, resume: bool = False, callbacks: li
     trainer = build_trainer(plan, s, callbacks)
     output = fit(plan, trainer)
     final = save(plan, s, trainer, output, time.time() - start)
+    destroy_process_group_at_exit()  # launched runs: no gloo teardown left to interpreter shutdown (SIGABRT)
     return TrainResult(run_dir=plan.run_dir.path, final_metrics=final, wall_seconds=time.time() - start,
                        evaluate=plan.evaluate and bool(s.data.eval))
