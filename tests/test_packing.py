@@ -76,6 +76,21 @@ def test_packed_matches_padded_logps_loss_and_grads(model_and_pad, shapes):
     assert worst < TOL, worst
 
 
+def test_packed_matches_padded_under_eager_attention():
+    """Eager attention takes the packed mask as an additive float mask (sdpa, the default, takes the bool mask)."""
+    from dpokit.core.models import load_model, load_tokenizer
+
+    model = load_model("dpokit-tiny-llama", dtype="float32", attn_implementation="eager").eval()
+    assert model.config._attn_implementation == "eager"
+    pairs = make_pairs(MIXED, model.config.vocab_size)
+    pad_id = load_tokenizer("dpokit-tiny-llama").pad_token_id
+    with torch.no_grad():
+        padded = sequence_logps(model, PairCollator(pad_id)(pairs))
+        packed = packed_sequence_logps(model, PackedPairCollator(pad_id)(pairs))
+    for key in ("chosen", "rejected"):
+        assert torch.allclose(padded[key], packed[key], atol=TOL, rtol=0), (key, padded[key], packed[key])
+
+
 def test_prefix_sharing_layout():
     """[prompt, chosen, rejected]: rejected restarts at the prompt length and never sees chosen."""
     pair = {"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [10, 11]}

@@ -74,3 +74,68 @@ def test_cache_key_changes_with_its_parts():
     base = cache_key("m", "d", "tpl", 64)
     assert len({base, cache_key("m2", "d", "tpl", 64), cache_key("m", "d2", "tpl", 64),
                 cache_key("m", "d", "other", 64), cache_key("m", "d", "tpl", 128)}) == 5
+
+
+def _pairs(n, vocab, seed):
+    import random
+
+    rng = random.Random(seed)
+    ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
+    return [{"prompt_ids": ids(rng.randint(1, 6)), "chosen_ids": ids(rng.randint(1, 5)),
+             "rejected_ids": ids(rng.randint(1, 5))} for _ in range(n)]
+
+
+def test_data_fingerprint_covers_every_field_and_the_split():
+    from dpokit.train.reference import fingerprint_pairs
+
+    pairs = _pairs(4, 100, seed=0)
+    base = fingerprint_pairs(pairs[:3], pairs[3:])
+    changed = set()
+    for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        edited = [dict(p) for p in pairs]
+        edited[1][field] = edited[1][field] + [7]
+        changed.add(fingerprint_pairs(edited[:3], edited[3:]))
+    assert len(changed) == 3 and base not in changed
+    assert fingerprint_pairs(pairs[:2], pairs[2:]) != base  # values are stored by position within each split
+
+
+def _precompute(model, tok, train, evals, **kw):
+    from dpokit.train.reference import precompute
+
+    kw = {"pad_id": tok.pad_token_id, "template": None, "max_length": 64, "batch_size": 2, **kw}
+    info = precompute(model, train, evals, **kw)
+    return info, [v for p in train + evals for v in (p["ref_chosen_logps"], p["ref_rejected_logps"])]
+
+
+def test_precompute_cache_hit_and_refresh(tiny_llama, tmp_path, monkeypatch):
+    model, tok = tiny_llama
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    train, evals = _pairs(5, model.config.vocab_size, seed=1), _pairs(2, model.config.vocab_size, seed=2)
+    first, values = _precompute(model, tok, train, evals)
+    assert first["cache"] == "miss" and first["forwards"] == 4  # 7 pairs in batches of 2
+    again, cached = _precompute(model, tok, train, evals)
+    assert again == {"cache": "hit", "forwards": 0, "path": first["path"]} and cached == values
+    refreshed, recomputed = _precompute(model, tok, train, evals, refresh=True)
+    assert refreshed["cache"] == "miss" and refreshed["forwards"] == 4
+    assert recomputed == pytest.approx(values, abs=1e-5)
+
+
+def test_precompute_split_over_processes_reassembles_in_pair_order(tiny_llama, tmp_path, monkeypatch):
+    """Two ranks each score every second pair; the gathered values land on the right pairs (rank 1 simulated here:
+    the real two-process run is the slow test in test_distributed.py)."""
+    from dpokit.train import reference
+
+    model, tok = tiny_llama
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    train, evals = _pairs(5, model.config.vocab_size, seed=3), _pairs(2, model.config.vocab_size, seed=4)
+    _, alone = _precompute(model, tok, [dict(p) for p in train], [dict(p) for p in evals], refresh=True)
+    rank1 = reference.compute_logps(model, (train + evals)[1::2], tok.pad_token_id, 2)
+
+    def fake_all_gather(obj, world):  # what rank 0 receives from both ranks
+        assert world == 2
+        return [obj, obj] if isinstance(obj, bool) else [obj, rank1]
+
+    monkeypatch.setattr(reference, "_all_gather", fake_all_gather)
+    info, split = _precompute(model, tok, train, evals, refresh=True, rank=0, world=2)
+    assert info["processes"] == 2 and info["forwards"] == 2  # rank 0 scored pairs 0, 2, 4, 6
+    assert split == pytest.approx(alone, abs=1e-5)

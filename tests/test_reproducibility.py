@@ -138,3 +138,6 @@ def test_resume_continues_at_the_data_position(tmp_path, budget):
     _assert_same_steps(straight, resumed, [1, 2, 3, 4], ("logps/chosen", "logps/rejected"))
     batches = {round(straight[s]["logps/chosen"], 4) for s in (1, 2, 3, 4)}
     assert len(batches) == 4  # four different batches, so a restart from batch 1 would show
+    # The weights stay put, so the loss is ln 2 per pair at every step, whatever the batch holds (token-budget
+    # batches hold varying pair counts: the loss is normalised per pair, not per batch).
+    assert all(abs(straight[s]["loss"] - math.log(2)) < 1e-4 for s in straight), straight
