@@ -136,7 +136,26 @@ MUTATIONS = [
     Mutation("shards_gathered_in_blocks", REFERENCE, "values[r::world] = part",
              "values[r * len(part):(r + 1) * len(part)] = part", REFERENCE_TESTS,
              "multi-process precompute reassembles shards in the wrong order"),
+    # --- written after the tests above were strengthened, with no test added for them (an unbiased sample) ---------
+    Mutation("budget_set_epoch_ignored", TRAIN_PACKING, "        self.epoch = epoch\n", "        self.epoch = 0\n",
+             PACKING_TESTS, "token-budget sampler ignores the epoch"),
+    Mutation("reference_self_check_skipped", TRAIN_PACKING, '("reference", ref_model)', '("reference", None)',
+             PACKING_TESTS, "packing self-check skipped for a separate reference model"),
+    Mutation("packing_false_ignored", TRAIN_PACKING, "if not train_cfg.packing or not pairs:", "if not pairs:",
+             PACKING_TESTS + (f"{REPRO}::test_lora_reference_is_the_base_model",),
+             "train.packing: false still packs"),
+    Mutation("self_check_tolerance_lost", CORE_PACKING, "tol = 1e-4 if _model_dtype(model) == torch.float32 else 3e-2",
+             "tol = 1e3", PACKING_TESTS, "packing self-check accepts any disagreement"),
+    Mutation("stale_cache_length_unchecked", REFERENCE,
+             'if len(stored["train"]) != len(train_pairs) or len(stored["eval"]) != len(eval_pairs):', "if False:",
+             REFERENCE_TESTS, "a cached file with another pair count is used"),
+    Mutation("ipo_paper_target", LOSSES, "return (chosen_lr - rejected_lr - 1 / (2 * cfg.beta)) ** 2",
+             "return (chosen_lr - rejected_lr - 1 / cfg.beta) ** 2", LOSS_TESTS, "unnormalised IPO's target margin"),
+    Mutation("duplicate_loss_accepted", LOSSES, "if len({n for n, _ in out}) != len(out):", "if False:", LOSS_TESTS,
+             "a loss listed twice is accepted"),
 ]
+UNTARGETED = {"budget_set_epoch_ignored", "reference_self_check_skipped", "packing_false_ignored",
+              "self_check_tolerance_lost", "stale_cache_length_unchecked", "ipo_paper_target", "duplicate_loss_accepted"}
 
 
 def copy_repo(dest: Path) -> None:
@@ -157,8 +176,9 @@ def run_tests(repo: Path, tests: tuple[str, ...], timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"rc": None, "timed_out": True, "seconds": round(time.time() - start, 1), "failed": []}
     failed = [line.split(" ", 2)[1] for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    errors = [line[:200] for line in proc.stdout.splitlines() if line.startswith("E ")][:3]
     return {"rc": proc.returncode, "timed_out": False, "seconds": round(time.time() - start, 1), "failed": failed,
-            "tail": proc.stdout.strip().splitlines()[-1:] if proc.returncode not in (0, 1) else []}
+            "errors": errors, "tail": proc.stdout.strip().splitlines()[-1:] if proc.returncode not in (0, 1) else []}
 
 
 def main() -> int:
@@ -220,6 +240,8 @@ def main() -> int:
         "mutations": len(results), "killed": killed, "survived": [r["id"] for r in results if not r["killed"]],
         "kill_rate": round(killed / len(results), 3) if results else None,
         "by_file": {f: f"{k}/{n}" for f, (k, n) in by_file.items()},
+        "untargeted": f"{sum(r['killed'] for r in results if r['id'] in UNTARGETED)}/"
+                      f"{sum(r['id'] in UNTARGETED for r in results)}",
         "baseline_seconds": baseline["seconds"], "results": results,
     }
     print(json.dumps(summary, indent=2))

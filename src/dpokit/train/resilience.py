@@ -67,12 +67,13 @@ def destroy_process_group_at_exit() -> None:
     """Call when training finished on every rank: this process's process group (torchrun / accelerate launch) is
     destroyed at exit (atexit, Python still alive) instead of during interpreter shutdown. Nothing without one.
 
-    Workaround: Trainer never destroys the process group it creates, and torch leaves an undestroyed gloo group to
-    interpreter shutdown, where its worker threads may not be joined yet (std::terminate) or may still hold a
-    finished collective's tensors (freeing them needs the GIL of a dying interpreter): the rank dies with SIGABRT
-    after a successful run, now and then, depending on thread timing (tests/test_distributed.py saw it). torch's
-    docs ask programs to call destroy_process_group(); we do it only after success, because destroying while another
-    rank is still inside a collective blocks. Remove when torch or Trainer destroys the group at exit itself."""
+    Workaround: Trainer never destroys the process group it creates (accelerate only in `end_training()`), and torch
+    leaves an undestroyed gloo group to interpreter shutdown, where its worker threads may not be joined yet
+    (std::terminate) or may still hold a finished collective's tensors (freeing them needs the GIL of a dying
+    interpreter): a rank can die with SIGABRT after a successful run, depending on thread timing (PyTorch's own
+    tests hit this, pytorch/pytorch#65231; the likely cause of tests/test_distributed.py's one SIGABRT). torch's docs
+    ask programs to call destroy_process_group(); we do it only after success, because destroying while another rank
+    is still inside a collective blocks. Remove when torch or Trainer destroys the group at exit itself."""
     global _destroy_registered
     if _destroy_registered or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
