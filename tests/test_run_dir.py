@@ -2,6 +2,7 @@
 the models of dpokit.core.run, and a folder of another schema version is refused in one line."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -71,7 +72,8 @@ def test_train_jsonl_holds_exactly_the_pairs_trained_on(finished_run):
 
 
 def test_eval_settings_change_with_set_and_are_recorded(finished_run, tmp_path):
-    run, _ = finished_run
+    # On a copy: this re-evaluation rewrites eval.json, which the other tests read from the shared run (any order).
+    run = RunDir(shutil.copytree(finished_run[0].path, tmp_path / "run"))
     res = run_cli("eval", run.path, "--set", "eval.num_prompts=2", "--set", "eval.max_new_tokens=4",
                   "--set", "eval.seed=7")
     assert res.returncode == 0, res.stderr[-3000:]
