@@ -19,6 +19,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -73,3 +74,15 @@ def tiny_config(tmp_path, **sections):
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+class StopAt(TrainerCallback):
+    """Stops a run after `step` optimizer steps, keeping the full run's schedule (a crash, minus the crash)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control

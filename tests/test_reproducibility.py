@@ -11,9 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
-from conftest import tiny_config
+from conftest import StopAt, tiny_config
 from dpokit.core.config import TrainConfig, config_from_dict
 from dpokit.core.io import read_jsonl
 from dpokit.train.losses import PairLogps
@@ -23,16 +22,6 @@ TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second"}
 LORA = {"r": 4, "alpha": 8}
 
 
-class StopAt(TrainerCallback):
-    """Stops a run after `step` optimizer steps, keeping the full run's schedule (a crash, minus the crash)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 def _cfg(tmp_path, name, model="dpokit-tiny-llama", **train):

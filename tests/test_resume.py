@@ -3,23 +3,10 @@ Model, optimizer, scheduler, RNG and data order all come from the checkpoint."""
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
-from conftest import tiny_config
+from conftest import StopAt, tiny_config
 from dpokit.core.config import config_from_dict
 from dpokit.core.io import read_jsonl
-
-
-class StopAt(TrainerCallback):
-    """Stops a run after `step` optimizer steps, keeping the full run's schedule (a crash, minus the crash)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 def _cfg(tmp_path, name):

@@ -315,9 +315,6 @@ class RunDir:
         atomic_write_text(self.config, yaml.safe_dump({"schema_version": SCHEMA_VERSION, **cfg.model_dump(mode="json")},
                                                       sort_keys=False))
 
-    def config_text(self) -> str:
-        return self.config.read_text(encoding="utf-8") if self.config.is_file() else ""
-
     def read_config(self) -> RunConfig:
         self.require_run()
         raw = yaml.safe_load(self.config.read_text(encoding="utf-8")) or {}

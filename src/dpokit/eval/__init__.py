@@ -11,7 +11,7 @@ from rich.table import Table
 
 from dpokit.core.config import EvalConfig, RunConfig, apply_overrides, config_from_dict, parse_override
 from dpokit.core.errors import UserError
-from dpokit.core.judges import build_judge, check_judge, compare
+from dpokit.core.judges import build_judge, compare
 from dpokit.core.models import load_model, load_model_and_tokenizer
 from dpokit.core.run import EvalResult, EvalSample, RunDir
 from dpokit.core.sampling import sample
@@ -86,9 +86,6 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, quiet:
                         "data.eval_source")
     judge = None
     if settings.generate:  # a bad judge config fails here, before any model is loaded or file written
-        problems = check_judge(settings.judge, settings.judge_options)
-        if problems:
-            raise UserError("; ".join(problems))
         judge = build_judge(settings.judge, settings.judge_options)
     tuned, base, tokenizer = load_tuned_and_base(run, cfg)
     setup_chat_template(tokenizer, cfg.data.chat_template)
