@@ -38,6 +38,25 @@ def test_every_module_imports():
     assert not failures, "\n".join(f"{name}:\n{tb}" for name, tb in failures.items())
 
 
+def test_no_package_name_is_shadowed_by_its_own_submodule():
+    # `from x import compare` in a package that also has a submodule `compare` works until something imports the
+    # submodule, which replaces the package attribute: an import-order bug that random test order exposed.
+    code = (
+        "import importlib, pkgutil, types, dpokit\n"
+        "pkgs = [m.name for m in pkgutil.walk_packages(dpokit.__path__, prefix='dpokit.') if m.ispkg]\n"
+        "for p in ['dpokit'] + pkgs:\n"
+        "    m = importlib.import_module(p)\n"
+        "    names = {k: getattr(m, k) for k in vars(m)}\n"
+        "    for sub in pkgutil.iter_modules(m.__path__):\n"
+        "        v = names.get(sub.name)\n"
+        "        if v is not None and not isinstance(v, types.ModuleType):\n"
+        "            print(f'{p}.{sub.name}')\n"
+    )
+    res = _python(code)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "", f"package attributes that a submodule import would replace: {res.stdout}"
+
+
 def test_train_packing_imports_in_a_fresh_interpreter():
     # `dpokit.train.packing` must not depend on import order (e.g. on dpokit.train's __init__ or a lazy
     # attribute of dpokit shadowing the subpackage).

@@ -11,7 +11,10 @@ from rich.table import Table
 
 from dpokit.core.config import EvalConfig, RunConfig, apply_overrides, config_from_dict, parse_override
 from dpokit.core.errors import UserError
-from dpokit.core.judges import build_judge, compare
+from dpokit.core.judges import build_judge
+from dpokit.core.judges import (
+    compare as judge_pairs,  # the submodule dpokit.eval.compare would replace `compare`
+)
 from dpokit.core.models import load_model, load_model_and_tokenizer
 from dpokit.core.run import EvalResult, EvalSample, RunDir
 from dpokit.core.sampling import sample
@@ -144,7 +147,7 @@ def generation_metrics(cfg, judge, prompts: list, tuned, base, tokenizer, batch_
         base_s = [s for per in sample(base_model, tokenizer, prompts, **decoding) for s in per]
     flat_prompts = [p for p in prompts for _ in range(e.samples_per_prompt)]
     # Outcomes are from the tuned model's side: +1 = tuned answer judged better than the base answer.
-    cmp = compare(judge, flat_prompts, [s.text for s in tuned_s], [s.text for s in base_s])
+    cmp = judge_pairs(judge, flat_prompts, [s.text for s in tuned_s], [s.text for s in base_s])
     len_t = [len(s.response_ids) for s in tuned_s]
     len_b = [len(s.response_ids) for s in base_s]
     generation = {
