@@ -1,7 +1,13 @@
 """`dpokit export`: a LoRA run merged into a plain transformers folder generates exactly what the adapter model
-generates (greedy), and carries a model card with base model, data, config and evaluation."""
+generates (greedy), and carries a model card with base model, data, config and evaluation. Exports are portable
+(no path of this machine inside) and, like the run folder, readable under the user's umask."""
 
 import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,9 +25,59 @@ def lora_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("lora")
     cfg = tiny_config(tmp, train={"max_steps": 6, "learning_rate": 1e-2, "lora": {"r": 8}})
-    result = run_training(config_from_dict(cfg))
-    evaluate_run(result.run_dir, quiet=True)  # training no longer evaluates: the caller chains it
+    old_umask = os.umask(0o022)  # a typical user's umask: the run folder must come out world-readable
+    try:
+        result = run_training(config_from_dict(cfg))
+        evaluate_run(result.run_dir, quiet=True)  # training no longer evaluates: the caller chains it
+    finally:
+        os.umask(old_umask)
     return tmp / "run"
+
+
+def _modes(root):
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+def test_run_folder_follows_the_umask(lora_run):
+    modes = _modes(lora_run)
+    assert "config.yaml" in modes and "eval.json" in modes and "model/adapter_config.json" in modes
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o755 if (lora_run / name).is_dir() or name == "." else 0o644)}
+    assert not wrong, f"modes other than 0644/0755 under umask 022: {wrong}"
+
+
+def test_adapter_export_is_portable_and_loads_from_another_folder_without_the_dpokit_cache(lora_run, tmp_path):
+    out = tmp_path / "export"
+    res = subprocess.run([sys.executable, "-c", "import os, sys; os.umask(0o022); from dpokit.cli import main; "
+                          "sys.argv = ['dpokit', *sys.argv[1:]]; main()", "export", str(lora_run), "--out", str(out)],
+                         capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    wrong = {name: oct(mode) for name, mode in _modes(out).items() if mode not in (0o644, 0o755)}
+    assert not wrong, wrong
+
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "dpokit-tiny-llama"
+    for name in ("adapter_config.json", "README.md", "tokenizer_config.json"):
+        text = (out / name).read_text()
+        assert str(tmp_path.parent) not in text and os.environ["DPOKIT_CACHE"] not in text, name
+    card = (out / "README.md").read_text()
+    assert "| source | tiny_prefs.jsonl |" in card and "source: tiny_prefs.jsonl" in card, card
+
+    # Move the export and a copy of the base away; load both with plain transformers + peft, the dpokit cache
+    # pointing at an empty folder.
+    moved, base_copy = tmp_path / "elsewhere" / "adapter", tmp_path / "elsewhere" / "base"
+    shutil.move(str(out), moved)
+    shutil.copytree(os.path.join(os.environ["DPOKIT_CACHE"], "models", "dpokit-tiny-llama"), base_copy)
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            "from peft import PeftModel; base = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+            "model = PeftModel.from_pretrained(base, sys.argv[2]).eval(); tok = AutoTokenizer.from_pretrained(sys.argv[2]); "
+            "ids = tok('How was the sea?', return_tensors='pt'); "
+            "print(model.generate(**ids, max_new_tokens=8, do_sample=False)[0].tolist())")
+    env = dict(os.environ, DPOKIT_CACHE=str(tmp_path / "empty-cache"), HF_HUB_OFFLINE="1")
+    loaded = subprocess.run([sys.executable, "-c", code, str(base_copy), str(moved)], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert not (tmp_path / "empty-cache").exists()  # dpokit was not involved
 
 
 def _greedy(model, tokenizer, prompt):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -18,7 +17,8 @@ from peft import PeftModel
 from transformers import AutoTokenizer, GenerationConfig
 
 from dpokit.core.errors import UserError
-from dpokit.core.models import load_model, load_model_and_tokenizer
+from dpokit.core.io import chmod_tree_as_created, make_temp_dir
+from dpokit.core.models import load_model, load_model_and_tokenizer, portable_model_name
 from dpokit.core.run import RunDir
 
 
@@ -55,20 +55,33 @@ def generation_config_for(model, tokenizer):
     return gen
 
 
+def portable_value(value):
+    """A config or report value with this machine's paths reduced to file names: the model card is published with
+    --push-to-hub, and an absolute path says nothing to a reader elsewhere (and may say too much)."""
+    if isinstance(value, dict):
+        return {k: portable_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_value(v) for v in value]
+    if isinstance(value, str) and value and (os.path.isabs(os.path.expanduser(value)) or os.path.exists(value)):
+        return Path(value).name
+    return value
+
+
 def model_card(run: RunDir, cfg, kind: str) -> str:
     """README.md for the exported folder, from the run's own artifacts."""
     data_report = run.read_data_report()
     report = data_report.model_dump() if data_report else {}
     result = run.read_eval()
     evaluation = result.model_dump(mode="python") if result else None
-    base = cfg.model.name_or_path
+    base, base_note = portable_model_name(cfg.model.name_or_path)
+    report = portable_value(report)
     lines = ["---", yaml.safe_dump({"base_model": base, "library_name": "peft" if kind == "adapter" else "transformers",
                                     "tags": ["dpo", "dpokit", "preference-optimization"]}, sort_keys=False).strip(),
              "---", "", f"# DPO fine-tune of {base}", "",
              f"Trained with dpokit using Direct Preference Optimization (loss "
              f"`{cfg.train.loss}`, beta {cfg.train.beta}, {'LoRA' if cfg.train.lora else 'full fine-tune'}).", "",
-             "## Base model", "", f"`{base}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else ""),
-             ""]
+             "## Base model", "", f"`{base}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else "")
+             + (f": {base_note}" if base_note else ""), ""]
     if kind == "adapter":
         lines += ["This folder is a LoRA adapter: load it with `peft` on top of the base model.", ""]
     elif kind == "merged":
@@ -80,7 +93,8 @@ def model_card(run: RunDir, cfg, kind: str) -> str:
     counts = report.get("train_counts")
     if counts:
         lines.append(f"| rows in / kept | {counts.get('rows_in')} / {counts.get('rows_out')} |")
-    lines += ["", "## Training config", "", "```yaml", cfg.to_yaml().rstrip(), "```", "", "## Evaluation", ""]
+    lines += ["", "## Training config", "", "```yaml",
+              yaml.safe_dump(portable_value(cfg.model_dump(mode="json")), sort_keys=False).rstrip(), "```", "", "## Evaluation", ""]
     if evaluation:
         pref = evaluation["preference"]
         lines += [f"Held-out preference pairs: {pref.get('n_pairs')}", "", "| metric | value | 95% CI |", "|---|---|---|"]
@@ -113,7 +127,10 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, merge: bool =
     model, tokenizer, kind = load_export_model(run, cfg, merge)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out)
+    if kind == "adapter":  # peft records the path the base was loaded from: a folder of this machine's cache
+        for adapter in model.peft_config.values():
+            adapter.base_model_name_or_path = portable_model_name(cfg.model.name_or_path)[0]
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -122,6 +139,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, merge: bool =
         (tmp / "README.md").write_text(model_card(run, cfg, kind), encoding="utf-8")
         for stray in tmp.glob("*.bin"):  # safetensors only (no pickled training args or weights)
             stray.unlink()
+        chmod_tree_as_created(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

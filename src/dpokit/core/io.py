@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes."""
+"""Small shared helpers: atomic writes that honour the user's umask."""
 
 from __future__ import annotations
 
@@ -6,6 +6,48 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process umask. Linux shows it in /proc/self/status; elsewhere set-and-restore (not thread-safe, brief)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_as_created(path: str | os.PathLike) -> None:
+    """Give a file or folder from mkstemp/mkdtemp (always 0600/0700) the mode a plain open()/mkdir() would give:
+    0666/0777 minus the umask, so a colleague or a web server can read what dpokit writes under umask 022."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
+def chmod_tree_as_created(root: str | os.PathLike) -> None:
+    """chmod_as_created on every file and folder under root (root included).
+
+    Workaround: safetensors >= 0.8.1 writes through a temporary file created 0600 and renames it, ignoring the
+    umask (safetensors issue #782; fix proposed in PR #789), so model.safetensors comes out owner-only while every
+    other file is 0644. Call after a save_pretrained; remove once safetensors honours the umask again.
+    """
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            chmod_as_created(path)
+
+
+def make_temp_dir(target: str | os.PathLike) -> Path:
+    """A temporary sibling folder of `target`, to fill and then rename onto it (atomic publish)."""
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    chmod_as_created(tmp)
+    return tmp
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -16,6 +58,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        chmod_as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

