@@ -7,7 +7,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpokit.train.losses import LOSSES, PairLogps, combined_loss, loss_names, parse_loss_spec
+from dpokit.train.losses import (
+    LOSSES,
+    ListLogps,
+    PairLogps,
+    UnpairedLogps,
+    combined_loss,
+    loss_names,
+    parse_loss_spec,
+)
 
 # Hand-built pairs: (pi_w, pi_l, ref_w, ref_l, |y_w|, |y_l|). The last has unequal log-ratios (2 vs -1.5), so a
 # swapped length or a sign error cannot cancel out, and a margin past 1/beta (the hinge loss's zero region).
@@ -52,7 +60,7 @@ def direct(name, pw, pl, rw, rl, nw, nl, c=CFG):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", loss_names())
+@pytest.mark.parametrize("name", loss_names("pair"))
 def test_loss_matches_direct_formula(name):
     got = LOSSES[name][0](lp_tensors(), CFG)
     want = [direct(name, *p) for p in PAIRS]
@@ -124,3 +132,97 @@ def test_unknown_loss_in_config_is_one_line_error_listing_the_registry(cli, tmp_
     res = cli("train", cfg)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "train.loss" in res.stderr and all(name in res.stderr for name in loss_names())
+
+
+# --- ranked lists and unpaired rows (issue 16) ----------------------------------------------------------------
+
+def _list(policy, ref, scores, mask=None):
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    policy, ref, scores = t(policy), t(ref), t(scores)
+    mask = torch.ones_like(policy, dtype=torch.bool) if mask is None else torch.tensor(mask)
+    return ListLogps(policy=policy, ref=ref, scores=scores, mask=mask)
+
+
+def test_listwise_pl_with_two_responses_is_dpo_sigmoid_exactly():
+    c = SimpleNamespace(beta=0.3, label_smoothing=0.0, simpo_gamma=0.0)
+    lp = lp_tensors()
+    dpo = LOSSES["sigmoid"][0](lp, c)
+    lists = ListLogps(policy=torch.stack([lp.chosen, lp.rejected], 1), ref=torch.stack([lp.ref_chosen, lp.ref_rejected], 1),
+                      scores=torch.tensor([[1.0, 0.0]] * len(PAIRS)), mask=torch.ones(len(PAIRS), 2, dtype=torch.bool))
+    # Equal as formulas; in float64 the two evaluation orders (logsumexp vs logsigmoid) agree to a few ulps.
+    assert torch.allclose(LOSSES["listwise_pl"][0](lists, c), dpo, rtol=1e-14, atol=0)
+    assert torch.allclose(LOSSES["listwise_pairs"][0](lists, c), dpo, rtol=1e-14, atol=0)
+
+
+def test_listwise_pl_matches_hand_computation_for_three():
+    """beta = 0.5, log-ratios (2, 0, -2) -> rewards r = (1, 0, -1), ranking 1 > 2 > 3. Plackett-Luce:
+    P = e^1/(e^1+e^0+e^-1) * e^0/(e^0+e^-1) * 1, so L = -log P = log(e + 1 + 1/e) - 1 + log(1 + 1/e).
+    The second row is the same list with the ranking reversed (scores ascending along the given order is not
+    allowed; the caller sorts, so we feed the reversed rewards): r = (-1, 0, 1):
+    L = log(e + 1 + 1/e) + 1 + log(1 + e)."""
+    c = SimpleNamespace(beta=0.5)
+    lp = _list([[-10.0, -12.0, -14.0], [-14.0, -12.0, -10.0]], [[-12.0] * 3] * 2, [[3, 2, 1], [3, 2, 1]])
+    e = math.e
+    want = [math.log(e + 1 + 1 / e) - 1 + math.log(1 + 1 / e), math.log(e + 1 + 1 / e) + 1 + math.log(1 + e)]
+    assert LOSSES["listwise_pl"][0](lp, c).tolist() == pytest.approx(want, rel=1e-12)
+
+
+def test_listwise_pairs_matches_hand_computation_and_skips_ties_and_padding():
+    """r = beta * log-ratio = (1, 0, -1) with scores (5, 4, 4): pairs (1,2) and (1,3) only (2 and 3 tie):
+    L = -log s(1) - log s(2). Second row: two real responses of three, r = (0.5, -0.5): L = -log s(1)."""
+    c = SimpleNamespace(beta=0.5)
+    lp = _list([[-10.0, -12.0, -14.0], [-11.0, -13.0, 0.0]], [[-12.0] * 3] * 2, [[5, 4, 4], [2, 1, 0]],
+               mask=[[True, True, True], [True, True, False]])
+    want = [-logsig(1.0) - logsig(2.0), -logsig(1.0)]
+    assert LOSSES["listwise_pairs"][0](lp, c).tolist() == pytest.approx(want, rel=1e-12)
+    # Plackett-Luce ignores the padded third entry: a two-response list, -log s(r_1 - r_2)
+    assert LOSSES["listwise_pl"][0](lp, c)[1].item() == pytest.approx(-logsig(1.0), rel=1e-12)
+
+
+def test_listwise_pl_gradient_is_finite_with_padding():
+    c = SimpleNamespace(beta=0.5)
+    lp = _list([[-10.0, -12.0, 0.0]], [[-12.0] * 3], [[2, 1, 0]], mask=[[True, True, False]])
+    lp.policy.requires_grad_(True)
+    LOSSES["listwise_pl"][0](lp, c).sum().backward()
+    assert torch.isfinite(lp.policy.grad).all() and lp.policy.grad[0, 2] == 0
+
+
+def test_kto_matches_hand_computation():
+    """beta = 0.5, weights lambda_D = 1.5, lambda_U = 0.7. Mismatched pairs' log-ratios (0.4, 1.0, -0.2, 0.6):
+    z0 = mean = 0.45. Rows: (r, label) = (1.0, True), (-2.0, False), (0.2, True), (0.45, False):
+    desirable: 1.5 (1 - s(0.5 (r - 0.45))); undesirable: 0.7 (1 - s(0.5 (0.45 - r))).
+    A batch whose mismatched log-ratios average below 0 gets z0 = 0 (the clamp)."""
+    c = SimpleNamespace(beta=0.5, desirable_weight=1.5, undesirable_weight=0.7)
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    ref = t([-10.0, -10.0, -10.0, -10.0])
+    lp = UnpairedLogps(policy=ref + t([1.0, -2.0, 0.2, 0.45]), ref=ref, label=torch.tensor([True, False, True, False]),
+                       kl_policy=t([-20.0, -19.0, -20.2, -19.4]), kl_ref=t([-20.4, -20.0, -20.0, -20.0]))
+    z0 = 0.45
+    want = [1.5 * (1 - sig(0.5 * (1.0 - z0))), 0.7 * (1 - sig(0.5 * (z0 + 2.0))), 1.5 * (1 - sig(0.5 * (0.2 - z0))),
+            0.7 * (1 - sig(0.5 * (z0 - 0.45)))]
+    assert LOSSES["kto"][0](lp, c).tolist() == pytest.approx(want, rel=1e-12)
+    lp.kl_policy = lp.kl_ref - 1.0  # KL estimate -1: clamped to 0
+    want0 = [1.5 * (1 - sig(0.5)), 0.7 * (1 - sig(1.0)), 1.5 * (1 - sig(0.1)), 0.7 * (1 - sig(-0.225))]
+    assert LOSSES["kto"][0](lp, c).tolist() == pytest.approx(want0, rel=1e-12)
+
+
+def test_kto_reference_point_is_detached():
+    c = SimpleNamespace(beta=0.5, desirable_weight=1.0, undesirable_weight=1.0)
+    kl_policy = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    lp = UnpairedLogps(policy=torch.tensor([-3.0, -4.0], dtype=torch.float64, requires_grad=True),
+                       ref=torch.tensor([-3.5, -3.0], dtype=torch.float64), label=torch.tensor([True, False]),
+                       kl_policy=kl_policy, kl_ref=torch.tensor([-2.0, -2.5], dtype=torch.float64))
+    LOSSES["kto"][0](lp, c).sum().backward()
+    assert kl_policy.grad is None and lp.policy.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("spec", ["kto,sigmoid", "listwise_pl,kto"])
+def test_losses_of_different_kinds_do_not_combine(spec):
+    with pytest.raises(ValueError, match="different data kinds"):
+        parse_loss_spec(spec)
+
+
+def test_kto_with_sft_weight_is_an_error():
+    with pytest.raises(ValueError, match="different data kinds"):
+        parse_loss_spec("kto", sft_weight=0.5)

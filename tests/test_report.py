@@ -162,3 +162,34 @@ def test_sweep_beta_frontier(cli, tmp_path):
     if CHROMIUM:
         image, console = render(tmp_path / "sweep" / "sweep.html", tmp_path)
         assert not_blank(image) and console == []
+
+
+def test_report_training_section_renders_in_the_browser(tiny_run, browser, tmp_path):
+    """The "How it was trained" section: visible, with a header row, and the numbers of this run's own files."""
+    from selenium.webdriver.common.by import By
+
+    run, _ = tiny_run
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    summary = json.loads((run / "train_summary.json").read_text())
+    browser.get((run / "report.html").resolve().as_uri())
+    heading = browser.find_element(By.ID, "how-trained")
+    table = browser.find_element(By.CSS_SELECTOR, "table.training")
+    assert heading.is_displayed() and table.is_displayed()
+    assert table.size["width"] > 300 and table.size["height"] > 200, table.size
+    headers = [th.text for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
+    assert headers == ["setting", "value"]  # no empty header row
+    rows = {tr.find_elements(By.TAG_NAME, "td")[0].text: tr.find_elements(By.TAG_NAME, "td")[1].text
+            for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")}
+    assert rows["loss"].startswith(f"{cfg['train']['loss']}, beta {cfg['train']['beta']:g}")
+    assert rows["fine-tuning"] == "full (every weight trained)"
+    assert rows["steps"].startswith(f"{summary['global_step']} optimizer steps")
+    assert rows["reference"] == summary["reference"] and rows["precision"] == "fp32"
+    assert rows["step-0 check"].startswith("passed: loss 0.693147")
+    assert "tiny_prefs.jsonl" in rows["data"] and "torch " in rows["versions"] and "dpokit " in rows["versions"]
+    assert rows["date"].endswith("UTC") and rows["date"][:2] == "20"
+    shot = tmp_path / "training_section.png"
+    table.screenshot(str(shot))
+    from PIL import Image
+
+    image = Image.open(shot).convert("RGB")
+    assert image.size[0] > 300 and not_blank(image.resize((image.size[0], max(image.size[1], 450))))

@@ -40,11 +40,18 @@ def test_resume_matches_straight_run(tmp_path, cli):
     cfg_file.write_text(split_cfg.to_yaml())
     res = cli("train", cfg_file, "--resume", "--no-eval")
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from " in res.stdout and "checkpoint-5 (step 5 of 10)" in res.stdout, res.stdout
 
     a, b = _last_loss(straight), _last_loss(tmp_path / "split")
     assert a["step"] == b["step"] == 10
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-6, rel=0)
     assert b["learning_rate"] == pytest.approx(a["learning_rate"], abs=1e-12)
+    # train_summary.json: metrics over the whole run, not only the resumed half (Trainer's own train_loss).
+    import json
+
+    sa, sb = (json.loads((d / "train_summary.json").read_text()) for d in (straight, tmp_path / "split"))
+    assert sb["metrics"]["train_loss"] == pytest.approx(sa["metrics"]["train_loss"], abs=1e-6, rel=0)
+    assert sa["global_step"] == sb["global_step"] == 10
     wa, wb = _weights(straight), _weights(tmp_path / "split")
     assert wa.keys() == wb.keys()
     for name in wa:

@@ -13,7 +13,9 @@ import math
 from pathlib import Path
 
 from dpokit.core.io import atomic_write_text
+from dpokit.core.errors import UserError
 from dpokit.core.run import RunDir
+from dpokit.eval.doctor import NORMAL_SHAPES, diagnose, verdict
 
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -25,6 +27,11 @@ th { background: #eef; } td.num { text-align: right; font-variant-numeric: tabul
 img { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
 .samples td { max-width: 420px; white-space: pre-wrap; word-break: break-word; }
 .note { color: #555; font-size: 13px; }
+.verdict { font-size: 17px; padding: 0.7em 1em; border-radius: 4px; margin: 0.8em 0; }
+.verdict.ok { background: #e6f4ea; border-left: 6px solid #3a9d5d; }
+.verdict.warn { background: #fff4e0; border-left: 6px solid #d9822b; }
+.finding { border-left: 3px solid #ccd; padding: 0 1em; margin: 0.8em 0; }
+.finding.warning { border-left-color: #d9822b; }
 """
 
 
@@ -121,6 +128,11 @@ def frontier_plot(rows: list[dict], y_label: str) -> bytes:
     fig, axes = _figure(1, 6, 4)
     ax = axes[0]
     pts = [r for r in rows if _finite(r.get("kl")) and _finite(r.get("reward"))]
+    base = next((r["base_reward"] for r in rows if _finite(r.get("base_reward"))), None)
+    if base is not None:  # the starting point of every run: the base model, at KL 0 from itself
+        ax.plot([0.0], [base], marker="s", color="black", linestyle="none", label="base model (KL 0)")
+        ax.annotate("base", (0.0, base), textcoords="offset points", xytext=(5, -12), fontsize=8)
+        ax.legend(loc="lower right", fontsize=8)
     for r in pts:
         xerr = _yerr(r["kl"], r.get("kl_ci"))
         yerr = _yerr(r["reward"], r.get("reward_ci"))
@@ -233,7 +245,89 @@ def _sample_rows(samples: list[dict], limit: int) -> list[list[str]]:
     return rows
 
 
+def training_rows(run: RunDir) -> list[list[str]]:
+    """(setting, value) rows of "How it was trained", from config.yaml, data/report.json and train_summary.json."""
+    cfg = run.read_config()
+    t = cfg.train
+    summary = run.read_train_summary()
+    data = run.read_data_report()
+    rows = [["model", cfg.model.name_or_path + (f" (revision {cfg.model.revision})" if cfg.model.revision else "")]]
+    if t.lora is not None:
+        targets = t.lora.target_modules
+        rows.append(["fine-tuning", f"LoRA r={t.lora.r}, alpha={t.lora.alpha}, targets "
+                                    f"{', '.join(targets) if isinstance(targets, list) else targets}"])
+    else:
+        rows.append(["fine-tuning", "full (every weight trained)"])
+    rows += [["loss", f"{t.loss}, beta {t.beta:g}" + (f", sft_weight {t.sft_weight:g}" if t.sft_weight else "")],
+             ["learning rate", f"{t.learning_rate:g} ({t.lr_scheduler}, warmup {t.warmup_steps} steps)"],
+             ["batch", f"{t.batch_size} x {t.grad_accum} accumulation" + (", packed" if t.packing else "")]]
+    if summary:
+        epochs = summary.metrics.get("epoch")
+        rows.append(["steps", f"{summary.global_step} optimizer steps" + (f", {epochs:g} epochs" if epochs else "")])
+        rows.append(["reference", summary.reference + (f" (cache {summary.reference_cache.get('cache', '?')})"
+                                                       if summary.reference_cache else "")])
+        rows.append(["precision", summary.precision or "not recorded"])
+        rows.append(["training time", f"{summary.wall_seconds:.1f} s (model loading included)"
+                     + (f", resumed from {summary.resumed_from}" if summary.resumed_from else "")])
+        if summary.metrics.get("train_loss") is not None:
+            rows.append(["final train loss", f"{summary.metrics['train_loss']:.4f} (mean over every step)"])
+        check = summary.step0_check
+        if check:
+            rows.append(["step-0 check", (f"passed: loss {check['sigmoid_loss']:.6f} = ln 2, the reference equals the "
+                                          "initial policy") if check["policy_equals_reference"] else
+                         f"differs: loss {check['sigmoid_loss']:.6f} vs ln 2 {check['ln2']:.6f}"])
+        else:
+            rows.append(["step-0 check", "not run (reference-free loss or other engine)"])
+    else:
+        rows.append(["training", "train_summary.json missing (training did not finish?)"])
+    if data:
+        rows.append(["data", f"{Path(data.source).name if Path(data.source).exists() else data.source} "
+                             f"({data.format}): {data.n_train} train rows, {data.n_eval} held out"])
+    versions = (summary.versions if summary else None) or {}
+    if versions:
+        rows.append(["versions", ", ".join(f"{k} {v}" for k, v in versions.items())])
+    when = summary.finished if summary and summary.finished else None
+    if when:
+        import datetime
+
+        rows.append(["date", datetime.datetime.fromtimestamp(when, tz=datetime.timezone.utc)
+                     .strftime("%Y-%m-%d %H:%M UTC")])
+    return rows
+
+
+TRAINING_HEADER = ["setting", "value"]
 SAMPLE_HEADER = ["prompt", "base", "tuned", "judge prefers", "score base / tuned", "tokens base / tuned"]
+
+
+# --- the doctor's verdict ---------------------------------------------------------------------------------------
+
+def doctor_sections(run: RunDir) -> tuple[str, str, list[str]]:
+    """(verdict HTML, "What your curves mean" HTML, both as report.md lines), from dpokit.eval.doctor."""
+    try:
+        findings = diagnose(run.path)
+    except UserError as err:  # e.g. metrics.jsonl removed: the report still shows the evaluation
+        note = f"The doctor did not run: {err}"
+        return f'<p id="verdict" class="verdict warn">{html.escape(note)}</p>', "", [note, ""]
+    said = verdict(findings, run.read_eval())
+    ok = not any(f.severity == "warning" for f in findings)
+    parts = ['<h2 id="curves-meaning">What your curves mean</h2>']
+    md = [f"**{said}**", "", "## What your curves mean", ""]
+    if not findings:
+        parts.append("<p>No rule flagged anything in the curves or the evaluation.</p>")
+    for f in findings:
+        tries = "".join(f"<li>{html.escape(t)}</li>" for t in f.what_to_try)
+        parts.append(f'<div class="finding {f.severity}"><h3>{html.escape(f.id)}: {html.escape(f.title)}</h3>'
+                     f"<p><b>Seen:</b> {html.escape(f.evidence)}</p><p><b>Means:</b> {html.escape(f.meaning)}</p>"
+                     f"<p><b>Try:</b></p><ul>{tries}</ul>"
+                     + (f'<p class="note">Source: {html.escape(f.source)}</p>' if f.source else "") + "</div>")
+        md += [f"### {f.id} ({f.severity}): {f.title}", "", f"Seen: {f.evidence}", "", f"Means: {f.meaning}", "", "Try:", "",
+               *[f"- {t}" for t in f.what_to_try], ""]
+    shapes = "".join(f"<li><b>{html.escape(curve)}</b>: {html.escape(text)}</li>" for curve, text in NORMAL_SHAPES)
+    parts += ["<h3>Normal shapes</h3>", f"<ul>{shapes}</ul>",
+              '<p class="note">Rules, thresholds and sources: docs/doctor.md; the numbers: dpokit doctor RUN_DIR '
+              "--json.</p>"]
+    md += ["### Normal shapes", "", *[f"- **{curve}**: {text}" for curve, text in NORMAL_SHAPES], ""]
+    return f'<p id="verdict" class="verdict {"ok" if ok else "warn"}">{html.escape(said)}</p>', "\n".join(parts), md
 
 
 # --- documents ---------------------------------------------------------------------------------------------------
@@ -251,6 +345,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples
     metrics = [row.model_dump() for row in run.read_metrics()]
     samples = [row.model_dump() for row in run.read_eval_samples()]
     out = Path(out) if out else run.report_html
+    doctor_verdict, doctor_html, doctor_md = doctor_sections(run)
 
     plots: dict[str, tuple[str, bytes]] = {}
     curves = training_curves(metrics)
@@ -265,8 +360,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples
             plots["scores"] = ("Judge-score distributions", score_distributions(gen["scores"]))
 
     title = f"dpokit report: {run_dir.name}"
-    summary = [["model", result.get("model", "")], ["beta", result.get("beta", "")],
-               ["held-out pairs", result["preference"]["n_pairs"]]]
+    trained = training_rows(run)
+    summary = [["held-out pairs", result["preference"]["n_pairs"]]]
     if gen:
         d = gen["decoding"]
         summary += [["judge", f"{gen['judge']['name']} ({gen['judge']['kind']})"],
@@ -274,7 +369,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples
                                    f"{d['temperature']}, top_p {d['top_p']}, max_new_tokens {d['max_new_tokens']}, "
                                    f"seed {d['seed']}"]]
     table_rows = [list(r) for r in metric_rows(result)]
-    parts = [f"<h1>{html.escape(title)}</h1>", _html_table(["", ""], [[str(a), str(b)] for a, b in summary]),
+    parts = [f"<h1>{html.escape(title)}</h1>", doctor_verdict,
+             '<h2 id="how-trained">How it was trained</h2>',
+             _html_table(TRAINING_HEADER, trained, cls="training"),
+             "<h2>How it was evaluated</h2>",
+             _html_table(["setting", "value"], [[str(a), str(b)] for a, b in summary]), doctor_html,
              "<h2>Evaluation (95% confidence intervals)</h2>",
              _html_table(["section", "metric", "value [95% CI]"], table_rows),
              '<p class="note">Win/tie/loss is the tuned model\'s answer against the base model\'s answer for the same '
@@ -289,7 +388,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples
 
     # report.md: the same tables; plots as PNG files next to it (Markdown viewers rarely show data URIs).
     plot_dir = out.parent / "report_plots"
-    md = [f"# {title}", "", _md_table(["", ""], [[str(a), str(b)] for a, b in summary]), "",
+    md = [f"# {title}", "", "## How it was trained", "", _md_table(TRAINING_HEADER, trained), "",
+          "## How it was evaluated", "", _md_table(["setting", "value"], [[str(a), str(b)] for a, b in summary]), "",
+          *doctor_md,
           "## Evaluation (95% confidence intervals)", "", _md_table(["section", "metric", "value [95% CI]"], table_rows)]
     for key, (caption, png) in plots.items():
         plot_dir.mkdir(exist_ok=True)

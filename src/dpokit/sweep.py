@@ -40,12 +40,28 @@ def sweep_points(swept: list[tuple[str, list[str]]]) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(keys, combo, strict=False)] for combo in itertools.product(*(vals for _, vals in swept))]
 
 
+def format_sweep_table(rows: list[dict]) -> str:
+    """The closing table: one line per run, the frontier's numbers with their intervals."""
+    def cell(value, ci=None, digits=3):
+        if value is None:
+            return "-"
+        return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+    header = ["run", "KL per answer [95% CI]", (rows[0].get("reward_kind") or "reward") if rows else "reward",
+              "implicit-reward accuracy"]
+    body = [[r["label"], cell(r["kl"], r["kl_ci"]), cell(r["reward"], r["reward_ci"]), cell(r["accuracy"])]
+            for r in rows]
+    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in [header, *body])
+
+
 def summarize_run(run_dir: Path, label: str) -> dict:
     """One frontier point: KL(tuned||base) per answer and the tuned model's reward (mean judge score; the win rate
     for pairwise judges), with their intervals."""
     result = RunDir(run_dir).require_eval()
     row = {"label": label, "run_dir": str(run_dir), "kl": None, "kl_ci": None, "reward": None, "reward_ci": None,
-           "reward_kind": None, "accuracy": result.preference.implicit_reward_accuracy.value}
+           "reward_kind": None, "base_reward": None, "accuracy": result.preference.implicit_reward_accuracy.value}
     gen, kl = result.generation, result.kl
     if kl:
         row.update(kl=kl.sequence.value, kl_ci=kl.sequence.ci)
@@ -53,14 +69,16 @@ def summarize_run(run_dir: Path, label: str) -> dict:
         judge = gen.judge["name"]
         if gen.scores:
             tuned = gen.scores["tuned"]
-            row.update(reward=tuned["value"], reward_ci=tuned["ci"], reward_kind=f"mean {judge} score, tuned")
-        else:
+            row.update(reward=tuned["value"], reward_ci=tuned["ci"], reward_kind=f"mean {judge} score, tuned",
+                       base_reward=gen.scores["base"]["value"])
+        else:  # the base model against itself wins half the time
             rate = gen.outcomes.win_rate
-            row.update(reward=rate.value, reward_ci=rate.ci, reward_kind=f"win rate vs base ({judge})")
+            row.update(reward=rate.value, reward_ci=rate.ci, reward_kind=f"win rate vs base ({judge})", base_reward=0.5)
     return row
 
 
-def run_sweep(config: str, overrides: list[str], overwrite: bool = False) -> Path:
+def run_sweep(config: str, overrides: list[str], overwrite: bool = False, progress: bool = False) -> Path:
+    """Train and evaluate each point in turn; `progress` prints which run is which and each run's training lines."""
     fixed, swept = split_overrides(overrides)
     if not swept:
         raise UserError("dpokit sweep: no swept key; give comma-separated values, e.g. --set train.beta=0.05,0.1,0.5")
@@ -79,8 +97,10 @@ def run_sweep(config: str, overrides: list[str], overwrite: bool = False) -> Pat
             raise UserError("eval.generate: a sweep needs generation (KL and judge scores); drop eval.generate=false")
         configs.append((label, plan_training(cfg, evaluate=True, origin=f"{config} ({label})")))
     rows = []
-    for label, plan in configs:
-        result = run_training(plan)
+    for i, (label, plan) in enumerate(configs, 1):
+        if progress:
+            print(f"\n== sweep run {i}/{len(configs)}: {label} -> {plan.run_dir.path}", flush=True)
+        result = run_training(plan, progress=progress)
         evaluate_run(result.run_dir)
         rows.append(summarize_run(result.run_dir, label))
     y_label = next((r["reward_kind"] for r in rows if r["reward_kind"]), "reward")

@@ -27,7 +27,7 @@ from dpokit.cli.data import register as _register_data_commands  # noqa: E402
 
 _register_data_commands(data_app)
 
-_state = {"debug": False}
+_state = {"debug": False, "quiet": False}
 
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config key: --set section.key=value (repeatable).")]
@@ -44,10 +44,39 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors (for scripts).")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show third-party progress bars and deprecation warnings too.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
+    """Global flags (--debug, --quiet, --verbose) may also follow the command: `dpokit train CONFIG --quiet`."""
     _state["debug"] = debug or os.environ.get("DPOKIT_DEBUG") == "1"
+    _state["quiet"] = quiet and not verbose
+    if not verbose:
+        quiet_third_party()
+
+
+def quiet_third_party() -> None:
+    """Hide the Hugging Face libraries' progress bars ("Loading weights", "Writing model shards", downloads) and
+    deprecation warnings addressed to library authors, not to dpokit's users. `--verbose` keeps them. A variable the
+    user set wins."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow huggingface_hub's switch
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """Move global flags given after the command to the front, where click expects them (`--` ends the search)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    return flags + [a for i, a in enumerate(argv) if i >= end or a not in GLOBAL_FLAGS]
 
 
 def _load(config: str, overrides: list[str] | None, overwrite: bool = False, check_files: bool = True):
@@ -75,11 +104,21 @@ def train(
     cfg = _load(config, set_, overwrite, check_files=False)  # the plan checks the paths with everything else
     # Every static check, the evaluation's judge included, runs before any weights load.
     plan = plan_training(cfg, resume=resume, evaluate=False if no_eval else None, origin=config)
-    result = run_training(plan)
-    if int(os.environ.get("RANK", "0")) == 0:  # one line per job, not per rank
-        typer.echo(f"run folder: {result.run_dir}  ({result.wall_seconds:.1f} s)")
-        if result.evaluate:
-            evaluate_run(result.run_dir)
+    quiet = _state["quiet"]
+    result = run_training(plan, progress=not quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary per job, not per rank
+        return
+    if not result.evaluate:
+        typer.echo(f"trained in {result.wall_seconds:.1f} s; run folder: {result.run_dir}")
+        if not quiet:
+            typer.echo(f"next: dpokit eval {result.run_dir}")
+        return
+    from dpokit.report import write_report
+
+    evaluate_run(result.run_dir, quiet=quiet)
+    report = write_report(result.run_dir)
+    typer.echo(f"trained in {result.wall_seconds:.1f} s; run folder: {result.run_dir}")
+    typer.echo(f"report: {report}")
 
 
 @app.command("eval")
@@ -96,7 +135,7 @@ def eval_(
     overrides = list(set_ or [])
     if batch_size is not None:
         overrides.append(f"eval.batch_size={batch_size}")
-    evaluate_run(run_dir, overrides=overrides)
+    evaluate_run(run_dir, overrides=overrides, quiet=_state["quiet"])
     typer.echo(f"wrote {os.path.join(run_dir, 'eval.json')}")
 
 
@@ -194,6 +233,14 @@ from dpokit.cli.reports import register as _register_eval_commands  # noqa: E402
 
 _register_eval_commands(app)  # compare, report, sweep
 
+from dpokit.cli.doctor import register as _register_doctor  # noqa: E402
+
+_register_doctor(app)  # doctor
+
+from dpokit.cli.plan import register as _register_plan  # noqa: E402
+
+_register_plan(app)  # plan
+
 
 @app.command("losses")
 def losses_() -> None:
@@ -262,7 +309,7 @@ def _click_exception_types():
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app(args=hoist_global_flags(sys.argv[1:]), prog_name="dpokit", standalone_mode=False)
     except UserError as err:
         if _state["debug"]:
             raise

@@ -44,9 +44,14 @@ def sweep(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing run folders.")] = False,
 ) -> None:
     """Train and evaluate one run per swept value; write a reward-vs-KL frontier report (sweep.html)."""
-    from dpokit.sweep import run_sweep
+    import json
 
-    path = run_sweep(config, set_ or [], overwrite=overwrite)
+    from dpokit.cli import _state
+    from dpokit.sweep import format_sweep_table, run_sweep
+
+    path = run_sweep(config, set_ or [], overwrite=overwrite, progress=not _state["quiet"])
+    rows = json.loads((path.parent / "sweep.json").read_text(encoding="utf-8"))["runs"]
+    typer.echo("\n" + format_sweep_table(rows))
     typer.echo(f"wrote {path}")
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 
-def pad_pairs(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_pairs(pairs: list[dict], pad_id: int, keys=("chosen_ids", "rejected_ids")) -> dict[str, torch.Tensor]:
+    """Rows [prompt + keys[0] of every pair, then prompt + keys[1], ...], right-padded."""
     seqs, masks = [], []
-    for key in ("chosen_ids", "rejected_ids"):
+    for key in keys:
         for p in pairs:
             seqs.append(p["prompt_ids"] + p[key])
             masks.append([0] * len(p["prompt_ids"]) + [1] * len(p[key]))

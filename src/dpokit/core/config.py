@@ -79,6 +79,11 @@ class DataConfig(Section):
         0.0, ge=0.0, description="Drop pairs whose chosen and rejected scores differ by less than this (formats "
         "with scores: scored, ultrafeedback_binarized, shp), in the dataset's score units."
     )
+    kind: Literal["auto", "pair", "ranked", "unpaired"] = Field(
+        "auto", description="Feedback kind to train on: pair (prompt, chosen, rejected), ranked (prompt, responses, "
+        "scores; scored completions keep every completion) or unpaired (prompt, completion, label; pairs are split "
+        "into a desirable and an undesirable row). auto: the kind the rows have (scored completions: pair)."
+    )
     seed: int = Field(42, description="Seed for the train/eval split.")
 
 
@@ -100,6 +105,8 @@ class TrainConfig(Section):
     sft_weight: float = Field(0.0, ge=0.0, description="Weight of an NLL term on the chosen response (RPO); 0 = off.")
     beta: float = Field(0.1, gt=0.0, description="Strength of the KL penalty toward the reference (DPO beta).")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO label noise rate.")
+    desirable_weight: float = Field(1.0, gt=0.0, description="KTO weight of desirable rows (lambda_D, loss: kto).")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="KTO weight of undesirable rows (lambda_U, loss: kto).")
     learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate.")
     lr_scheduler: str = Field("linear", description="transformers scheduler name: linear, cosine, constant...")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")

@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from dpokit.core.batching import PairCollator, sequence_logps, token_logps
+from dpokit.core.batching import PairCollator, pad_pairs, sequence_logps, token_logps
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,18 @@ _PLAIN_HEAD_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gpt2", "phi3", "olmo
 
 
 def pair_length(pair: dict) -> int:
-    """Tokens one pair occupies when prefix-shared: the prompt once plus both responses."""
+    """Tokens one pair (or ranked/unpaired row) occupies when prefix-shared: the prompt once plus every response."""
+    if "responses_ids" in pair:
+        return len(pair["prompt_ids"]) + sum(len(r) for r in pair["responses_ids"])
     return len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+
+
+def probe_pair(row: dict) -> dict:
+    """A pair from any encoded row (a ranked/unpaired row's first and last responses), for the packing self-check."""
+    if "responses_ids" in row:
+        return {"prompt_ids": row["prompt_ids"], "chosen_ids": row["responses_ids"][0],
+                "rejected_ids": row["responses_ids"][-1]}
+    return row
 
 
 def _first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
@@ -53,11 +63,31 @@ def _first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
 def pack_pairs(pairs: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """A packed batch of B pairs. Keys: input_ids, position_ids (R, W); attention_mask (R, 1, W, W) bool, True =
     may attend; score_row/score_pos/score_target/score_slot (N,) for the N scored tokens; num_pairs."""
-    lengths = [pair_length(p) for p in pairs]
+    n_pairs = len(pairs)
+    groups = [(p["prompt_ids"], [p["chosen_ids"], p["rejected_ids"]]) for p in pairs]
+    batch = pack_groups(groups, pad_id, pad_to_multiple_of, slot_of=lambda i, k: i + k * n_pairs)
+    batch["num_pairs"] = torch.tensor(n_pairs, dtype=torch.long)
+    if "ref_chosen_logps" in pairs[0]:
+        batch["ref_chosen_logps"] = torch.tensor([p["ref_chosen_logps"] for p in pairs], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor([p["ref_rejected_logps"] for p in pairs], dtype=torch.float32)
+    return batch
+
+
+def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pad_to_multiple_of: int = 1,
+                slot_of=None) -> dict[str, torch.Tensor]:
+    """Packed layout of B groups (prompt, [response_1, ..., response_N]), each laid out once as
+    [prompt, r1, ..., rN]: every response attends to the prompt and to itself only, and its position_ids restart at
+    the prompt's length. Response k of group i adds to output slot `slot_of(i, k)` (default: groups' responses
+    numbered in order)."""
+    if slot_of is None:
+        offsets = [0]
+        for _, responses in groups:
+            offsets.append(offsets[-1] + len(responses))
+        slot_of = lambda i, k: offsets[i] + k  # noqa: E731
+    lengths = [len(p) + sum(len(r) for r in rs) for p, rs in groups]
     width = max(max(lengths), 1)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     rows = _first_fit_rows(lengths, width)
-    n_pairs = len(pairs)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     # Every position sees itself (padding included: a query with nothing to attend to gives NaN under sdpa).
@@ -67,40 +97,90 @@ def pack_pairs(pairs: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> d
     for r, members in enumerate(rows):
         start = 0
         for i in members:
-            p, c, j = pairs[i]["prompt_ids"], pairs[i]["chosen_ids"], pairs[i]["rejected_ids"]
-            lp, lc, lr = len(p), len(c), len(j)
-            end = start + lp + lc + lr
-            input_ids[r, start:end] = torch.tensor(p + c + j, dtype=torch.long)
-            position_ids[r, start:start + lp + lc] = torch.arange(lp + lc)
-            position_ids[r, start + lp + lc:end] = torch.arange(lp, lp + lr)
-            block = causal[: end - start, : end - start].clone()
-            block[lp + lc:, lp:lp + lc] = False  # rejected never sees chosen
-            mask[r, 0, start:end, start:end] = block
-            # chosen token k is predicted by the position before it in prompt+chosen
-            for k in range(lc):
-                src = lp + k - 1
-                if src >= 0:
-                    s_row.append(r), s_pos.append(start + src), s_tgt.append(c[k]), s_slot.append(i)
-            # rejected token k: by the last prompt token for k = 0, else by the rejected token before it
-            for k in range(lr):
-                if k == 0:
-                    if lp == 0:
+            prompt, responses = groups[i]
+            lp = len(prompt)
+            end = start + lengths[i]
+            input_ids[r, start:end] = torch.tensor(prompt + [t for resp in responses for t in resp], dtype=torch.long)
+            position_ids[r, start:start + lp] = torch.arange(lp)
+            segment = [0] * lp  # 0 = prompt, k + 1 = response k
+            at = lp
+            for k, resp in enumerate(responses):
+                position_ids[r, start + at:start + at + len(resp)] = torch.arange(lp, lp + len(resp))
+                segment += [k + 1] * len(resp)
+                # token t of response k is predicted by the token before it: the last prompt token for t = 0
+                for t in range(len(resp)):
+                    src = lp - 1 if t == 0 else at + t - 1
+                    if src < 0:
                         continue
-                    src = lp - 1
-                else:
-                    src = lp + lc + k - 1
-                s_row.append(r), s_pos.append(start + src), s_tgt.append(j[k]), s_slot.append(n_pairs + i)
+                    s_row.append(r), s_pos.append(start + src), s_tgt.append(resp[t]), s_slot.append(slot_of(i, k))
+                at += len(resp)
+            seg = torch.tensor(segment)
+            # a response sees the prompt and itself, never another response
+            block = causal[: end - start, : end - start] & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
+            mask[r, 0, start:end, start:end] = block
             start = end
-    batch = {
+    return {
         "input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
         "score_row": torch.tensor(s_row, dtype=torch.long), "score_pos": torch.tensor(s_pos, dtype=torch.long),
         "score_target": torch.tensor(s_tgt, dtype=torch.long), "score_slot": torch.tensor(s_slot, dtype=torch.long),
-        "num_pairs": torch.tensor(n_pairs, dtype=torch.long),
     }
-    if "ref_chosen_logps" in pairs[0]:
-        batch["ref_chosen_logps"] = torch.tensor([p["ref_chosen_logps"] for p in pairs], dtype=torch.float32)
-        batch["ref_rejected_logps"] = torch.tensor([p["ref_rejected_logps"] for p in pairs], dtype=torch.float32)
+
+
+def collate_lists(rows: list[dict], pad_id: int, packed: bool = True, pad_to_multiple_of: int = 1) -> dict:
+    """A batch of ranked or unpaired rows (`prompt_ids`, `responses_ids`), their responses numbered in order
+    (row 0's first, ..., then row 1's). packed: one prefix-shared segment per row; else one right-padded
+    `prompt + response` row per response (the reference layout). Carries group_sizes (B,), scores (B, N) padded
+    with -inf (ranked), labels (B,) bool (unpaired) and ref_logps (S,) when the rows hold precomputed ones."""
+    groups = [(r["prompt_ids"], r["responses_ids"]) for r in rows]
+    if packed:
+        batch = pack_groups(groups, pad_id, pad_to_multiple_of)
+    else:
+        batch = pad_pairs([{"prompt_ids": p, "response_ids": resp} for p, rs in groups for resp in rs], pad_id,
+                          keys=("response_ids",))
+    sizes = [len(rs) for _, rs in groups]
+    batch["group_sizes"] = torch.tensor(sizes, dtype=torch.long)
+    if "scores" in rows[0]:
+        scores = torch.full((len(rows), max(sizes)), float("-inf"))
+        for i, r in enumerate(rows):
+            scores[i, : len(r["scores"])] = torch.tensor(r["scores"], dtype=torch.float32)
+        batch["scores"] = scores
+    if "label" in rows[0]:
+        batch["labels"] = torch.tensor([bool(r["label"]) for r in rows])
+    if "ref_logps" in rows[0]:
+        batch["ref_logps"] = torch.tensor([v for r in rows for v in r["ref_logps"]], dtype=torch.float32)
     return batch
+
+
+class ListCollator:
+    def __init__(self, pad_id: int, packed: bool = True):
+        self.pad_id = pad_id
+        self.packed = packed
+
+    def __call__(self, rows: list[dict]) -> dict:
+        return collate_lists(rows, self.pad_id, self.packed)
+
+
+def is_list_batch(batch: dict) -> bool:
+    return "group_sizes" in batch
+
+
+def list_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs, token counts) of every response of a `collate_lists` batch, in response order."""
+    n_slots = int(batch["group_sizes"].sum())
+    if is_packed(batch):
+        return packed_slot_logps(model, batch, n_slots)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    mask = batch["loss_mask"][:, 1:].to(torch.float32)
+    per_token = token_logps(logits[:, :-1], batch["input_ids"][:, 1:]) * mask
+    return per_token.sum(-1), mask.sum(-1)
+
+
+def as_matrix(flat: torch.Tensor, sizes: torch.Tensor, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-response values (S,) -> (B, N) padded with `fill`, and the (B, N) bool mask of real entries."""
+    n = int(sizes.max())
+    mask = torch.arange(n, device=sizes.device)[None, :] < sizes[:, None]
+    out = torch.full(mask.shape, fill, dtype=flat.dtype, device=flat.device)
+    return out.masked_scatter(mask, flat), mask
 
 
 class PackedPairCollator:
@@ -143,8 +223,8 @@ def _split_head(model):
     return decoder, head
 
 
-def packed_sequence_logps(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Same output as `batching.sequence_logps` (chosen/rejected sums and token counts), from a packed batch."""
+def packed_slot_logps(model, batch: dict[str, torch.Tensor], n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs, token counts) per output slot of a packed batch."""
     allowed = batch["attention_mask"]
     if _attn_impl(model) == "sdpa":
         mask = allowed  # sdpa takes the bool mask as is, whatever the compute dtype (autocast included)
@@ -161,11 +241,17 @@ def packed_sequence_logps(model, batch: dict[str, torch.Tensor]) -> dict[str, to
     else:
         logits = model(**kwargs).logits[rows, pos]
     per_token = token_logps(logits, batch["score_target"])
-    n = int(batch["num_pairs"])
     slot = batch["score_slot"]
-    sums = torch.zeros(2 * n, dtype=per_token.dtype, device=per_token.device).index_add(0, slot, per_token)
-    counts = torch.zeros(2 * n, dtype=torch.float32, device=per_token.device).index_add(
+    sums = torch.zeros(n_slots, dtype=per_token.dtype, device=per_token.device).index_add(0, slot, per_token)
+    counts = torch.zeros(n_slots, dtype=torch.float32, device=per_token.device).index_add(
         0, slot, torch.ones_like(per_token, dtype=torch.float32))
+    return sums, counts
+
+
+def packed_sequence_logps(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Same output as `batching.sequence_logps` (chosen/rejected sums and token counts), from a packed batch."""
+    n = int(batch["num_pairs"])
+    sums, counts = packed_slot_logps(model, batch, 2 * n)
     return {"chosen": sums[:n], "rejected": sums[n:], "chosen_tokens": counts[:n], "rejected_tokens": counts[n:],
             "chosen_nll_sum": -sums[:n]}
 
@@ -176,6 +262,9 @@ def batch_logps(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def batch_num_pairs(batch: dict) -> int:
+    """Items of a batch for loss normalisation: pairs, or rows of ranked/unpaired feedback."""
+    if is_list_batch(batch):
+        return int(batch["group_sizes"].shape[0])
     return int(batch["num_pairs"]) if is_packed(batch) else batch["input_ids"].shape[0] // 2
 
 

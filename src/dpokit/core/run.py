@@ -87,6 +87,10 @@ class TrainSummary(Artifact):
     step0_check: dict[str, Any] | None = Field(None, description="at step 0 the DPO loss must be ln 2 (policy equals "
                                                "reference)")
     pairs_trained: int | None = Field(None, description="pairs in the training set after truncation")
+    precision: str | None = Field(None, description="fp32, bf16 or fp16: what training ran in")
+    versions: dict[str, str] | None = Field(None, description="dpokit, torch, transformers, peft, python versions")
+    finished: float | None = Field(None, description="unix time training finished")
+    resumed_from: str | None = Field(None, description="the checkpoint a --resume continued from (its folder name)")
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -181,6 +185,10 @@ class EvalResult(Artifact):
     generation: Generation | None = Field(None, description="judged answers of tuned vs base (`null` with "
                                           "eval.generate: false)")
     kl: KL | None = Field(None, description="KL(tuned || base) on the tuned model's own samples")
+    ranking: dict[str, Any] | None = Field(None, description="ranked held-out lists: pairwise accuracy and Kendall "
+                                           "tau of the implicit rewards against the given order (`null` for pairs)")
+    unpaired: dict[str, Any] | None = Field(None, description="unpaired held-out rows (KTO): share of desirable "
+                                            "answers the tuned model raised and undesirable ones it lowered")
 
 
 class EvalSample(Model):

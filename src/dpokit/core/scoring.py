@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 
 from dpokit.core.batching import pad_pairs, token_logps
-from dpokit.core.packing import batch_logps, pack_pairs, packing_self_check
+from dpokit.core.packing import (
+    batch_logps,
+    collate_lists,
+    list_logps,
+    pack_pairs,
+    packing_self_check,
+    probe_pair,
+)
 
 
 @torch.no_grad()
@@ -28,6 +35,28 @@ def pair_logps(model, encoded: list[dict], pad_id: int, batch_size: int = 8,
         for key in out:
             out[key].extend(res[key].float().cpu().tolist())
     return out
+
+
+@torch.no_grad()
+def feedback_logps(model, encoded: list[dict], pad_id: int, batch_size: int = 8,
+                   packing: bool = True) -> tuple[list[list[float]], list[list[int]]]:
+    """Summed log-probs and token counts of every response of ranked or unpaired rows (`responses_ids`), per row;
+    packed (one prefix-shared segment per row) when the model passes the packing self-check, else padded."""
+    device = next(model.parameters()).device
+    packed = packing and bool(encoded) and packing_self_check(model, probe_pair(encoded[0]), pad_id) is None
+    model.eval()
+    values: list[list[float]] = []
+    counts: list[list[int]] = []
+    for start in range(0, len(encoded), batch_size):
+        rows = encoded[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_lists(rows, pad_id, packed).items()}
+        sums, tokens = (t.float().cpu().tolist() for t in list_logps(model, batch))
+        for r in rows:
+            n = len(r["responses_ids"])
+            values.append(sums[:n])
+            counts.append([int(c) for c in tokens[:n]])
+            sums, tokens = sums[n:], tokens[n:]
+    return values, counts
 
 
 @torch.no_grad()

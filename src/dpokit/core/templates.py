@@ -36,21 +36,28 @@ def _messages(prompt: list[dict], system_prompt: str | None) -> list[dict]:
 
 def render(row: dict, tokenizer, system_prompt: str | None = None) -> tuple[str, str, str]:
     """(prompt_text, chosen_text, rejected_text) as the model will see them."""
-    if not is_conversational(row):
-        return row["prompt"], row["chosen"], row["rejected"]
+    prompt_text, (chosen, rejected) = render_responses(row["prompt"], [row["chosen"], row["rejected"]], tokenizer,
+                                                       system_prompt)
+    return prompt_text, chosen, rejected
+
+
+def render_responses(prompt, responses: list, tokenizer, system_prompt: str | None = None) -> tuple[str, list[str]]:
+    """(prompt_text, [response_text, ...]) as the model will see them: any number of responses to one prompt."""
+    if isinstance(prompt, str):
+        return prompt, list(responses)
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
         raise UserError(
             f"conversational data (messages) needs a chat template, and the tokenizer of {name} has none; set "
             "data.chat_template to 'chatml', 'plain' or a Jinja template, or use a chat model"
         )
-    messages = _messages(row["prompt"], system_prompt)
+    messages = _messages(prompt, system_prompt)
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    responses = []
-    for key in ("chosen", "rejected"):
-        full = tokenizer.apply_chat_template(messages + row[key], tokenize=False)
+    texts = []
+    for response in responses:
+        full = tokenizer.apply_chat_template(messages + response, tokenize=False)
         if full.startswith(prompt_text):
-            responses.append(full[len(prompt_text):])
+            texts.append(full[len(prompt_text):])
         else:  # templates that rewrite history (e.g. strip reasoning) break the prefix; keep the content + EOS
-            responses.append(row[key][-1]["content"] + (tokenizer.eos_token or ""))
-    return prompt_text, responses[0], responses[1]
+            texts.append(response[-1]["content"] + (tokenizer.eos_token or ""))
+    return prompt_text, texts

@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 
 from dpokit.core.errors import UserError
 from dpokit.data.checks import MAX_EXAMPLES, Tally, preview, row_checks, shared_prompts
-from dpokit.data.formats import FORMATS, ConvertOptions, Drop, RowError, apply_column_map, detect_format
+from dpokit.data.formats import (
+    FORMATS,
+    ConvertOptions,
+    Drop,
+    RowError,
+    apply_column_map,
+    as_kind,
+    detect_format,
+    row_kind,
+)
 from dpokit.data.sources import read_rows, read_source  # noqa: F401  (read_source is public API)
 
 
@@ -24,6 +33,7 @@ class PreferenceData:
     # Where each row came from ("file.jsonl:12"), parallel to train / eval, for messages and report examples.
     train_locations: list[str] = field(default_factory=list)
     eval_locations: list[str] = field(default_factory=list)
+    kind: str = "pair"  # feedback kind of the rows: pair, ranked or unpaired (dpokit.data.formats.row_kind)
 
 
 def prompt_key(prompt) -> str:
@@ -60,7 +70,8 @@ def normalise_located(items, fmt: str, columns: dict, on_error: str, origin: str
     identical = Tally()
     for where, row in items:
         try:
-            canonical = convert(apply_column_map(row, columns), opts)
+            # A row may become several (a pair split into two unpaired rows); all share its location.
+            converted = as_kind(convert(apply_column_map(row, columns), opts), opts.kind, opts)
         except RowError as err:
             if on_error != "skip":
                 raise UserError(f"{where}: {err}; fix the row or set data.on_error: skip") from None
@@ -69,11 +80,12 @@ def normalise_located(items, fmt: str, columns: dict, on_error: str, origin: str
         except Drop as drop:
             dropped.setdefault(drop.reason, Tally()).add(where)
             continue
-        if canonical["chosen"] == canonical["rejected"]:
-            identical.add(where, chosen=canonical["chosen"])
-            continue
-        out.append(canonical)
-        locations.append(where)
+        for canonical in converted:
+            if "chosen" in canonical and canonical["chosen"] == canonical["rejected"]:
+                identical.add(where, chosen=canonical["chosen"])
+                continue
+            out.append(canonical)
+            locations.append(where)
     for item in bad:
         malformed_kinds[item["kind"]] = malformed_kinds.get(item["kind"], 0) + 1
     counts = {
@@ -115,7 +127,7 @@ def _read_normalised(source, split, data_cfg, fmt, seed_offset=0) -> Normalised:
     items = read_rows(source, split, data_cfg.config_name, bad)
     opts = ConvertOptions(pairing=getattr(data_cfg, "pairing", "best_worst"),
                           min_score_gap=getattr(data_cfg, "min_score_gap", 0.0),
-                          rng=random.Random(data_cfg.seed + seed_offset))
+                          rng=random.Random(data_cfg.seed + seed_offset), kind=getattr(data_cfg, "kind", "auto"))
     return normalise_located(items, fmt, data_cfg.columns, data_cfg.on_error, source, opts, bad)
 
 
@@ -125,8 +137,9 @@ def load_preferences(data_cfg) -> PreferenceData:
     train_part = _read_normalised(source, data_cfg.split, data_cfg, data_cfg.format)
     fmt = train_part.format
     conversational = bool(train_part.rows) and isinstance(train_part.rows[0]["prompt"], list)
+    feedback = row_kind(train_part.rows[0]) if train_part.rows else "pair"
     report = {"source": source, "format": fmt, "kind": "conversational" if conversational else "text",
-              "train_counts": train_part.counts}
+              "feedback": feedback, "train_counts": train_part.counts}
     if data_cfg.eval_source or data_cfg.eval_split:
         eval_src = data_cfg.eval_source or source
         eval_part = _read_normalised(eval_src, data_cfg.eval_split or "train", data_cfg, fmt, seed_offset=1)
@@ -158,4 +171,4 @@ def load_preferences(data_cfg) -> PreferenceData:
                         "prompts_shared_train_eval": shared_prompts(train, evals, prompt_key)}
     report.update(n_train=len(train), n_eval=len(evals))
     return PreferenceData(train=train, eval=evals, format=fmt, report=report,
-                          train_locations=train_loc, eval_locations=eval_loc)
+                          train_locations=train_loc, eval_locations=eval_loc, kind=feedback)

@@ -1,4 +1,5 @@
-"""Checks on canonical rows that need no tokenizer: empty fields, duplicates, prompts shared across splits.
+"""Checks on canonical rows that need no tokenizer: empty fields, duplicates, tied scores, prompts shared across
+splits.
 
 Every check gives a count and up to three examples (`where` names the file and line/row), so the report says
 what it found and where to look.
@@ -39,23 +40,62 @@ def text_of(value) -> str:
     return "\n".join(m["content"] for m in value)
 
 
+def _is_empty(value) -> bool:
+    return not text_of(value).strip() or (isinstance(value, list) and any(not m["content"].strip() for m in value))
+
+
 def row_checks(rows: list[dict], locations: list[str]) -> dict:
-    """Empty fields and exact duplicate pairs (both kept, reported)."""
-    empty = {name: Tally() for name in ("prompt", "chosen", "rejected")}
+    """Empty fields and exact duplicate rows (both kept, reported). Ranked rows also count tied scores and
+    repeated responses within a list; unpaired rows count desirable and undesirable labels."""
+    if rows and "responses" in rows[0]:
+        return _ranked_checks(rows, locations)
+    fields = ("prompt", "completion") if rows and "completion" in rows[0] else ("prompt", "chosen", "rejected")
+    empty = {name: Tally() for name in fields}
     duplicates = Tally()
     seen: dict[str, str] = {}
     for row, where in zip(rows, locations, strict=True):
         for name, tally in empty.items():
-            value = row[name]
-            if not text_of(value).strip() or (isinstance(value, list) and any(not m["content"].strip() for m in value)):
-                tally.add(where, **{name: value})
-        key = json.dumps([row["prompt"], row["chosen"], row["rejected"]], ensure_ascii=False, sort_keys=True)
+            if _is_empty(row[name]):
+                tally.add(where, **{name: row[name]})
+        key = json.dumps([row[name] for name in fields] + [row.get("label")], ensure_ascii=False, sort_keys=True)
+        if key in seen:
+            duplicates.add(where, first_seen=seen[key], prompt=row["prompt"])
+        else:
+            seen[key] = where
+    out = {"empty_fields": {name: t.as_dict() for name, t in empty.items()}}
+    if "completion" in fields:
+        desirable = sum(bool(r["label"]) for r in rows)
+        return {**out, "duplicate_rows": duplicates.as_dict(),
+                "labels": {"desirable": desirable, "undesirable": len(rows) - desirable}}
+    return {**out, "duplicate_pairs": duplicates.as_dict()}
+
+
+def _ranked_checks(rows: list[dict], locations: list[str]) -> dict:
+    empty = {"prompt": Tally(), "responses": Tally()}
+    duplicates, ties, repeated = Tally(), Tally(), Tally()
+    seen: dict[str, str] = {}
+    sizes: dict[int, int] = {}
+    for row, where in zip(rows, locations, strict=True):
+        if _is_empty(row["prompt"]):
+            empty["prompt"].add(where, prompt=row["prompt"])
+        if any(_is_empty(r) for r in row["responses"]):
+            empty["responses"].add(where, responses=row["responses"])
+        if len(set(row["scores"])) < len(row["scores"]):
+            ties.add(where, scores=row["scores"])
+        texts = [text_of(r) for r in row["responses"]]
+        if len(set(texts)) < len(texts):
+            repeated.add(where, responses=row["responses"])
+        sizes[len(texts)] = sizes.get(len(texts), 0) + 1
+        key = json.dumps([row["prompt"], row["responses"], row["scores"]], ensure_ascii=False, sort_keys=True)
         if key in seen:
             duplicates.add(where, first_seen=seen[key], prompt=row["prompt"])
         else:
             seen[key] = where
     return {"empty_fields": {name: t.as_dict() for name, t in empty.items()},
-            "duplicate_pairs": duplicates.as_dict()}
+            "duplicate_rows": duplicates.as_dict(),
+            "tied_scores": ties.as_dict(),  # kept: listwise_pairs skips tied pairs, listwise_pl keeps the given order
+            "repeated_responses": repeated.as_dict(),
+            "responses_per_row": {str(k): v for k, v in sorted(sizes.items())}}
 
 
 def shared_prompts(train: list[dict], evals: list[dict], key) -> dict:

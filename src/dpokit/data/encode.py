@@ -8,7 +8,7 @@ the prompt can be shared by both responses (prefix sharing, packing).
 from __future__ import annotations
 
 from dpokit.core.errors import UserError
-from dpokit.core.templates import is_conversational, render
+from dpokit.core.templates import is_conversational, render, render_responses
 from dpokit.data.checks import Tally
 
 
@@ -36,16 +36,28 @@ def encode_pair(row: dict, tokenizer, *, system_prompt=None, max_length=512, max
     `stats`, when given, receives the untruncated lengths (prompt, chosen, rejected) and whether the pair was over.
     """
     prompt_text, chosen_text, rejected_text = render(row, tokenizer, system_prompt)
-    conversational = is_conversational(row)
+    fitted = _encode_and_fit(prompt_text, [chosen_text, rejected_text], is_conversational(row), tokenizer,
+                             max_length, max_prompt_length, truncation, where, stats)
+    if stats is not None:
+        lengths = stats.pop("responses")
+        stats.update(chosen=lengths[0], rejected=lengths[1], texts=(prompt_text, chosen_text, rejected_text))
+    if fitted is None:
+        return None
+    prompt, (chosen, rejected), truncated = fitted
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "truncated": truncated}
+
+
+def _encode_and_fit(prompt_text: str, response_texts: list[str], conversational: bool, tokenizer, max_length: int,
+                    max_prompt_length: int | None, truncation: str, where: str, stats: dict | None):
+    """(prompt ids, [response ids], truncated) with the longest prompt + response within max_length per
+    `truncation`; None when dropped. `stats` receives the untruncated lengths and whether it was over."""
     prompt = _encode_prompt(prompt_text, tokenizer)
     # Plain-text responses get an EOS; chat templates close the turn themselves.
-    chosen = _encode_response(chosen_text, tokenizer, add_eos=not conversational)
-    rejected = _encode_response(rejected_text, tokenizer, add_eos=not conversational)
-    longest = max(len(chosen), len(rejected))
+    responses = [_encode_response(text, tokenizer, add_eos=not conversational) for text in response_texts]
+    longest = max(len(r) for r in responses)
     too_long = len(prompt) + longest > max_length or bool(max_prompt_length and len(prompt) > max_prompt_length)
     if stats is not None:
-        stats.update(prompt=len(prompt), chosen=len(chosen), rejected=len(rejected), over=too_long,
-                     texts=(prompt_text, chosen_text, rejected_text))
+        stats.update(prompt=len(prompt), responses=[len(r) for r in responses], over=too_long)
     truncated = False
     if too_long:
         if truncation == "error":
@@ -62,8 +74,42 @@ def encode_pair(row: dict, tokenizer, *, system_prompt=None, max_length=512, max
         budget = max(max_length - longest, min(len(prompt), max_length // 2))
         prompt = prompt[-budget:] if budget > 0 else prompt[-1:]
         room = max_length - len(prompt)
-        chosen, rejected = chosen[:room], rejected[:room]
-    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "truncated": truncated}
+        responses = [r[:room] for r in responses]
+    return prompt, responses, truncated
+
+
+def encode_feedback(row: dict, tokenizer, *, system_prompt=None, max_length=512, max_prompt_length=None,
+                    truncation="prompt_left", where: str = "row", stats: dict | None = None) -> dict | None:
+    """Token ids of a ranked row ({prompt_ids, responses_ids, scores}, best first) or an unpaired row
+    ({prompt_ids, responses_ids: [completion], label}; `attach_kl_completions` adds the mismatched completion)."""
+    responses = row["responses"] if "responses" in row else [row["completion"]]
+    prompt_text, texts = render_responses(row["prompt"], responses, tokenizer, system_prompt)
+    fitted = _encode_and_fit(prompt_text, texts, is_conversational(row), tokenizer, max_length, max_prompt_length,
+                             truncation, where, stats)
+    if stats is not None:
+        stats["texts"] = (prompt_text, *texts)
+    if fitted is None:
+        return None
+    prompt, ids, truncated = fitted
+    out = {"prompt_ids": prompt, "responses_ids": ids, "truncated": truncated}
+    if "responses" in row:
+        out["scores"] = list(row["scores"])
+    else:
+        out["label"] = bool(row["label"])
+    return out
+
+
+def attach_kl_completions(encoded: list[dict], max_length: int) -> None:
+    """KTO's reference point needs, for each unpaired row, another row's completion under this row's prompt. As
+    TRL does, the completions are shifted by one (row i gets the completion of row i-1, the first the last's),
+    skipping rows with the same prompt (the two halves of a split pair), so the pairing is fixed before training and
+    the reference log-probs of the mismatched completions can be precomputed and cached like the others."""
+    n = len(encoded)
+    for i, row in enumerate(encoded):
+        j = next((k % n for k in range(i - 1, i - n, -1) if encoded[k % n]["prompt_ids"] != row["prompt_ids"]),
+                 (i - 1) % n)
+        room = max(max_length - len(row["prompt_ids"]), 1)
+        row["responses_ids"] = row["responses_ids"][:1] + [encoded[j]["responses_ids"][0][:room]]
 
 
 TEMPLATE_CHECK_ROWS = 8  # the "first batch": enough to catch a template bug, cheap on any dataset
@@ -138,6 +184,8 @@ def encode_rows(rows: list[dict], tokenizer, data_cfg, origin: str = "data",
     truncation); `chosen_longer_fraction` is the share of pairs whose chosen response is strictly longer.
     `kept`, when given, receives the indices of the rows that were not dropped.
     """
+    if rows and ("responses" in rows[0] or "completion" in rows[0]):
+        return encode_feedback_rows(rows, tokenizer, data_cfg, origin, locations, kept)
     encoded, dropped, truncated, merged = [], 0, 0, 0
     over = Tally()
     chosen_len = rejected_len = chosen_longer = 0
@@ -177,6 +225,64 @@ def encode_rows(rows: list[dict], tokenizer, data_cfg, origin: str = "data",
             "rejected_mean_tokens": round(rejected_len / n, 4) if n else None,
             "chosen_longer_fraction": round(chosen_longer / n, 4) if n else None,
         },
+        "template_checks": {"rows_checked": min(n, TEMPLATE_CHECK_ROWS), "double_bos": 0, "eos_per_response": 1,
+                            "boundary_merges_handled": merged},
+    }
+
+
+def encode_feedback_rows(rows: list[dict], tokenizer, data_cfg, origin: str = "data",
+                         locations: list[str] | None = None, kept: list[int] | None = None) -> tuple[list[dict], dict]:
+    """`encode_rows` for ranked and unpaired rows. Length bias: mean tokens by rank position (ranked; rank 1 =
+    best) and the share of lists whose best response is strictly longer than the worst, or mean tokens of
+    desirable vs undesirable completions (unpaired)."""
+    encoded, dropped, truncated, merged = [], 0, 0, 0
+    over = Tally()
+    by_rank: dict[int, list[int]] = {}
+    by_label: dict[str, list[int]] = {"desirable": [], "undesirable": []}
+    best_longer = 0
+    for index, row in enumerate(rows):
+        where = locations[index] if locations else f"{origin} row {index + 1}"
+        stats: dict = {}
+        item = encode_feedback(row, tokenizer, system_prompt=data_cfg.system_prompt, max_length=data_cfg.max_length,
+                               max_prompt_length=data_cfg.max_prompt_length, truncation=data_cfg.truncation,
+                               where=where, stats=stats)
+        lengths = stats["responses"]
+        if "responses" in row:
+            for rank, n in enumerate(lengths, start=1):
+                by_rank.setdefault(rank, []).append(n)
+            best_longer += lengths[0] > lengths[-1]
+        else:
+            by_label["desirable" if row["label"] else "undesirable"].append(lengths[0])
+        if stats["over"]:
+            over.add(where, tokens=f"prompt {stats['prompt']} + longest response {max(lengths)}")
+        if index < TEMPLATE_CHECK_ROWS and not stats["over"]:
+            texts = stats["texts"]
+            probe = {"prompt_ids": item["prompt_ids"], "chosen_ids": item["responses_ids"][0],
+                     "rejected_ids": item["responses_ids"][-1]}
+            merged += check_template(probe, (texts[0], texts[1], texts[-1]), tokenizer, where)
+        if item is None:
+            dropped += 1
+            continue
+        truncated += item.pop("truncated")
+        encoded.append(item)
+        if kept is not None:
+            kept.append(index)
+    if encoded and "label" in encoded[0]:
+        attach_kl_completions(encoded, data_cfg.max_length)
+    n = len(rows)
+    mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
+    if by_rank:
+        bias = {"mean_tokens_by_rank": {str(k): mean(v) for k, v in sorted(by_rank.items())},
+                "best_longer_than_worst_fraction": round(best_longer / n, 4) if n else None}
+    else:
+        bias = {f"{k}_mean_tokens": mean(v) for k, v in by_label.items()}
+    return encoded, {
+        "rows": n,
+        "dropped_over_max_length": dropped,
+        "truncated": truncated,
+        "over_max_length": {**over.as_dict(), "max_length": data_cfg.max_length,
+                            "max_prompt_length": data_cfg.max_prompt_length, "truncation": data_cfg.truncation},
+        "length_bias": bias,
         "template_checks": {"rows_checked": min(n, TEMPLATE_CHECK_ROWS), "double_bos": 0, "eos_per_response": 1,
                             "boundary_merges_handled": merged},
     }

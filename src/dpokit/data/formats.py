@@ -1,7 +1,9 @@
-"""Row shapes -> canonical rows {"prompt", "chosen", "rejected"}.
+"""Row shapes -> canonical rows of three feedback kinds: pair {"prompt", "chosen", "rejected"}, ranked
+{"prompt", "responses", "scores"} (best first) and unpaired {"prompt", "completion", "label"}.
 
-Canonical rows hold either three strings (plain text) or message lists: `prompt` is every turn before the final
-assistant turn, `chosen`/`rejected` are one-message lists holding that final assistant turn.
+Canonical rows hold either strings (plain text) or message lists: `prompt` is every turn before the final
+assistant turn, each response a one-message list holding that final assistant turn. `as_kind` converts between
+kinds (`data.kind`).
 Each format is a pair (detect, convert) in FORMATS. `detect(row)` looks at the first row; `convert(row, opts)`
 returns a canonical row, raises `Drop(reason)` for a row the format deliberately leaves out (a score tie), and
 raises `RowError` for a malformed row.
@@ -40,6 +42,7 @@ class ConvertOptions:
     pairing: str = "best_worst"
     min_score_gap: float = 0.0
     rng: random.Random = field(default_factory=lambda: random.Random(42))
+    kind: str = "auto"  # data.kind: the feedback kind rows become (auto: the format's own)
 
 
 def is_messages(value) -> bool:
@@ -241,17 +244,25 @@ def convert_scored(row: dict, opts: ConvertOptions | None = None) -> dict:
     scored = [_completion(c, i) for i, c in enumerate(row["completions"])]
     if len(scored) < 2:
         raise Drop("fewer_than_two_completions")
+    if opts.kind in ("ranked", "unpaired"):  # keep every completion; as_kind splits it further for unpaired
+        return _ranked_row(_user(prompt), [_assistant(t) for t, _ in scored], [sc for _, sc in scored])
+    best, other = _pick_pair([sc for _, sc in scored], opts)
+    return {"prompt": _user(prompt), "chosen": _assistant(scored[best][0]), "rejected": _assistant(scored[other][0])}
+
+
+def _pick_pair(scores: list[float], opts: ConvertOptions) -> tuple[int, int]:
+    """(best, other) indices per data.pairing: other is the lowest, or (best_random) a random lower-scored one."""
     # First highest wins ties for "best" (stable and seed-free); the loser is the first lowest, or a random worse one.
-    best = max(range(len(scored)), key=lambda i: scored[i][1])
+    best = max(range(len(scores)), key=lambda i: scores[i])
     if opts.pairing == "best_random":
-        worse = [i for i in range(len(scored)) if scored[i][1] < scored[best][1]]
+        worse = [i for i in range(len(scores)) if scores[i] < scores[best]]
         if not worse:
             raise Drop("tied_scores")
         other = opts.rng.choice(worse)
     else:
-        other = min(range(len(scored)), key=lambda i: scored[i][1])
-    _check_gap(scored[best][1], scored[other][1], opts)
-    return {"prompt": _user(prompt), "chosen": _assistant(scored[best][0]), "rejected": _assistant(scored[other][0])}
+        other = min(range(len(scores)), key=lambda i: scores[i])
+    _check_gap(scores[best], scores[other], opts)
+    return best, other
 
 
 def detect_scored(row: dict) -> bool:
@@ -279,11 +290,121 @@ def detect_shp(row: dict) -> bool:
     return {"history", "human_ref_A", "human_ref_B", "labels"} <= set(row)
 
 
+# 7. Unpaired (TRL's unpaired preference format, KTO data): prompt, completion, label (bool) ----------------------
+
+def _label(value) -> bool:
+    # CSV cells arrive as text; JSON/Parquet give real booleans. Numbers and other words are refused: 1/0 or
+    # "good"/"bad" are too easy to get backwards.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise RowError(f"field 'label': expected a boolean (true = desirable, false = undesirable), got {value!r}",
+                   "bad_label")
+
+
+def _prompt_and_responses(prompt, responses: list) -> tuple:
+    """A prompt and its responses in one shape: all text, or messages (a text prompt is lifted to a user turn)."""
+    if is_messages(prompt):
+        prompt = _clean_messages(prompt, "prompt")
+    elif not isinstance(prompt, str):
+        raise RowError(f"field 'prompt': expected a string or a list of messages, got {type(prompt).__name__}",
+                       "non_string_content")
+    if isinstance(prompt, str) and all(isinstance(r, str) for r in responses):
+        return prompt, responses
+    prompt = _user(prompt) if isinstance(prompt, str) else prompt
+    return prompt, [r if isinstance(r, list) else _assistant(r) for r in responses]
+
+
+def convert_unpaired(row: dict, opts: ConvertOptions | None = None) -> dict:
+    _require(row, "prompt", "completion", "label")
+    label = _label(row["label"])
+    prompt, (completion,) = _prompt_and_responses(row["prompt"], [_as_response(row["completion"], "completion")])
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def detect_unpaired(row: dict) -> bool:
+    return {"prompt", "completion", "label"} <= set(row)
+
+
+# 8. Ranked lists: prompt, responses (>= 2), scores (higher is better) or ranks (1 = best) -----------------------
+
+def _numbers(row: dict, name: str, n: int) -> list[float]:
+    values = row[name]
+    if not isinstance(values, list) or len(values) != n:
+        got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
+        raise RowError(f"field {name!r}: expected a list of {n} numbers (one per response), got {got}", "bad_score")
+    try:
+        if any(isinstance(v, bool) for v in values):
+            raise TypeError
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise RowError(f"field {name!r}: expected numbers, got {values!r}", "bad_score") from None
+
+
+def _ranked_row(prompt, responses: list, scores: list[float]) -> dict:
+    """Canonical ranked row, best first (stable: tied responses keep their given order)."""
+    order = sorted(range(len(responses)), key=lambda i: -scores[i])
+    return {"prompt": prompt, "responses": [responses[i] for i in order], "scores": [scores[i] for i in order]}
+
+
+def convert_ranked(row: dict, opts: ConvertOptions | None = None) -> dict:
+    _require(row, "prompt", "responses")
+    responses = row["responses"]
+    if not isinstance(responses, list):
+        raise RowError(f"field 'responses': expected a list, got {type(responses).__name__}", "bad_shape")
+    if len(responses) < 2:
+        raise RowError(f"field 'responses': a ranking needs at least 2 responses, got {len(responses)}", "too_few_responses")
+    if ("scores" in row) == ("ranks" in row) or row.get("scores", row.get("ranks")) is None:
+        raise RowError("expected exactly one of 'scores' (higher is better) or 'ranks' (1 = best)", "missing_field")
+    if "scores" in row:
+        scores = _numbers(row, "scores", len(responses))
+    else:
+        scores = [-r for r in _numbers(row, "ranks", len(responses))]  # rank 1 is best: score -1 > -2
+    prompt, responses = _prompt_and_responses(
+        row["prompt"], [_as_response(r, f"responses[{i}]") for i, r in enumerate(responses)])
+    return _ranked_row(prompt, responses, scores)
+
+
+def detect_ranked(row: dict) -> bool:
+    return "prompt" in row and "responses" in row
+
+
+# Converting between feedback kinds (data.kind) ---------------------------------------------------------------
+
+def row_kind(row: dict) -> str:
+    """The feedback kind of a canonical row."""
+    return "ranked" if "responses" in row else "unpaired" if "completion" in row else "pair"
+
+
+def as_kind(row: dict, kind: str, opts: ConvertOptions) -> list[dict]:
+    """Canonical rows of `kind` from one canonical row: a pair splits into a desirable and an undesirable row, or
+    becomes a two-response ranking; a ranking becomes its data.pairing pair (then rows, for unpaired)."""
+    have = row_kind(row)
+    if kind in ("auto", have):
+        if have == "ranked" and len(set(row["scores"])) == 1:
+            raise Drop("tied_scores")  # every response scored the same: the list says nothing
+        return [row]
+    if have == "unpaired":
+        raise UserError(f"data.kind: {kind}, but the rows are unpaired (one completion with a label), which cannot "
+                        "become pairs or rankings; set data.kind: unpaired and train.loss: kto")
+    if have == "ranked":
+        best, other = _pick_pair(row["scores"], opts)
+        row = {"prompt": row["prompt"], "chosen": row["responses"][best], "rejected": row["responses"][other]}
+        return as_kind(row, kind, opts)
+    if kind == "ranked":
+        return [{"prompt": row["prompt"], "responses": [row["chosen"], row["rejected"]], "scores": [1.0, 0.0]}]
+    return [{"prompt": row["prompt"], "completion": row["chosen"], "label": True},
+            {"prompt": row["prompt"], "completion": row["rejected"], "label": False}]
+
+
 # name -> (detect(first row) -> bool, convert(row, opts) -> canonical row). Order matters for detection:
 # specific shapes first, explicit last (UltraFeedback-binarized rows also have prompt/chosen/rejected).
 FORMATS: dict[str, tuple[Callable[[dict], bool], Callable[..., dict]]] = {
     "shp": (detect_shp, convert_shp),
     "scored": (detect_scored, convert_scored),
+    "unpaired": (detect_unpaired, convert_unpaired),
+    "ranked": (detect_ranked, convert_ranked),
     "ultrafeedback_binarized": (detect_ultrafeedback_binarized, convert_ultrafeedback_binarized),
     "implicit": (detect_implicit, convert_implicit),
     "explicit": (detect_explicit, convert_explicit),
@@ -296,7 +417,10 @@ FORMAT_HELP = {
     "implicit": "chosen, rejected: whole conversations (message lists or HH-RLHF '\\n\\nHuman: ... \\n\\nAssistant: ...' text)",
     "ultrafeedback_binarized": "prompt string + chosen/rejected conversations repeating the user turn "
                                "(+ optional score_chosen/score_rejected)",
-    "scored": "instruction (or prompt) + completions[*].{response, overall_score}; binarised by data.pairing",
+    "scored": "instruction (or prompt) + completions[*].{response, overall_score}; binarised by data.pairing, or "
+              "every completion kept with data.kind: ranked",
+    "unpaired": "prompt, completion, label (true = desirable): TRL's unpaired preference format (KTO)",
+    "ranked": "prompt, responses (>= 2), scores (higher is better) or ranks (1 = best)",
     "shp": "history, human_ref_A, human_ref_B, labels (1 = A preferred), optional score_A/score_B",
     "ultrafeedback_last_turn": "seed-notebook recipe: keep the prompt string, chosen/rejected = text of the last "
                                "assistant message (never auto-detected)",

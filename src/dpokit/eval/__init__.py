@@ -18,12 +18,12 @@ from dpokit.core.judges import (
 from dpokit.core.models import load_model, load_model_and_tokenizer
 from dpokit.core.run import EvalResult, EvalSample, RunDir
 from dpokit.core.sampling import sample
-from dpokit.core.scoring import pair_logps, response_logps
+from dpokit.core.scoring import feedback_logps, pair_logps, response_logps
 from dpokit.core.stats import interval
 from dpokit.core.templates import setup_chat_template
 from dpokit.data import prompt_key
 from dpokit.data.encode import encode_rows
-from dpokit.eval.likelihood import preference_metrics
+from dpokit.eval.likelihood import feedback_pairs, preference_metrics, ranking_metrics, unpaired_metrics
 from dpokit.eval.metrics import (
     kl_summary,
     length_buckets,
@@ -72,10 +72,11 @@ def eval_settings(cfg: RunConfig, overrides: list[str] | None, origin: str) -> E
     return config_from_dict({**cfg.model_dump(mode="json"), "eval": raw["eval"]}, origin).eval
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, quiet: bool = False) -> EvalResult:
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, quiet: bool = True) -> EvalResult:
     """Held-out preference metrics and (eval.generate) judged answers of tuned vs base, with KL. Writes
     RUN_DIR/eval.json (with the eval settings used) and RUN_DIR/eval_samples.jsonl. Checks every input (settings,
-    judge, held-out pairs) before any model loads."""
+    judge, held-out pairs) before any model loads. `quiet=False` prints the result tables (the CLI's choice; a
+    library call prints nothing)."""
     run = RunDir(run_dir)
     run.require_model()
     cfg = run.read_config()
@@ -98,12 +99,17 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, quiet:
     if base is not None:
         base.to(device)
     bs = settings.batch_size
-    tuned_lp = pair_logps(tuned, encoded, tokenizer.pad_token_id, bs, cfg.train.packing)
-    with _as_base(tuned, base) as base_model:
-        base_lp = pair_logps(base_model, encoded, tokenizer.pad_token_id, bs, cfg.train.packing)
+    if encoded and "responses_ids" in encoded[0]:  # ranked or unpaired rows
+        extra = feedback_metrics(tuned, base, encoded, tokenizer.pad_token_id, bs, cfg)
+        tuned_lp, base_lp = extra.pop("pairs")
+    else:
+        extra = {}
+        tuned_lp = pair_logps(tuned, encoded, tokenizer.pad_token_id, bs, cfg.train.packing)
+        with _as_base(tuned, base) as base_model:
+            base_lp = pair_logps(base_model, encoded, tokenizer.pad_token_id, bs, cfg.train.packing)
     result = {"run_dir": str(run.path), "model": cfg.model.name_or_path, "beta": cfg.train.beta,
               "settings": settings.model_dump(mode="json"),
-              "preference": preference_metrics(tuned_lp, base_lp, cfg.train.beta)}
+              "preference": preference_metrics(tuned_lp, base_lp, cfg.train.beta), **extra}
     samples = []
     if judge is not None:
         result["generation"], result["kl"], samples = generation_metrics(
@@ -113,6 +119,21 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, quiet:
     if not quiet:
         print_eval_table(typed.model_dump(mode="python"))
     return typed
+
+
+def feedback_metrics(tuned, base, encoded: list[dict], pad_id: int, batch_size: int, cfg: RunConfig) -> dict:
+    """Ranked rows: `ranking` (pairwise accuracy, Kendall tau); unpaired rows: `unpaired` (accuracy on desirable
+    and undesirable answers). `pairs`: (tuned, base) log-probs of the pairs the `preference` section is computed on
+    (best vs worst; desirable vs undesirable answers to one prompt)."""
+    tuned_v, counts = feedback_logps(tuned, encoded, pad_id, batch_size, cfg.train.packing)
+    with _as_base(tuned, base) as base_model:
+        base_v, _ = feedback_logps(base_model, encoded, pad_id, batch_size, cfg.train.packing)
+    beta = cfg.train.beta
+    pairs = (feedback_pairs(encoded, tuned_v, counts), feedback_pairs(encoded, base_v, counts))
+    if "scores" in encoded[0]:
+        return {"ranking": ranking_metrics(tuned_v, base_v, [r["scores"] for r in encoded], beta), "pairs": pairs}
+    return {"unpaired": unpaired_metrics([v[0] for v in tuned_v], [v[0] for v in base_v],
+                                         [r["label"] for r in encoded], beta), "pairs": pairs}
 
 
 class _as_base:
@@ -207,6 +228,13 @@ def print_eval_table(result: dict) -> None:
         lik = pref["likelihood_accuracy"][who]
         table.add_row(f"likelihood accuracy, {who} (sum)", _fmt(lik["sum"]))
         table.add_row(f"likelihood accuracy, {who} (per token)", _fmt(lik["mean_per_token"]))
+    ranking, unpaired = result.get("ranking"), result.get("unpaired")
+    if ranking:
+        table.add_row(f"ranking: pairwise accuracy ({ranking['n_ordered_pairs']} pairs)", _fmt(ranking["pairwise_accuracy"]))
+        table.add_row(f"ranking: Kendall tau ({ranking['n_lists']} lists)", _fmt(ranking["kendall_tau"]))
+    if unpaired:
+        table.add_row(f"desirable answers raised ({unpaired['n_desirable']})", _fmt(unpaired["desirable_accuracy"]))
+        table.add_row(f"undesirable answers lowered ({unpaired['n_undesirable']})", _fmt(unpaired["undesirable_accuracy"]))
     console.print(table)
     gen = result.get("generation")
     if not gen:

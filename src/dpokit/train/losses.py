@@ -9,6 +9,10 @@ response tokens, `ref_w`, `ref_l` the same under the reference, `|y|` the respon
 `h = (pi_w - ref_w) - (pi_l - ref_l)` the log-ratio margin, `sigma` the logistic function, `eps` the label-noise
 rate `train.label_smoothing`.
 
+Losses over other feedback take other inputs, named by `LOSS_KINDS`: ranked lists (`ListLogps`: N responses per
+prompt, best first) and unpaired rows (`UnpairedLogps`: one completion with a desirable/undesirable label); they
+return one loss per prompt (list) or per row (unpaired).
+
 `train.loss` combines losses with weights: `"sigmoid"`, `"sigmoid:1.0,sft:0.5"`, a list `[sigmoid, sft]` (weight 1
 each) or a mapping `{sigmoid: 1.0, sft: 0.5}`; `train.sft_weight > 0` adds the `sft` term on top (RPO).
 """
@@ -152,6 +156,87 @@ def sft_loss(lp: PairLogps, cfg) -> torch.Tensor:
     return -lp.chosen * batch / lp.chosen_tokens.sum().clamp(min=1)
 
 
+# --- Feedback beyond one pair: ranked lists and unpaired (KTO) rows ---------------------------------------------
+
+@dataclass
+class ListLogps:
+    """N responses per prompt, best first (sorted by score, highest first; ties keep the given order).
+    Rows with fewer responses than the widest are padded; `mask` says which entries are real."""
+
+    policy: torch.Tensor  # (B, N) sum of log pi(y_k | x) over response tokens
+    mask: torch.Tensor  # (B, N) bool, True = a real response
+    scores: torch.Tensor  # (B, N) the given scores (higher is better), descending along N
+    ref: torch.Tensor | None = None  # (B, N) same under the reference
+
+    def rewards(self, beta: float) -> torch.Tensor:
+        return beta * (self.policy - self.ref)
+
+
+@dataclass
+class UnpairedLogps:
+    """One completion per prompt with a thumbs-up/down `label`, and for the KTO reference point the log-probs of a
+    mismatched completion (another row's answer) under the same prompt (`kl_*`)."""
+
+    policy: torch.Tensor  # (B,) log pi(y | x)
+    label: torch.Tensor  # (B,) bool, True = desirable
+    ref: torch.Tensor | None = None
+    kl_policy: torch.Tensor | None = None  # (B,) log pi(y' | x) for a mismatched completion y'
+    kl_ref: torch.Tensor | None = None
+
+
+def listwise_pl_loss(lp: ListLogps, cfg) -> torch.Tensor:
+    """Plackett-Luce DPO (Rafailov et al. 2023, "Direct Preference Optimization", Appendix A.3, Eq. 18): for a
+    ranking tau_1 > ... > tau_N of N responses with implicit rewards r = beta * (log pi - log ref),
+
+        L = -log prod_k exp(r_tau_k) / sum_{j>=k} exp(r_tau_j) = -sum_k [r_tau_k - logsumexp_{j>=k} r_tau_j]
+
+    Derivation: the Plackett-Luce model picks the best of the remaining responses with softmax probabilities, one
+    position at a time; with the DPO reward parametrisation its negative log-likelihood is the above. With N = 2
+    it is -log sigma(r_1 - r_2), DPO's sigmoid loss. Ties are ranked in the given order.
+    """
+    # Padding gets the most negative finite value (exp of it is 0; -inf would give NaN gradients through where)
+    r = lp.rewards(cfg.beta)
+    r = r.masked_fill(~lp.mask, torch.finfo(r.dtype).min)
+    # logsumexp over j >= k: a cumulative logsumexp from the end
+    tail = torch.logcumsumexp(r.flip(-1), dim=-1).flip(-1)
+    terms = torch.where(lp.mask, r - tail, torch.zeros_like(r))
+    return -terms.sum(-1)
+
+
+def listwise_pairs_loss(lp: ListLogps, cfg) -> torch.Tensor:
+    """Every pair of a ranking as a DPO pair (the pairwise reduction of Plackett-Luce; Rafailov et al. 2023,
+    Eq. 7 summed over pairs, as in LiPO's "DPO-BT" baseline, Liu et al. 2024):
+
+        L = sum_{i<j, s_i > s_j} -log sigma(r_i - r_j)
+
+    Derivation: Bradley-Terry on each ordered pair of the list, summed; tied scores give no pair. With N = 2 it
+    is DPO's sigmoid loss.
+    """
+    r = lp.rewards(cfg.beta)
+    diff = r.unsqueeze(-1) - r.unsqueeze(-2)  # (B, N, N): r_i - r_j
+    valid = lp.mask.unsqueeze(-1) & lp.mask.unsqueeze(-2) & (lp.scores.unsqueeze(-1) > lp.scores.unsqueeze(-2))
+    return torch.where(valid, -F.logsigmoid(diff), torch.zeros_like(diff)).sum((-1, -2))
+
+
+def kto_loss(lp: UnpairedLogps, cfg) -> torch.Tensor:
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Eq. 7-8), as TRL's
+    KTOTrainer computes it, with r = log pi(y|x) - log ref(y|x):
+
+        z0 = max(0, mean_batch[log pi(y'|x) - log ref(y'|x)])   (detached; y' = another row's completion)
+        L = lambda_D * (1 - sigma(beta*(r - z0)))   for a desirable y,
+            lambda_U * (1 - sigma(beta*(z0 - r)))   for an undesirable y
+
+    Derivation: prospect theory's value of a gain (loss) relative to the reference point z0, an estimate of
+    KL(pi || ref) from mismatched prompt/completion pairs of the batch; it is clamped at 0 (a KL is non-negative)
+    and not back-propagated through. lambda_D = train.desirable_weight, lambda_U = train.undesirable_weight.
+    """
+    z0 = (lp.kl_policy - lp.kl_ref).mean().clamp(min=0).detach()
+    r = lp.policy - lp.ref
+    desirable = cfg.desirable_weight * (1 - torch.sigmoid(cfg.beta * (r - z0)))
+    undesirable = cfg.undesirable_weight * (1 - torch.sigmoid(cfg.beta * (z0 - r)))
+    return torch.where(lp.label, desirable, undesirable)
+
+
 # name -> (function, needs a reference)
 LOSSES: dict[str, tuple[Callable[[PairLogps, object], torch.Tensor], bool]] = {
     "sigmoid": (sigmoid_loss, True),
@@ -162,14 +247,29 @@ LOSSES: dict[str, tuple[Callable[[PairLogps, object], torch.Tensor], bool]] = {
     "simpo": (simpo_loss, False),
     "orpo": (orpo_loss, False),
     "sft": (sft_loss, False),
+    "listwise_pl": (listwise_pl_loss, True),
+    "listwise_pairs": (listwise_pairs_loss, True),
+    "kto": (kto_loss, True),
 }
+
+# The data kind each loss takes (`data.kind`); absent = pair. A loss sees only rows of its kind.
+LOSS_KINDS = {"listwise_pl": "ranked", "listwise_pairs": "ranked", "kto": "unpaired"}
+
+
+def loss_kind(name: str) -> str:
+    return LOSS_KINDS.get(name, "pair")
 
 # Losses TRL's DPOTrainer implements with the same formula (our name -> TRL loss_type).
 TRL_LOSSES = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "sft": "sft"}
 
 
-def loss_names() -> list[str]:
-    return list(LOSSES)
+def loss_names(kind: str | None = None) -> list[str]:
+    return [name for name in LOSSES if kind is None or loss_kind(name) == kind]
+
+
+def terms_kind(terms: list[tuple[str, float]]) -> str:
+    """The data kind a parsed loss spec trains on (parse_loss_spec has checked the terms agree)."""
+    return loss_kind(terms[0][0])
 
 
 def parse_loss_spec(spec, sft_weight: float = 0.0) -> list[tuple[str, float]]:
@@ -204,6 +304,10 @@ def parse_loss_spec(spec, sft_weight: float = 0.0) -> list[tuple[str, float]]:
         if any(n == "sft" for n, _ in out):
             raise ValueError("sft is both in train.loss and train.sft_weight; use one")
         out.append(("sft", float(sft_weight)))
+    kinds = {n: loss_kind(n) for n, _ in out}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"cannot combine losses over different data kinds ({', '.join(f'{n}: {k}' for n, k in kinds.items())}); "
+                         "use losses of one kind (pair, ranked or unpaired)")
     return out
 
 

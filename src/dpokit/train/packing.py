@@ -10,7 +10,14 @@ import logging
 import random
 
 from dpokit.core.batching import PairCollator
-from dpokit.core.packing import PackedPairCollator, batch_num_pairs, packing_self_check, pair_length
+from dpokit.core.packing import (
+    ListCollator,
+    PackedPairCollator,
+    batch_num_pairs,
+    packing_self_check,
+    pair_length,
+    probe_pair,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +61,12 @@ class TokenBudgetBatchSampler:
 def choose_collator(train_cfg, model, ref_model, pairs: list[dict], pad_id: int):
     """(collator, batch sampler or None) for training. Packing is used when enabled and the self-check passes on the
     policy (and on a separate reference model); otherwise the padded path, with a one-line warning saying why."""
-    padded = PairCollator(pad_id)
+    lists = bool(pairs) and "responses_ids" in pairs[0]  # ranked / unpaired rows
+    padded = ListCollator(pad_id, packed=False) if lists else PairCollator(pad_id)
     if not train_cfg.packing or not pairs:
         return padded, None
-    probe = max(pairs[:64], key=lambda p: min(len(p["prompt_ids"]), 1) * (len(p["chosen_ids"]) + len(p["rejected_ids"])))
+    probes = [probe_pair(p) for p in pairs[:64]]
+    probe = max(probes, key=lambda p: min(len(p["prompt_ids"]), 1) * (len(p["chosen_ids"]) + len(p["rejected_ids"])))
     for name, m in (("policy", model), ("reference", ref_model)):
         if m is None:
             continue
@@ -70,7 +79,7 @@ def choose_collator(train_cfg, model, ref_model, pairs: list[dict], pad_id: int)
     if train_cfg.max_tokens_per_batch:
         sampler = TokenBudgetBatchSampler([pair_length(p) for p in pairs], train_cfg.max_tokens_per_batch,
                                           seed=train_cfg.seed)
-    return PackedPairCollator(pad_id), sampler
+    return (ListCollator(pad_id) if lists else PackedPairCollator(pad_id)), sampler
 
 
 class PackingTrainerMixin:

@@ -16,7 +16,7 @@ from dpokit.core.config import RunConfig, check_paths
 from dpokit.core.errors import UserError
 from dpokit.core.judges import check_judge
 from dpokit.core.run import RunDir
-from dpokit.train.losses import needs_reference, parse_loss_spec
+from dpokit.train.losses import loss_names, needs_reference, parse_loss_spec, terms_kind
 from dpokit.train.resilience import is_main_process, last_complete_checkpoint
 from dpokit.train.trackers import check_report_to
 from dpokit.train.trl_engine import check_trl_config
@@ -70,6 +70,11 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
             return None
 
     terms = check(lambda: _loss_terms(cfg)) or []
+    if terms and cfg.data.kind != "auto":  # with auto the rows tell, once read (setup checks again)
+        check(check_loss_kind, terms, cfg.data.kind)
+    if terms and terms_kind(terms) != "pair" and cfg.train.engine == "trl":
+        problems.append(f"train.engine: trl trains pairs only, and loss {cfg.train.loss!r} takes "
+                        f"{terms_kind(terms)} rows; use train.engine: native")
     reference = check(resolve_reference, cfg, terms) if terms else None
     if reference is not None and cfg.train.engine == "trl":
         reference = check(check_trl_config, cfg.train, reference)
@@ -100,8 +105,67 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
                      fp16=precision[1], resume=resume, replace_run_dir=replace, evaluate=evaluate)
 
 
+def check_loss_kind(terms: list[tuple[str, float]], kind: str) -> None:
+    """The loss must take the data's feedback kind (pair, ranked, unpaired); the fix names both ways out."""
+    want = terms_kind(terms)
+    if want == kind:
+        return
+    names = ", ".join(n for n, _ in terms)
+    how = {"pair": "scored lists become best-vs-worst pairs", "ranked": "scored completions keep every "
+           "completion, pairs become 2-response lists", "unpaired": "each pair splits into a desirable and an "
+           "undesirable row"}[want]
+    raise UserError(f"train.loss: {names} trains on {want} rows, but the data is {kind}; set data.kind: {want} "
+                    f"({how}) or use a loss for {kind} rows ({', '.join(loss_names(kind))})")
+
+
 def _loss_terms(cfg: RunConfig) -> list[tuple[str, float]]:
     try:
         return parse_loss_spec(cfg.train.loss, cfg.train.sft_weight)
     except ValueError as err:
         raise UserError(f"train.loss: {err}") from None
+
+
+def plan_resources(cfg: RunConfig, *, gpus: int = 1, gpu_memory_mb: float | None = None, sharding: str = "none",
+                   tflops: float | None = None, origin: str = "config"):
+    """`dpokit plan`: per-device peak memory and time per epoch (dpokit.train.estimate), with what to change when
+    the run does not fit. Reads the model's config, the tokenizer and the data; loads no weights.
+
+    The target is a GPU when `gpu_memory_mb` is given or one is present, else this machine's CPU, whose limit is
+    the memory available now (a training process needs about what this one holds before its first tensor)."""
+    from dpokit.train import estimate as est
+
+    if gpus < 1:
+        raise UserError(f"--gpus: {gpus} is not a number of devices; give 1 or more")
+    if sharding not in est.SHARDING:
+        raise UserError(f"--shard: unknown {sharding!r}; use one of {', '.join(est.SHARDING)}")
+    if tflops is not None and not tflops > 0:
+        raise UserError(f"--tflops: {tflops} is not a throughput; give a positive number (TFLOP/s per device)")
+    terms = _loss_terms(cfg)
+    reference = resolve_reference(cfg, terms)
+    check_paths(cfg, origin)
+    device = "cuda" if gpu_memory_mb is not None or torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if gpu_memory_mb is None:
+            gpu_memory_mb = torch.cuda.get_device_properties(0).total_memory / est.MB
+        flops = est.DEFAULT_FLOPS["cuda"]
+    else:
+        gpu_memory_mb = _available_ram_mb()
+        flops = est.DEFAULT_FLOPS["cpu_per_core"] * torch.get_num_threads()
+    target = est.Target(device=device, gpus=gpus, memory_mb=gpu_memory_mb,
+                        flops_per_second=tflops * 1e12 if tflops else flops, sharding=sharding)
+    shape = est.model_shape(cfg)
+    lengths = est.data_lengths(cfg)
+    result = est.estimate(cfg, shape, lengths, target, reference)
+    if result.fits is False:
+        result.suggestions = est.suggestions(cfg, shape, lengths, target, reference, result)
+    return result
+
+
+def _available_ram_mb() -> float | None:
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

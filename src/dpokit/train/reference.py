@@ -3,7 +3,8 @@
 The cache file lives in `<dpokit cache>/reference_logps/<key>.json`; the key hashes (reference model fingerprint,
 tokenized dataset fingerprint, chat template, max_length), so any later run whose reference and tokenized pairs
 match loads the numbers and performs no reference forward pass. The values are attached to each encoded pair as
-`ref_chosen_logps` / `ref_rejected_logps`, the per-pair fields every collator passes into batches.
+`ref_chosen_logps` / `ref_rejected_logps`, the per-pair fields every collator passes into batches; ranked and
+unpaired rows get `ref_logps`, one value per response (an unpaired row's second: its mismatched KL completion).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from dpokit.core.io import atomic_write_text
 from dpokit.core.models import cache_dir, fingerprint_model
-from dpokit.core.scoring import pair_logps
+from dpokit.core.scoring import feedback_logps, pair_logps
 from dpokit.train.resilience import no_accelerator
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,10 @@ def fingerprint_pairs(*splits: list[dict]) -> str:
     for split in splits:
         h.update(b"\x00split")
         for p in split:
-            h.update(json.dumps([p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]]).encode())
+            if "responses_ids" in p:  # ranked / unpaired rows (an unpaired row's second response: its KL completion)
+                h.update(json.dumps([p["prompt_ids"], p["responses_ids"]]).encode())
+            else:
+                h.update(json.dumps([p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]]).encode())
     return h.hexdigest()[:16]
 
 
@@ -45,14 +49,21 @@ def cache_path(key: str) -> Path:
 def compute_logps(model, pairs: list[dict], pad_id: int, batch_size: int, packing: bool = True) -> list[list[float]]:
     """[[ref_chosen, ref_rejected], ...] for every pair (the same forward evaluation uses)."""
     was_training = model.training
+    if pairs and "responses_ids" in pairs[0]:  # ranked / unpaired: one value per response
+        values, _ = feedback_logps(model, pairs, pad_id, batch_size, packing)
+        model.train(was_training)
+        return values
     res = pair_logps(model, pairs, pad_id, batch_size, packing)
     model.train(was_training)
     return [[c, r] for c, r in zip(res["chosen"], res["rejected"], strict=True)]
 
 
 def attach(pairs: list[dict], values: list[list[float]]) -> None:
-    for pair, (chosen, rejected) in zip(pairs, values, strict=True):
-        pair["ref_chosen_logps"], pair["ref_rejected_logps"] = chosen, rejected
+    for pair, value in zip(pairs, values, strict=True):
+        if "responses_ids" in pair:
+            pair["ref_logps"] = list(value)
+        else:
+            pair["ref_chosen_logps"], pair["ref_rejected_logps"] = value
 
 
 def rank_and_world_size() -> tuple[int, int]:

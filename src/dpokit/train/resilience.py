@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import rotate_checkpoints
 
 from dpokit.core.errors import UserError
@@ -127,6 +128,43 @@ def trim_metrics(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
+# Workaround: transformers.Trainer reports train_loss as the mean over the steps of *this* session
+# (`_finalize_training`: `_total_loss_scalar / (global_step - _initial_global_step)`), so a resumed run's
+# train_summary.json averaged only the resumed part. Each checkpoint records the sum of per-step losses so far, and
+# `whole_run_train_loss` restores the whole-run mean. Reads Trainer's private `_total_loss_scalar`, `_tr_loss` and
+# `_initial_global_step` (transformers 5.x; tests/test_resume.py fails if they change). Remove if Trainer ever
+# carries its loss total across a resume.
+LOSS_SUM_FILE = "dpokit_loss_sum.json"
+
+
+def loss_sum_so_far(trainer) -> float:
+    """Sum of per-step training losses from step 0 to now (logged part + the part not yet logged)."""
+    pending = getattr(trainer, "_tr_loss", None)
+    pending = nested_gather(pending, trainer.args.parallel_mode).mean().item() if pending is not None else 0.0
+    return getattr(trainer, "_loss_sum_before_resume", 0.0) + trainer._total_loss_scalar + pending
+
+
+def restore_loss_sum(trainer, checkpoint: str) -> None:
+    """Read the loss sum of the steps before `checkpoint` (see LOSS_SUM_FILE); older checkpoints lack it."""
+    try:
+        saved = json.loads(Path(checkpoint, LOSS_SUM_FILE).read_text(encoding="utf-8"))
+        trainer._loss_sum_before_resume = float(saved["loss_sum"])
+    except (OSError, ValueError, KeyError, TypeError):
+        trainer._loss_sum_before_resume = None
+
+
+def whole_run_train_loss(trainer, session_mean: float | None) -> float | None:
+    """The mean training loss over every step of the run, resumed or not (None when it cannot be known)."""
+    before = getattr(trainer, "_loss_sum_before_resume", 0.0)
+    first = getattr(trainer, "_initial_global_step", 0)
+    steps = trainer.state.global_step
+    if session_mean is None or first == 0 or steps == 0:
+        return session_mean  # not resumed: Trainer's mean is already the whole run's
+    if before is None:
+        return None  # resumed from a checkpoint without the loss sum: the whole-run mean is unknown
+    return (before + session_mean * (steps - first)) / steps
+
+
 class AtomicCheckpointMixin:
     """Mix in before `transformers.Trainer`: checkpoints appear only complete (write to staging, then rename).
 
@@ -155,6 +193,10 @@ class AtomicCheckpointMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_root = None
+        loss_sum = loss_sum_so_far(self)  # a collective in multi-process runs: every rank calls it
+        if self.args.should_save:
+            atomic_write_text(os.path.join(staging_root, name, LOSS_SUM_FILE),
+                              json.dumps({"global_step": self.state.global_step, "loss_sum": loss_sum}))
         # Every rank writes parts (RNG state, sharded optimizer); rename only when all are done.
         self.accelerator.wait_for_everyone()
         if self.args.should_save:

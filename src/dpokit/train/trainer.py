@@ -7,6 +7,7 @@ save. Evaluation is not part of training: the caller chains it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -18,7 +19,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from dpokit.core.config import RunConfig
 from dpokit.core.errors import UserError
@@ -30,6 +38,7 @@ from dpokit.core.secrets import apply_token_env
 from dpokit.core.templates import setup_chat_template
 from dpokit.data import PreferenceData, load_preferences
 from dpokit.data.encode import encode_rows
+from dpokit.train.console import ConsoleCallback
 from dpokit.train.feedback import feedback_inputs, feedback_metrics
 from dpokit.train.losses import LOSSES, PairLogps, combined_loss, needs_reference, parse_loss_spec
 from dpokit.train.packing import PackingTrainerMixin, choose_collator
@@ -46,7 +55,9 @@ from dpokit.train.resilience import (
     last_complete_checkpoint,
     no_accelerator,
     quiet_non_main_process,
+    restore_loss_sum,
     trim_metrics,
+    whole_run_train_loss,
 )
 from dpokit.train.trackers import tracker_arguments
 from dpokit.train.trl_engine import build_trl_trainer
@@ -264,6 +275,10 @@ def apply_lora(model, lora_cfg):
         raise UserError(f"train.lora.target_modules: {err}; list module names of this model (e.g. q_proj,v_proj)") from None
 
 
+CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                     else "gradient_checkpointing")
+
+
 def training_arguments(plan: TrainPlan, has_eval: bool) -> TrainingArguments:
     cfg, t = plan.cfg, plan.cfg.train
     return TrainingArguments(
@@ -278,7 +293,9 @@ def training_arguments(plan: TrainPlan, has_eval: bool) -> TrainingArguments:
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
+        # transformers >= 5.x renamed it (the old name warns FutureWarning); older versions know only the old name.
+        **{CHECKPOINTING_ARG: t.gradient_checkpointing},
+        disable_tqdm=True,  # ConsoleCallback prints progress (when asked); no bar, no printed dicts
         bf16=plan.bf16,
         fp16=plan.fp16,
         seed=t.seed,
@@ -401,6 +418,9 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
                              data_collator=collator, processing_class=s.tokenizer, dpo_cfg=cfg.train,
                              ref_model=s.ref_model)
         trainer.token_budget_sampler = budget_sampler
+    # Printing is ConsoleCallback's (added by run_training when asked): a library call prints nothing.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
     trainer.add_callback(MetricsFileCallback(plan.run_dir.metrics))
     trainer.add_callback(FiniteGradientCallback(trainer.model))
     for callback in callbacks or []:
@@ -408,12 +428,17 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
     return trainer
 
 
-def fit(plan: TrainPlan, trainer: Trainer):
-    """trainer.train(), resuming from the last complete checkpoint, stopping cleanly on SIGINT/SIGTERM."""
+def fit(plan: TrainPlan, trainer: Trainer, console: ConsoleCallback | None = None):
+    """trainer.train(), resuming from the last complete checkpoint, stopping cleanly on SIGINT/SIGTERM.
+    Returns (TrainOutput, the checkpoint resumed from or None)."""
     checkpoint = last_complete_checkpoint(plan.run_dir.checkpoints) if plan.resume else None
     if checkpoint:
         clean_staging(plan.run_dir.checkpoints)
         trim_metrics(plan.run_dir.metrics, checkpoint_step(checkpoint))
+        restore_loss_sum(trainer, checkpoint)
+    if console is not None:
+        console.checkpoint = checkpoint
+        trainer.add_callback(console)
     stopper = StopOnSignal()
     trainer.add_callback(stopper)
     stopper.install()
@@ -426,10 +451,22 @@ def fit(plan: TrainPlan, trainer: Trainer):
             f"training stopped by {stopper.signal_name} at step {trainer.state.global_step}; checkpoint saved in "
             f"{last_complete_checkpoint(plan.run_dir.checkpoints)}; continue with: dpokit train CONFIG --resume",
             stopper.received)
-    return output
+    return output, checkpoint
 
 
-def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float) -> dict:
+def library_versions() -> dict[str, str]:
+    import platform
+
+    import peft
+    import transformers
+
+    from dpokit import __version__
+
+    return {"dpokit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float, checkpoint: str | None = None) -> dict:
     run_dir = plan.run_dir
     if plan.cfg.output.save_model:
         # Every rank calls save_model (FSDP / ZeRO-3 gather the shards); Trainer writes from rank 0 only.
@@ -439,7 +476,10 @@ def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float) -> di
             (run_dir.model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: we write JSON instead
             chmod_tree_as_created(run_dir.model_dir)
     final = dict(output.metrics)
+    final["train_loss"] = whole_run_train_loss(trainer, final.get("train_loss"))
     if trainer.is_world_process_zero():
+        with contextlib.suppress(OSError):  # Trainer makes checkpoints/ even when it saves none (save_steps 0)
+            run_dir.checkpoints.rmdir()
         run_dir.write_training_args(trainer.args.to_json_string())
         run_dir.write_train_summary(TrainSummary(
             metrics=final, wall_seconds=wall, global_step=trainer.state.global_step, reference=plan.reference,
@@ -447,26 +487,30 @@ def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float) -> di
             reference_forwards={"precompute": s.precomputed["forwards"] if s.precomputed else 0,
                                 "training": getattr(trainer, "reference_forwards", None)},
             reference_cache=s.precomputed, step0_check=getattr(trainer, "step0_check", None),
-            pairs_trained=len(s.train_enc)))
+            pairs_trained=len(s.train_enc), precision="bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32",
+            versions=library_versions(), finished=time.time(),
+            resumed_from=Path(checkpoint).name if checkpoint else None))
     return final
 
 
 def run_training(cfg: RunConfig | TrainPlan, resume: bool = False, callbacks: list | None = None,
-                 refresh_reference: bool = False) -> TrainResult:
+                 refresh_reference: bool = False, progress: bool = False) -> TrainResult:
     """Train as the config says: plan -> setup -> fit -> save. Evaluation is the caller's next step
     (`dpokit.evaluate(result.run_dir)`; the CLI chains it when eval.enabled).
 
     `cfg`: a RunConfig, or a TrainPlan from `plan_training` (the CLI plans first, to check the judge as well).
     `callbacks`: extra transformers TrainerCallbacks (API users; the tests stop a run midway with one).
-    `refresh_reference`: recompute precomputed reference log-probs even when the cache has them."""
+    `refresh_reference`: recompute precomputed reference log-probs even when the cache has them.
+    `progress`: print the start header, a line per logging step and the step-0 check (the CLI's default)."""
     start = time.time()
     quiet_non_main_process()
     plan = cfg if isinstance(cfg, TrainPlan) else plan_training(cfg, resume=resume)
     s = setup(plan, refresh_reference)
     write_run_start(plan, s)
     trainer = build_trainer(plan, s, callbacks)
-    output = fit(plan, trainer)
-    final = save(plan, s, trainer, output, time.time() - start)
+    console = ConsoleCallback(plan, s, trainer) if progress else None
+    output, checkpoint = fit(plan, trainer, console)
+    final = save(plan, s, trainer, output, time.time() - start, checkpoint)
     destroy_process_group_at_exit()  # launched runs: no gloo teardown left to interpreter shutdown (SIGABRT)
     return TrainResult(run_dir=plan.run_dir.path, final_metrics=final, wall_seconds=time.time() - start,
                        evaluate=plan.evaluate and bool(s.data.eval))

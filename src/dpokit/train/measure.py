@@ -1,0 +1,124 @@
+"""Measure a few real training steps of a config: peak memory and seconds per optimizer step (`dpokit plan --measure`).
+
+Each measurement runs in a fresh Python process (`python -m dpokit.train.measure SPEC.json`), so earlier work in the
+caller's process cannot raise its peak. The child imports the whole training stack first, then takes its baseline:
+
+- CPU: peak resident memory growth over that baseline. After the imports the child resets the kernel's high-water
+  mark (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0) and reads `VmHWM` from /proc/self/status at the end, minus
+  the `VmRSS` at the reset. Where the reset is refused it falls back to `VmHWM` minus that `VmRSS` (imports only
+  grow memory, so the high-water mark at that point equals the RSS within the imports' transient peaks).
+- CUDA: `torch.cuda.max_memory_allocated()` (tensors only, as the estimate counts them).
+
+Time: the mean wall time of the optimizer steps after the first (the first pays for lazy initialisation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dpokit.core.config import RunConfig
+from dpokit.core.errors import UserError
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    match = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
+        return True
+    except OSError:
+        return False
+
+
+def measurement_config(cfg: RunConfig, steps: int, out_dir: str) -> RunConfig:
+    """The run as configured, cut to `steps` optimizer steps into a scratch folder: no checkpoints, no saved model,
+    no evaluation, so the numbers are training's own."""
+    train = cfg.train.model_copy(update={"max_steps": steps, "save_steps": 0, "eval_steps": 0, "report_to": "none",
+                                         "logging_steps": 1})
+    return cfg.model_copy(update={
+        "train": train,
+        "eval": cfg.eval.model_copy(update={"enabled": False}),
+        "output": cfg.output.model_copy(update={"dir": out_dir, "overwrite": True, "save_model": False}),
+    })
+
+
+def measure(cfg: RunConfig, steps: int = 3, timeout: float = 3600) -> dict:
+    """Run `steps` optimizer steps of `cfg` in a fresh process; returns {device, peak_memory_mb, baseline_mb, method,
+    seconds_per_step, steps}."""
+    if steps < 2:
+        raise UserError(f"--measure-steps: {steps} is too few; give at least 2 (the first step is not timed)")
+    with tempfile.TemporaryDirectory(prefix="dpokit-measure-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        run_cfg = measurement_config(cfg, steps, str(Path(tmp) / "run"))
+        spec.write_text(json.dumps({"config": run_cfg.model_dump(mode="json"), "steps": steps}), encoding="utf-8")
+        proc = subprocess.run([sys.executable, "-m", "dpokit.train.measure", str(spec)], capture_output=True,
+                              text=True, timeout=timeout, env=dict(os.environ))
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("MEASURED ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"--measure: the training steps failed ({tail[:300]}); run `dpokit train` on the config to "
+                        "see the full error")
+    return json.loads(line[len("MEASURED "):])
+
+
+def _child(spec_path: str) -> dict:
+    import gc
+
+    import torch
+    from transformers import TrainerCallback
+
+    from dpokit.core.config import config_from_dict
+    from dpokit.train.trainer import run_training
+
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    cfg = config_from_dict(spec["config"], "measure")
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    cuda = torch.cuda.is_available()
+    gc.collect()
+    baseline_kib = _status_kib("VmRSS") or 0
+    reset = _reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    timer = StepTimer()
+    run_training(cfg, callbacks=[timer])
+    if cuda:
+        peak_mb, base_mb = torch.cuda.max_memory_allocated() / 2**20, 0.0
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        peak_mb = ((_status_kib("VmHWM") or 0) - baseline_kib) / 1024
+        base_mb = baseline_kib / 1024
+        method = ("VmHWM growth over the RSS after imports (high-water mark reset)" if reset
+                  else "VmHWM growth over the RSS after imports (no reset)")
+    timed = timer.times[1:] or timer.times
+    return {"device": "cuda" if cuda else "cpu", "peak_memory_mb": round(peak_mb, 1), "baseline_mb": round(base_mb, 1),
+            "method": method, "steps": len(timer.times),
+            "seconds_per_step": round(sum(timed) / len(timed), 4) if timed else None}
+
+
+if __name__ == "__main__":
+    print("MEASURED " + json.dumps(_child(sys.argv[1])), flush=True)
