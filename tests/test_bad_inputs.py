@@ -45,7 +45,7 @@ def _case_malformed_yaml(tmp_path):
 
 
 def _case_unknown_key(tmp_path):
-    return _config(tmp_path, train={"bta": 0.1}), ["train.bta", "unknown key", "beta"]
+    return _config(tmp_path, train={"bta": 0.1}), ["cfg.yaml", "train.bta", "unknown key", "did you mean train.beta?"]
 
 
 def _case_wrong_type(tmp_path):
@@ -133,6 +133,18 @@ def _case_unknown_judge_option(tmp_path):
 
 def _case_set_without_equals(tmp_path):
     return _config(tmp_path), ["--set 'trainbeta'", "section.key=value"], ["--set", "trainbeta"]
+
+
+def _case_set_key_typo(tmp_path):
+    """A typo in --set is named as the --set the user typed (not blamed on the YAML file), with "did you mean"."""
+    return _config(tmp_path), ["--set train.bta=0.2", "unknown key", "did you mean train.beta?"], \
+        ["--set", "train.bta=0.2"], ["cfg.yaml"]
+
+
+def _case_set_with_space_instead_of_equals(tmp_path):
+    """`--set train.beta 0.2`: without the check, click's "Got unexpected extra argument (0.2)"."""
+    return _config(tmp_path), ["--set 'train.beta'", "train.beta=0.2", "space"], ["--set", "train.beta", "0.2"], \
+        ["unexpected extra argument"]
 
 
 def _case_set_without_section(tmp_path):
@@ -240,6 +252,8 @@ CASES = {
     "unknown_judge_option": _case_unknown_judge_option,
     "set_without_equals": _case_set_without_equals,
     "set_without_section": _case_set_without_section,
+    "set_key_typo": _case_set_key_typo,
+    "set_with_space_instead_of_equals": _case_set_with_space_instead_of_equals,
     "unknown_loss": _case_unknown_loss,
     "loss_needs_reference": _case_loss_needs_reference,
     "adapter_reference_without_lora": _case_adapter_reference_without_lora,
@@ -352,3 +366,14 @@ def test_tokenizer_without_pad_or_eos_is_a_clear_error(tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     with pytest.raises(UserError, match="neither a pad nor an EOS token"):
         load_tokenizer(str(tmp_path / "tok"))
+
+
+def test_data_inspect_names_its_own_flag_not_the_config_key(tmp_path, capfd):
+    """`dpokit data inspect` takes --chat-template; its error must not send the user to data.chat_template."""
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "chosen": [{"role": "assistant", "content": "Nice."}],
+             "rejected": [{"role": "assistant", "content": "Bad."}]} for i in range(3)]
+    src = _write_rows(tmp_path / "chat.jsonl", rows)
+    res = run_main(capfd, "data", "inspect", src, "--model", "dpokit-tiny-gpt2")
+    line = _assert_user_error(res, "chat template", "--chat-template")
+    assert "data.chat_template" not in line

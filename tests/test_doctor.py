@@ -8,10 +8,11 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
-from conftest import run_cli, tiny_config
+from conftest import tiny_config
 from dpokit.core.config import TrainConfig, config_from_dict
 from dpokit.core.run import EvalResult, EvalSample, MetricsRow, RunDir
 from dpokit.eval import doctor
@@ -279,25 +280,45 @@ def test_healthy_run_flags_none(healthy):
 
 # --- the CLI -----------------------------------------------------------------------------------------------------
 
-def test_cli_json(lr_too_low):
-    res = run_cli("doctor", lr_too_low, "--json")
-    assert res.returncode == 0, res.stderr[-2000:]
-    out = json.loads(res.stdout)
+def doctor_cli(capsys, monkeypatch, *args):
+    """`dpokit doctor ARGS` through the CLI's own `main` (its error handling included), in this process: a fresh
+    interpreter spends 10-20 s importing torch on the 2-core test machine. Returns (exit code, stdout, stderr)."""
+    from dpokit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dpokit", "doctor", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_json(lr_too_low, capsys, monkeypatch):
+    code, stdout, stderr = doctor_cli(capsys, monkeypatch, lr_too_low, "--json")
+    assert code == 0, stderr
+    out = json.loads(stdout)
     stuck = next(f for f in out["findings"] if f["id"] == "loss_stuck_at_ln2")
     assert {"evidence", "numbers", "meaning", "what_to_try", "source", "severity"} <= set(stuck)
     assert out["verdict"].startswith("Look at: loss_stuck_at_ln2")
 
 
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, lr_too_low):
-    res = run_cli("doctor", tmp_path / "nowhere")
-    assert res.returncode == 2 and "not a dpokit run folder" in res.stderr and "nowhere" in res.stderr
-    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+def test_cli_text(lr_too_high, capsys, monkeypatch):
+    code, stdout, _ = doctor_cli(capsys, monkeypatch, lr_too_high)
+    assert code == 0 and stdout.startswith("Look at: reward_accuracy_saturated")
+    assert "train.learning_rate" in stdout and "docs/doctor.md" in stdout
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, lr_too_low, capsys, monkeypatch):
+    code, _, err = doctor_cli(capsys, monkeypatch, tmp_path / "nowhere")
+    assert code == 2 and "not a dpokit run folder" in err and "nowhere" in err
+    assert len(err.strip().splitlines()) == 1
     run = tmp_path / "no-metrics"
     run.mkdir()
     shutil.copy(lr_too_low / "config.yaml", run / "config.yaml")
-    res = run_cli("doctor", run)
-    assert res.returncode == 2 and "metrics.jsonl" in res.stderr and "dpokit train" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    code, _, err = doctor_cli(capsys, monkeypatch, run)
+    assert code == 2 and "metrics.jsonl" in err and "dpokit train" in err and len(err.strip().splitlines()) == 1
 
 
 # --- the report --------------------------------------------------------------------------------------------------

@@ -69,6 +69,16 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
+def check_set_values(argv: list[str]) -> None:
+    """`--set train.beta 0.2` (a space for '=') would reach the user as click's "unexpected extra argument (0.2)";
+    name the --set value and the fix instead."""
+    from dpokit.core.config import parse_override
+
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--set" and "=" not in value:
+            parse_override(value)  # raises the UserError that explains the form
+
+
 GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")
 
 
@@ -309,6 +319,7 @@ def _click_exception_types():
 
 def main() -> None:
     try:
+        check_set_values(sys.argv[1:])
         app(args=hoist_global_flags(sys.argv[1:]), prog_name="dpokit", standalone_mode=False)
     except UserError as err:
         if _state["debug"]:

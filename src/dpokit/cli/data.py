@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 from typing import Annotated
 
 import typer
@@ -38,6 +40,28 @@ def _cfg(source, fmt, columns, split, config_name, chat_template, max_length, tr
     }, sets)
 
 
+# Messages from the data stage name config keys (data.chat_template); these commands take flags instead.
+FLAG_FOR_KEY = {f"data.{key}": f"--{key.replace('_', '-')}" for key in (
+    "chat_template", "max_length", "truncation", "on_error", "eval_fraction", "columns", "format", "split",
+    "config_name", "seed")}
+
+
+@contextlib.contextmanager
+def keys_as_flags():
+    """Re-word a UserError's config keys as this command's flags (`data.chat_template` -> `--chat-template`)."""
+    from dpokit.core.errors import UserError
+
+    try:
+        yield
+    except UserError as err:
+        text = str(err)
+        for key, flag in FLAG_FOR_KEY.items():
+            text = re.sub(rf"\b{re.escape(key)}\b", flag, text)
+        reworded = UserError(text)
+        reworded.exit_code = err.exit_code
+        raise reworded from None
+
+
 def register(data_app: typer.Typer) -> None:
     @data_app.command("inspect")
     def inspect(source: Source, fmt: Format = "auto", columns: Columns = None, model: Model = None,
@@ -50,9 +74,10 @@ def register(data_app: typer.Typer) -> None:
 
         from dpokit.data.prepare import print_report, run_checks
 
-        cfg = _cfg(source, fmt, columns, split, config_name, chat_template, max_length, truncation, on_error,
-                   eval_fraction, seed, set_)
-        report = run_checks(cfg, model).report
+        with keys_as_flags():
+            cfg = _cfg(source, fmt, columns, split, config_name, chat_template, max_length, truncation, on_error,
+                       eval_fraction, seed, set_)
+            report = run_checks(cfg, model).report
         if json_out:
             typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
         else:
@@ -70,9 +95,10 @@ def register(data_app: typer.Typer) -> None:
         """Write canonical pairs (DIR/train.jsonl, DIR/eval.jsonl when splitting) and DIR/report.json."""
         from dpokit.data.prepare import prepare as run_prepare
 
-        cfg = _cfg(source, fmt, columns, split, config_name, chat_template, max_length, truncation, on_error,
-                   eval_fraction, seed, set_)
-        result = run_prepare(cfg, out, model, overwrite)
+        with keys_as_flags():
+            cfg = _cfg(source, fmt, columns, split, config_name, chat_template, max_length, truncation, on_error,
+                       eval_fraction, seed, set_)
+            result = run_prepare(cfg, out, model, overwrite)
         r = result.report
         typer.echo(f"{r['format']} ({r['kind']}): {r['n_train']} train / {r['n_eval']} eval pairs -> {out} "
                    f"({', '.join(r['files'])})")

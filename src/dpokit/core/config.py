@@ -6,6 +6,7 @@ missing files are reported all at once, each naming the key and the fix, as one 
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -283,16 +284,22 @@ def _format_validation_error(err: ValidationError, origin: str, prefix: tuple[st
                              labels: dict[str, str] | None = None) -> str:
     """One line naming every problem by its dotted key. `prefix`: the section when a section was validated on its
     own; `labels`: how the user gave a key other than in YAML, e.g. {"pairs.num_samples": "--num-samples"}."""
-    problems = []
+    problems, from_set = [], []
     for e in err.errors():
         loc = (*prefix, *e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
-        shown = f"{key} ({labels[key]})" if labels and key in labels else key
+        label = (labels or {}).get(key)
+        # A `--set` key is named by the flag the user typed; other labels (a CLI flag) go after the key.
+        shown = label if label and label.startswith("--set ") else f"{key} ({label})" if label else key
+        from_set.append(bool(label and label.startswith("--set ")))
         kind = e["type"]
         if kind == "extra_forbidden":
             section = ".".join(str(p) for p in loc[:-1])
             valid = _valid_keys(loc[:-1])
-            problems.append(f"{shown}: unknown key; valid keys{' in ' + section if section else ''}: {', '.join(valid)}")
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+            hint = f"did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}? " if close else ""
+            problems.append(f"{shown}: unknown key; {hint}valid keys{' in ' + section if section else ''}: "
+                            f"{', '.join(valid)}")
         elif kind == "missing":
             problems.append(f"{shown}: required; add it to the config or pass --set {key}=...")
         else:
@@ -302,6 +309,8 @@ def _format_validation_error(err: ValidationError, origin: str, prefix: tuple[st
                 problems.append(msg)
             else:
                 problems.append(f"{shown}: {msg} (got {got!r}); see `dpokit config-keys` for its type")
+    if from_set and all(from_set):  # the YAML file is fine: do not send the user there
+        return "; ".join(problems)
     return f"{origin}: invalid config: " + "; ".join(problems)
 
 
@@ -319,11 +328,11 @@ def _valid_keys(loc) -> list[str]:
     return list(model.model_fields)
 
 
-def config_from_dict(raw: dict, origin: str = "config") -> RunConfig:
+def config_from_dict(raw: dict, origin: str = "config", labels: dict[str, str] | None = None) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise UserError(_format_validation_error(err, origin)) from None
+        raise UserError(_format_validation_error(err, origin, labels=labels)) from None
 
 
 def section_from_dict(section: str, raw: dict | None, origin: str = "config",
@@ -351,7 +360,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, che
     path = Path(path)
     raw = read_config_file(path)
     apply_overrides(raw, overrides or [])
-    cfg = config_from_dict(raw, str(path))
+    # A key given with --set is named as such, so its typo is not blamed on the YAML file.
+    labels = {".".join(parse_override(item)[0]): f"--set {item}" for item in overrides or []}
+    cfg = config_from_dict(raw, str(path), labels)
     if check_files:
         check_paths(cfg, str(path))
     return cfg

@@ -22,8 +22,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # the peak): a CPU core does a few 10 GFLOP/s in fp32 matmuls; a data-centre GPU 30-40% of its bf16 peak.
 DEFAULT_FLOPS = {"cpu_per_core": 2.0e10, "cuda": 3.0e14}
 # CPU only: memory a training process adds beyond the tensors counted here (Trainer and accelerate objects,
-# allocator arenas, lazily imported code). Measured on dpokit-tiny-gpt2, where tensors are < 5 MB (docs/plan.md).
-CPU_RUNTIME_MB = 36.0
+# allocator arenas, lazily imported code). Measured once on dpokit-tiny-gpt2 (configs/tiny.yaml with that model,
+# `dpokit plan --measure`): 45.7 MB peak growth, of which 10.5 MB are the tensors below (docs/plan.md).
+CPU_RUNTIME_MB = 35.0
 SHARDING = ("none", "zero2", "zero3")  # zero3 = FSDP full shard
 
 
@@ -335,11 +336,11 @@ def time_per_epoch(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: 
     ref = forward if reference in ("model", "adapter") else 0.0
     flops = train + ref
     seconds = flops / (target.flops_per_second * target.gpus)
-    out = {"seconds_per_epoch": round(seconds, 1), "flops_per_epoch": float(flops), "tokens_per_epoch": tokens,
+    out = {"seconds_per_epoch": round(seconds, 3), "flops_per_epoch": float(flops), "tokens_per_epoch": tokens,
            "scored_tokens_per_epoch": scored, "flops_per_second_per_device": target.flops_per_second,
            "steps_per_epoch": -(-len(all_batches) // (t.grad_accum * target.gpus))}
     if reference == "precomputed":
-        out["precompute_seconds"] = round(forward / (target.flops_per_second * target.gpus), 1)
+        out["precompute_seconds"] = round(forward / (target.flops_per_second * target.gpus), 3)
     return out
 
 

@@ -1,0 +1,177 @@
+"""`dpokit plan`: the estimate's parts against hand-derived numbers and the real tiny model, the CLI's JSON, the
+fits verdict and its suggestions, and bad input. The --measure comparison is in the slow suite."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+
+from conftest import CONFIGS, run_cli
+from dpokit.core.config import LoraConfig, load_config
+from dpokit.core.packing import pack_pairs, packed_sequence_logps
+from dpokit.train import estimate as est
+
+MB = 2**20
+# dpokit-tiny-llama (dpokit/core/models.py): hidden 64, MLP 128, 2 layers, 4 heads, 2 KV heads of 16, untied head.
+# Per layer q 64*64 + k 64*32 + v 64*32 + o 64*64 + gate/up/down 3*64*128 + two norms 2*64 = 36,992; plus the
+# embedding and the head (V*64 each) and the final norm (64).
+TINY_PARAMS_WITHOUT_VOCAB = 2 * 36_992 + 64
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    return load_config(CONFIGS / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_shape(tiny_cfg):
+    return est.model_shape(tiny_cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_lengths(tiny_cfg):
+    return est.data_lengths(tiny_cfg)
+
+
+def test_param_counts_equal_the_real_model_and_the_hand_count(tiny_shape, tiny_llama):
+    model, _ = tiny_llama
+    assert tiny_shape.params == sum(p.numel() for p in model.parameters())
+    assert tiny_shape.params == 2 * 64 * tiny_shape.vocab + TINY_PARAMS_WITHOUT_VOCAB
+    assert tiny_shape.embedding_params == 64 * tiny_shape.vocab and not tiny_shape.tied
+    assert (tiny_shape.hidden, tiny_shape.intermediate, tiny_shape.layers, tiny_shape.heads) == (64, 128, 2, 4)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]], ids=str)
+def test_lora_count_equals_peft_on_the_real_model(tiny_llama, tiny_cfg, targets):
+    model, _ = tiny_llama
+    lora = LoraConfig(r=8, target_modules=targets)
+    peft_model = get_peft_model(copy.deepcopy(model), PeftLoraConfig(r=8, lora_alpha=16, target_modules=targets,
+                                                                      task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert est.lora_param_count(model, lora) == trainable
+    # by hand, r * (in + out) per adapted layer, 2 layers
+    per_layer = {"all-linear": 8 * (128 + 96 + 96 + 128 + 3 * 192), "q_proj,v_proj": 8 * (128 + 96)}
+    assert trainable == 2 * per_layer[targets if isinstance(targets, str) else ",".join(targets)]
+
+
+def test_weights_gradients_and_adamw_bytes(tiny_cfg, tiny_shape, tiny_lengths):
+    """fp32 on CPU: weights, gradients 4 bytes a parameter, AdamW two fp32 states (8 bytes); the reference copy
+    4 bytes; LoRA trains only its adapters (fp32), and the adapter stands in for the reference."""
+    p = tiny_shape.params
+    full = est.estimate(tiny_cfg, tiny_shape, tiny_lengths, est.Target("cpu", memory_mb=None), "model")
+    b = full.breakdown_mb
+    assert b["weights"] == round(4 * p / MB, 1) and b["gradients"] == round(4 * p / MB, 1)
+    assert b["optimizer"] == round(8 * p / MB, 1) and b["reference_model"] == round(4 * p / MB, 1)
+    assert full.fits is None
+    lora_cfg = load_config(CONFIGS / "tiny.yaml", ["train.lora.r=8"])
+    lora_shape = est.model_shape(lora_cfg)
+    lora = est.estimate(lora_cfg, lora_shape, tiny_lengths, est.Target("cpu"), "adapter")
+    assert lora.settings["trainable_params"] == lora_shape.lora_params == 2 * 8 * (128 + 96 + 96 + 128 + 3 * 192)
+    assert lora.breakdown_mb["optimizer"] == round(8 * lora_shape.lora_params / MB, 1)
+    assert "reference_model" not in lora.breakdown_mb
+    # ZeRO-3 over 4 GPUs shards weights, gradients and optimizer state (bf16 weights on a GPU: 2 bytes)
+    z3 = est.estimate(tiny_cfg, tiny_shape, tiny_lengths, est.Target("cuda", gpus=4, sharding="zero3"), "model")
+    assert z3.breakdown_mb["optimizer"] == round(2 * 2 * p / 4 / MB, 1)
+    assert z3.breakdown_mb["weights"] == round(2 * p / 4 / MB, 1)
+
+
+def test_activation_estimate_matches_autograd_saved_tensors(tiny_llama, tiny_shape):
+    """The activation formula against what autograd really keeps for one packed pair on the tiny model: the sum of
+    distinct non-parameter storages saved for backward, minus the logits."""
+    model, _ = tiny_llama
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    pair = {k: torch.randint(5, 500, (n,), generator=g).tolist()
+            for k, n in (("prompt_ids", 20), ("chosen_ids", 20), ("rejected_ids", 20))}
+    batch = pack_pairs([pair], pad_id=0)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        packed_sequence_logps(model, batch)
+    scored = len(batch["score_pos"])
+    measured = sum(saved.values()) - scored * tiny_shape.vocab * 4
+    predicted = est.activation_bytes(tiny_shape, est.Batch(rows=1, width=60, scored=scored, pairs=1), 4, False, False)
+    assert predicted == pytest.approx(measured, rel=0.1)
+    # by hand: per token and layer 10h + 4i + heads + width = 640 + 512 + 4 + 60, 2 layers, + 3h; 60 tokens, fp32
+    assert predicted == 4 * 60 * (2 * (640 + 512 + 4 + 60) + 192)
+    checkpointed = est.activation_bytes(tiny_shape, est.Batch(1, 60, scored, 1), 4, True, False)
+    assert checkpointed < predicted
+
+
+def test_fits_flips_with_the_limit_and_suggestions_lower_the_peak(tiny_cfg, tiny_shape, tiny_lengths):
+    roomy = est.estimate(tiny_cfg, tiny_shape, tiny_lengths, est.Target("cuda", memory_mb=80 * 1024), "model")
+    assert roomy.fits is True
+    small = est.Target("cuda", memory_mb=roomy.peak_memory_mb * 0.8)
+    tight = est.estimate(tiny_cfg, tiny_shape, tiny_lengths, small, "model")
+    assert tight.fits is False
+    options = est.suggestions(tiny_cfg, tiny_shape, tiny_lengths, small, "model", tight)
+    changes = " | ".join(s["change"] for s in options)
+    for needle in ("train.lora", "reference=precomputed", "gradient_checkpointing", "ZeRO-3"):
+        assert needle in changes, changes
+    assert all(s["peak_memory_mb"] < tight.peak_memory_mb for s in options), options
+    assert any(s["fits"] for s in options)
+
+
+def test_time_is_flops_over_throughput(tiny_cfg, tiny_shape, tiny_lengths):
+    """Full fine-tune with a reference model: 6 FLOPs per weight per token to train, 2 for the reference forward
+    (body on every token, LM head on scored tokens only)."""
+    target = est.Target("cpu", flops_per_second=1e9)
+    e = est.estimate(tiny_cfg, tiny_shape, tiny_lengths, target, "model")
+    body = tiny_shape.params - 2 * 64 * tiny_shape.vocab
+    forward = 2 * body * sum(tiny_lengths.pair) + 2 * 64 * tiny_shape.vocab * sum(tiny_lengths.scored)
+    assert e.time["flops_per_epoch"] == 4 * forward
+    assert e.seconds_per_epoch == round(4 * forward / 1e9, 3)
+    pre = est.estimate(tiny_cfg, tiny_shape, tiny_lengths, target, "precomputed")
+    assert pre.time["flops_per_epoch"] == 3 * forward
+
+
+@pytest.mark.parametrize("text,mb", [("80GB", 80 * 1024), ("24000MB", 24000), ("0.5 GiB", 512)])
+def test_parse_memory(text, mb):
+    assert est.parse_memory(text) == mb
+
+
+def test_cli_json_fits_and_suggestions():
+    res = run_cli("plan", CONFIGS / "tiny.yaml", "--json", "--gpu-memory", "80GB")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["fits"] is True and out["suggestions"] == []
+    assert out["peak_memory_mb"] == pytest.approx(sum(out["breakdown_mb"].values()), abs=0.5)
+    assert out["seconds_per_epoch"] > 0 and out["settings"]["device"] == "cuda"
+    res = run_cli("plan", CONFIGS / "tiny.yaml", "--gpu-memory", "2MB")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "DOES NOT FIT" in res.stdout and "to make it fit" in res.stdout
+    assert "train.reference=precomputed" in res.stdout and "train.lora" in res.stdout
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--gpu-memory", "80XB"], ["--gpu-memory", "80XB", "80GB"]),
+    (["--gpus", "0"], ["--gpus", "1 or more"]),
+    (["--shard", "zero9"], ["--shard", "zero3"]),
+    (["--set", "train.bta=1"], ["train.bta", "unknown key"]),
+], ids=["gpu-memory", "gpus", "shard", "config-key"])
+def test_bad_input_is_one_line_exit_2(args, needles):
+    res = run_cli("plan", CONFIGS / "tiny.yaml", *args)
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.slow
+def test_measure_tiny_within_25_percent():
+    res = run_cli("plan", CONFIGS / "tiny.yaml", "--json", "--measure")
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads(res.stdout)["measured"]
+    assert m["steps"] == 3 and m["seconds_per_step"] > 0
+    assert 0.75 <= m["memory_ratio"] <= 1.25, m
