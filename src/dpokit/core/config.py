@@ -140,6 +140,9 @@ class TrainConfig(Section):
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most N checkpoints.")
     eval_steps: int = Field(0, ge=0, description="Evaluate held-out loss every N steps (0 = never during training).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads for PyTorch's operators (torch.set_num_threads). None = PyTorch's default "
+        "(OMP_NUM_THREADS when set, else the cores); lower it when other processes share the CPUs (docs/cpu-threads.md).")
     packing: bool = Field(
         True, description="Prefix-shared, padding-free batches ([prompt, chosen, rejected] once per pair, 4-D "
         "attention masks). A start-up self-check falls back to padded batches (with a warning) where the model "

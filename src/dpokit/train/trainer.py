@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from dpokit.core.packing import batch_logps, is_list_batch, list_logps
 from dpokit.core.run import DataReport, TrainSummary
 from dpokit.core.secrets import apply_token_env
 from dpokit.core.templates import setup_chat_template
+from dpokit.core.threads import apply_num_threads, cpu_load_of_others, oversubscription_warning
 from dpokit.data import PreferenceData, load_preferences
 from dpokit.data.encode import encode_rows
 from dpokit.train.console import ConsoleCallback
@@ -505,6 +507,11 @@ def run_training(cfg: RunConfig | TrainPlan, resume: bool = False, callbacks: li
     start = time.time()
     quiet_non_main_process()
     plan = cfg if isinstance(cfg, TrainPlan) else plan_training(cfg, resume=resume)
+    threads = apply_num_threads(plan.cfg.train.num_threads)
+    if progress and not torch.cuda.is_available():  # measured while this process is still idle
+        warning = oversubscription_warning(threads, cpu_load_of_others())
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     s = setup(plan, refresh_reference)
     write_run_start(plan, s)
     trainer = build_trainer(plan, s, callbacks)

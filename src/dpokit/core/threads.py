@@ -1,0 +1,65 @@
+"""CPU threads: how many PyTorch uses, and whether other processes are competing for the same cores.
+
+PyTorch's intra-op pool assumes it owns every core. When another process keeps some of them busy, a pool that
+still uses all of them waits on its slowest thread at every parallel region; with OpenMP threads that spin-wait
+(libgomp's default, which dpokit/__init__.py turns to PASSIVE) the slowdown was about 60x on the 2-core machine
+(docs/cpu-threads.md has the measurements). `cpu_load_of_others` samples /proc/stat before training starts so the
+CLI can say so in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies over all CPUs from /proc/stat, or None where there is no /proc."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def cpu_load_of_others(seconds: float = 0.3) -> float | None:
+    """CPUs' worth of work other processes did during a short sleep of this one (e.g. 1.0 = one core busy)."""
+    start = _cpu_times()
+    mine = time.process_time()
+    time.sleep(seconds)
+    end = _cpu_times()
+    if start is None or end is None or end[1] == start[1]:
+        return None
+    total_cpus = os.cpu_count() or 1
+    busy_share = (end[0] - start[0]) / (end[1] - start[1])  # of all CPUs
+    others = busy_share * total_cpus - (time.process_time() - mine) / seconds
+    return max(others, 0.0)
+
+
+def apply_num_threads(num_threads: int | None) -> int:
+    """Set PyTorch's intra-op threads when configured; return the count in use."""
+    import torch
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    return torch.get_num_threads()
+
+
+def oversubscription_warning(threads: int, others: float | None, cpus: int | None = None) -> str | None:
+    """One line when this process's threads plus the others' load exceed the cores, else None."""
+    cpus = cpus or usable_cpus()
+    if others is None or others < 0.5 or threads + others <= cpus + 0.25:
+        return None
+    free = max(int(cpus - others + 0.5), 1)
+    return (f"warning: other processes keep about {others:.1f} of {cpus} CPUs busy and training uses {threads} "
+            f"threads; it may run much slower. Set train.num_threads={free} (or OMP_NUM_THREADS={free}), or wait "
+            "for the CPUs to be free (docs/cpu-threads.md)")
