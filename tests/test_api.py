@@ -26,3 +26,29 @@ def test_deprecated_train_call_trains_and_warns(tmp_path):
         result = dpokit.train(cfg)
     assert any(issubclass(w.category, DeprecationWarning) and "run_training" in str(w.message) for w in caught)
     assert dpokit.RunDir(result.run_dir).read_train_summary().global_step == 2
+
+
+def test_library_calls_print_nothing_unless_asked(tmp_path):
+    """The README's API snippet in a fresh interpreter: no header, no step lines, no tables, no progress bars on
+    stdout or stderr; `progress=True` prints the training lines."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dpokit\n"
+        "cfg = dpokit.load_config(sys.argv[1], [f'output.dir={sys.argv[2]}', 'train.max_steps=3',\n"
+        "                                       'eval.num_prompts=2', 'eval.max_new_tokens=8'])\n"
+        "result = dpokit.run_training(dpokit.plan_training(cfg), progress=sys.argv[3] == 'yes')\n"
+        "dpokit.evaluate(result.run_dir)\n"
+    )
+    from conftest import CONFIGS
+
+    quiet = subprocess.run([sys.executable, "-c", code, str(CONFIGS / "tiny.yaml"), str(tmp_path / "a"), "no"],
+                           capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert quiet.stdout == "" and quiet.stderr == "", (quiet.stdout[-2000:], quiet.stderr[-2000:])
+    loud = subprocess.run([sys.executable, "-c", code, str(CONFIGS / "tiny.yaml"), str(tmp_path / "b"), "yes"],
+                          capture_output=True, text=True, timeout=600)
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert "dpokit train: dpokit-tiny-llama" in loud.stdout and "step 2/3" in loud.stdout
+    assert "step-0 check: sigmoid loss 0.69314" in loud.stdout

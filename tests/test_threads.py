@@ -29,6 +29,7 @@ def test_load_of_a_busy_process_is_seen():
     (2, 0.1, 2, False, None),  # background noise is not contention
     (8, 3.0, 8, True, 5),
     (4, 6.0, 4, True, 1),     # overloaded: suggest at least one thread
+    (1, 3.0, 2, False, None),  # one thread is already the floor: nothing to suggest
 ])
 def test_warning_only_when_oversubscribed(threads, others, cpus, warns, suggested):
     line = oversubscription_warning(threads, others, cpus)

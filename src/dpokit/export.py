@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from dpokit.core.errors import UserError
 from dpokit.core.io import chmod_tree_as_created, make_temp_dir
-from dpokit.core.models import load_model, load_model_and_tokenizer, portable_model_name
+from dpokit.core.models import load_model, load_model_and_tokenizer, portable_model_name, quiet_hf
 from dpokit.core.run import RunDir
 
 
@@ -132,7 +132,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, merge: bool =
         for adapter in model.peft_config.values():
             adapter.base_model_name_or_path = portable_model_name(cfg.model.name_or_path)[0]
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        with quiet_hf(logs=False):  # no "Writing model shards" bar
+            model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if kind != "adapter":
             generation_config_for(model, tokenizer).save_pretrained(str(tmp))

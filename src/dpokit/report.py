@@ -12,8 +12,8 @@ import io
 import math
 from pathlib import Path
 
-from dpokit.core.io import atomic_write_text
 from dpokit.core.errors import UserError
+from dpokit.core.io import atomic_write_text
 from dpokit.core.run import RunDir
 from dpokit.eval.doctor import NORMAL_SHAPES, diagnose, verdict
 

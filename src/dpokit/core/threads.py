@@ -60,6 +60,8 @@ def oversubscription_warning(threads: int, others: float | None, cpus: int | Non
     if others is None or others < 0.5 or threads + others <= cpus + 0.25:
         return None
     free = max(int(cpus - others + 0.5), 1)
+    if threads <= free:  # already as few as can help
+        return None
     return (f"warning: other processes keep about {others:.1f} of {cpus} CPUs busy and training uses {threads} "
             f"threads; it may run much slower. Set train.num_threads={free} (or OMP_NUM_THREADS={free}), or wait "
             "for the CPUs to be free (docs/cpu-threads.md)")

@@ -147,9 +147,8 @@ def _meta_model(name_or_path: str, cfg: RunConfig):
 def model_shape(cfg: RunConfig) -> ModelShape:
     model, config = _meta_model(cfg.model.name_or_path, cfg)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
-    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")
-    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head")
+    # configs map these standard names onto their own (GPT-2: n_embd, n_layer, n_head) through attribute_map
+    hidden, layers, heads = text.hidden_size, text.num_hidden_layers, text.num_attention_heads
     intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
@@ -336,11 +335,11 @@ def time_per_epoch(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: 
     ref = forward if reference in ("model", "adapter") else 0.0
     flops = train + ref
     seconds = flops / (target.flops_per_second * target.gpus)
-    out = {"seconds_per_epoch": round(seconds, 3), "flops_per_epoch": float(flops), "tokens_per_epoch": tokens,
+    out = {"seconds_per_epoch": float(f"{seconds:.4g}"), "flops_per_epoch": float(flops), "tokens_per_epoch": tokens,
            "scored_tokens_per_epoch": scored, "flops_per_second_per_device": target.flops_per_second,
            "steps_per_epoch": -(-len(all_batches) // (t.grad_accum * target.gpus))}
     if reference == "precomputed":
-        out["precompute_seconds"] = round(forward / (target.flops_per_second * target.gpus), 3)
+        out["precompute_seconds"] = float(f"{forward / (target.flops_per_second * target.gpus):.4g}")
     return out
 
 

@@ -32,7 +32,7 @@ from transformers import (
 from dpokit.core.config import RunConfig
 from dpokit.core.errors import UserError
 from dpokit.core.io import chmod_tree_as_created
-from dpokit.core.models import load_model, load_model_and_tokenizer, load_tokenizer
+from dpokit.core.models import load_model, load_model_and_tokenizer, load_tokenizer, quiet_hf
 from dpokit.core.packing import batch_logps, is_list_batch, list_logps
 from dpokit.core.run import DataReport, TrainSummary
 from dpokit.core.secrets import apply_token_env
@@ -472,7 +472,8 @@ def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float, check
     run_dir = plan.run_dir
     if plan.cfg.output.save_model:
         # Every rank calls save_model (FSDP / ZeRO-3 gather the shards); Trainer writes from rank 0 only.
-        trainer.save_model(str(run_dir.model_dir))
+        with quiet_hf(logs=False):  # no "Writing model shards" bar; transformers' warnings stay visible
+            trainer.save_model(str(run_dir.model_dir))
         if trainer.is_world_process_zero():
             s.tokenizer.save_pretrained(str(run_dir.model_dir))
             (run_dir.model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: we write JSON instead

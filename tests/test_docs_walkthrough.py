@@ -1,0 +1,277 @@
+"""The docs run as written: every command in README.md and docs/*.md, in order, in one fresh folder (slow).
+
+The convention the docs follow (README, "Test", says it in short):
+
+- Shell commands live in ```bash fenced blocks. Each command is one line, or several joined by a trailing
+  backslash; comment lines are not commands. ```python blocks are scripts and run too (`python` in a subprocess,
+  same folder). Any other fence (```text, ```yaml, a bare ```) is output or file content and never runs.
+- A command that cannot run offline on a 2-core CPU ends with a comment naming what it needs, `# needs: WHAT`
+  (other words may come first in the same comment: `# the notebook's preprocessing; needs: hub`), and is skipped.
+  WHAT is one of NEEDS below. A python block whose first line is such a comment is skipped whole.
+- `# template` marks an illustrative command with placeholders (RUN_DIR, CONFIG); skipped. Prefer a runnable
+  command.
+- `pip install ...` lines are skipped (CI installed the package first, with the README's own Install command), and
+  so are `python -m pytest` lines (this test runs inside the test suite).
+
+The test copies the checkout (tracked and untracked, not ignored, files: what a fresh clone holds) into a fresh
+folder and runs README.md, then docs/*.md by name, all in that one folder, as a user reading them top to bottom
+would: a doc must not collide with what an earlier one wrote. Each command runs by itself in
+`bash -c 'set -euo pipefail; COMMAND'` with the test session's environment (conftest.py: a fresh DPOKIT_CACHE,
+HF_HUB_OFFLINE=1; CI also gives an empty HOME). Every command's wall time is printed as it finishes; a failure
+reports each failed command with its output tail.
+
+The two long generation commands (`dpokit quickstart`, about 10 minutes on the 2-core CPU from a cold cache, and
+`dpokit data generate` over all 330 bundled prompts) get the documented key `pairs.num_prompts` appended
+(SHORTEN below), so the walkthrough stays well under 30 minutes. DPOKIT_DOCS_FULL=1 runs them exactly as written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NEEDS = {
+    "hub": "downloads from the Hugging Face hub (internet)",
+    "gpu": "a CUDA GPU",
+    "multi-process": "more processes than a 2-core CPU runs in reasonable time",
+    "multi-node": "several machines",
+    "server": "a running server (e.g. an OpenAI-compatible judge endpoint)",
+    "long": "many minutes (a benchmark); run it by hand",
+}
+# Commands the docs already document how to shorten; appended unless DPOKIT_DOCS_FULL=1 (see module docstring).
+SHORTEN = {
+    "dpokit quickstart": "--set pairs.num_prompts=96",      # 72 held out (as shipped) + 24 training prompts
+    "dpokit data generate": "--set pairs.num_prompts=24",
+}
+SKIP_PREFIXES = {"pip install": "CI installs the package first", "python -m pytest": "the test suite itself"}
+COMMAND_TIMEOUT = 1500
+
+
+@dataclass
+class Command:
+    doc: str
+    line: int           # 1-based line of the command's first line in the doc
+    kind: str           # "bash" or "python"
+    text: str           # what runs (continuations joined for bash)
+    skip: str | None    # why it is skipped, or None
+
+
+def _split_comment(line: str) -> tuple[str, str]:
+    """(code, comment) of a bash line: the comment starts at an unquoted '#' at the start or after whitespace."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = None
+            elif ch == "\\" and quote == '"':
+                continue
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip(), line[i + 1:].strip()
+    return line.rstrip(), ""
+
+
+_NEEDS_RE = re.compile(r"\bneeds:\s*([a-z-]+(?:\s*,\s*[a-z-]+)*)")
+
+
+def _skip_reason(comment: str) -> str | None:
+    """`needs: X[, Y]` or `template` in a comment -> why the command is skipped; unknown needs are an error."""
+    found = _NEEDS_RE.search(comment)
+    if found:
+        needs = [w.strip() for w in found.group(1).split(",")]
+        unknown = [w for w in needs if w not in NEEDS]
+        if unknown:
+            raise ValueError(f"unknown `needs: {', '.join(unknown)}`; known: {', '.join(NEEDS)}")
+        return "needs " + ", ".join(needs)
+    if re.search(r"(^|[;,]\s*)template\b", comment):
+        return "template"
+    return None
+
+
+def extract_commands(path: Path) -> list[Command]:
+    """Every command of one Markdown file, in order, with its skip reason (see the module docstring)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    commands: list[Command] = []
+    i = 0
+    while i < len(lines):
+        fence = re.match(r"^(\s*)```(\w*)\s*$", lines[i])
+        if not fence:
+            i += 1
+            continue
+        indent, lang = len(fence.group(1)), fence.group(2)
+        start = i + 1
+        i += 1
+        while i < len(lines) and not re.match(r"^\s*```\s*$", lines[i]):
+            i += 1
+        body = [line[indent:] if line[:indent].isspace() else line.lstrip() for line in lines[start:i]]
+        i += 1
+        if lang == "python":
+            first = next((b for b in body if b.strip()), "")
+            skip = _skip_reason(first.strip().lstrip("#")) if first.lstrip().startswith("#") else None
+            commands.append(Command(path.name, start, "python", "\n".join(body) + "\n", skip))
+        elif lang in ("bash", "sh", "shell"):
+            commands.extend(_bash_commands(path.name, body, start))
+    return commands
+
+
+def _bash_commands(doc: str, body: list[str], first_line: int) -> list[Command]:
+    out = []
+    j = 0
+    while j < len(body):
+        if not body[j].strip() or body[j].lstrip().startswith("#"):
+            j += 1
+            continue
+        start, parts, comments = j, [], []
+        while True:
+            code, comment = _split_comment(body[j])
+            if comment:
+                comments.append(comment)
+            if code.endswith("\\") and j + 1 < len(body):
+                parts.append(code[:-1].rstrip())
+                j += 1
+                continue
+            parts.append(code)
+            j += 1
+            break
+        text = " ".join(p.strip() for p in parts)
+        skip = next(filter(None, (_skip_reason(c) for c in comments)), None)
+        for prefix, why in SKIP_PREFIXES.items():
+            if skip is None and text.startswith(prefix):
+                skip = f"`{prefix}`: {why}"
+        out.append(Command(doc, first_line + start + 1, "bash", text, skip))
+    return out
+
+
+def doc_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def fresh_checkout(dest: Path) -> Path:
+    """Copy what a fresh clone of this checkout holds (plus untracked, not ignored, files) into dest."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, check=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        listed = None
+    if listed is None:   # not a git checkout: the tree minus what .gitignore names
+        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+            ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "runs", "build", "dist", ".venv",
+            ".import_linter_cache", "*.pyc"))
+        return dest
+    for name in filter(None, listed):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def shortened(cmd: Command) -> str:
+    if cmd.kind != "bash" or os.environ.get("DPOKIT_DOCS_FULL") == "1":
+        return cmd.text
+    for prefix, extra in SHORTEN.items():
+        if cmd.text == prefix or cmd.text.startswith(prefix + " "):
+            return f"{cmd.text} {extra}"
+    return cmd.text
+
+
+def run_command(cmd: Command, cwd: Path, scratch: Path) -> tuple[int, str, float]:
+    """(exit code, output, seconds) of one command run in cwd."""
+    if cmd.kind == "python":
+        script = scratch / f"{Path(cmd.doc).stem}-{cmd.line}.py"
+        script.write_text(cmd.text, encoding="utf-8")
+        argv = [sys.executable, str(script)]
+    else:
+        argv = ["bash", "-c", "set -euo pipefail\n" + shortened(cmd)]
+    began = time.perf_counter()
+    try:
+        res = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                             stdin=subprocess.DEVNULL)
+        code, output = res.returncode, res.stdout + res.stderr
+    except subprocess.TimeoutExpired as err:
+        code, output = -1, f"timed out after {COMMAND_TIMEOUT} s\n{err.stdout or ''}{err.stderr or ''}"
+    return code, output, time.perf_counter() - began
+
+
+def test_extractor_reads_markers(tmp_path):
+    """Fast: the convention itself (markers, continuations, skipped prefixes, fences that never run)."""
+    doc = tmp_path / "sample.md"
+    doc.write_text("\n".join([
+        "```bash",
+        "pip install -e .",
+        "# a comment line",
+        "dpokit train a.yaml --set x=1 \\",
+        "    --set y=2   # trains; needs: hub",
+        "echo '# not a comment' && echo ok   # fine",
+        "dpokit eval RUN_DIR   # template",
+        "```",
+        "```text",
+        "dpokit never runs",
+        "```",
+        "```python",
+        "# needs: gpu",
+        "print(1)",
+        "```",
+    ]) + "\n", encoding="utf-8")
+    cmds = extract_commands(doc)
+    assert [(c.kind, c.text, c.skip) for c in cmds] == [
+        ("bash", "pip install -e .", "`pip install`: CI installs the package first"),
+        ("bash", "dpokit train a.yaml --set x=1 --set y=2", "needs hub"),
+        ("bash", "echo '# not a comment' && echo ok", None),
+        ("bash", "dpokit eval RUN_DIR", "template"),
+        ("python", "# needs: gpu\nprint(1)\n", "needs gpu"),
+    ]
+    assert [c.line for c in cmds][:3] == [2, 4, 6]
+
+
+def test_every_doc_command_is_extractable():
+    """Fast: every doc parses, every `needs:` is known, and no command keeps a capitalised placeholder unmarked."""
+    for path in doc_files():
+        for cmd in extract_commands(path):
+            if cmd.skip is None and cmd.kind == "bash":
+                placeholder = re.search(r"\b(RUN_DIR|CONFIG|FILE|DIR|KEY|VALUE)\b", cmd.text)
+                assert not placeholder, (f"{cmd.doc}:{cmd.line}: `{cmd.text}` has the placeholder "
+                                         f"{placeholder.group(0)}; make it runnable or mark it `# template`")
+
+
+@pytest.mark.slow
+def test_docs_walkthrough(tmp_path, capsys):
+    work = fresh_checkout(tmp_path / "fresh")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    results, failures = [], []
+    total = time.perf_counter()
+    for path in doc_files():
+        for cmd in extract_commands(path):
+            where = f"{cmd.doc}:{cmd.line}"
+            shown = cmd.text if cmd.kind == "bash" else f"python block ({cmd.text.count(chr(10))} lines)"
+            if cmd.skip:
+                results.append((where, "skip", 0.0, shown, cmd.skip))
+                with capsys.disabled():
+                    print(f"\n[docs] {where:<26} skipped ({cmd.skip}): {shown}", flush=True)
+                continue
+            ran = shortened(cmd) if cmd.kind == "bash" else shown
+            code, output, seconds = run_command(cmd, work, scratch)
+            status = "ok" if code == 0 else f"FAILED (exit {code})"
+            results.append((where, status, seconds, ran, None))
+            with capsys.disabled():
+                print(f"\n[docs] {where:<26} {seconds:7.1f} s  {status}: {ran}", flush=True)
+            if code != 0:
+                failures.append(f"{where}: `{ran}` exited {code}; last output:\n{output[-4000:]}")
+    total = time.perf_counter() - total
+    with capsys.disabled():
+        print(f"\n[docs] walkthrough: {sum(r[1] == 'ok' for r in results)} ok, {len(failures)} failed, "
+              f"{sum(r[1] == 'skip' for r in results)} skipped, {total:.0f} s in all", flush=True)
+    assert not failures, f"{len(failures)} doc command(s) failed (the first may cause the rest):\n\n" + \
+        "\n\n".join(failures)
