@@ -42,3 +42,26 @@ def test_readme_run_folder_and_eval_json_tables_match_the_artifact_models():
     tables = readme_tables()
     assert _generated_block(text, "<!-- run-folder table: generated, tests/test_docs.py -->") == tables["run_folder"]
     assert _generated_block(text, "<!-- eval.json table: generated, tests/test_docs.py -->") == tables["eval_json"]
+
+
+def test_readme_loss_table_matches_the_loss_registry():
+    from dpokit.train.losses import LOSSES, loss_table_markdown
+
+    text = README.read_text(encoding="utf-8")
+    assert _generated_block(text, "<!-- loss table: generated from dpokit.train.losses.LOSS_DOCS, tests/test_docs.py -->") \
+        == loss_table_markdown()
+    assert all(f"| `{name}` |" in text for name in LOSSES)
+
+
+def test_losses_command_shows_every_loss_in_full():
+    import subprocess
+    import sys
+
+    from dpokit.train.losses import loss_table
+
+    res = subprocess.run([sys.executable, "-m", "dpokit", "losses"], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "COLUMNS": "400"})
+    assert res.returncode == 0, res.stderr
+    flat = " ".join(res.stdout.split())
+    for row in loss_table():  # nothing cut off: every formula and paper appears whole
+        assert " ".join(row["formula"].split()) in flat and row["paper"] in flat, row["loss"]

@@ -254,12 +254,18 @@ _register_plan(app)  # plan
 
 @app.command("losses")
 def losses_() -> None:
-    """List the DPO losses for train.loss (from the loss registry), with their paper and whether they need a reference."""
-    from dpokit.train.losses import LOSSES
+    """The losses for train.loss, from the loss registry: data kind, formula, paper, reference, TRL."""
+    from rich.console import Console
+    from rich.table import Table
 
-    for name, (fn, needs_ref) in LOSSES.items():
-        first = (fn.__doc__ or "").strip().splitlines()[0]
-        typer.echo(f"{name:10s} {'reference' if needs_ref else 'no reference':13s} {first}")
+    from dpokit.train.losses import loss_table
+
+    table = Table(title="train.loss (combine with weights: sigmoid:1.0,sft:0.5)", show_lines=True)
+    for column in ("loss", "data", "formula", "paper", "needs reference", "also in TRL"):
+        table.add_column(column, overflow="fold")
+    for row in loss_table():
+        table.add_row(row["loss"], row["data"], row["formula"], row["paper"], row["reference"], row["trl"])
+    Console(width=max(Console().width, 140)).print(table)
 
 
 @app.command("export")

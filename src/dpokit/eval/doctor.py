@@ -132,6 +132,15 @@ def _r(x: float, digits: int = 3) -> float:
     return round(x, digits) if math.isfinite(x) else x
 
 
+def _f(x: float | None) -> str:
+    """Two decimals; "n/a" for a missing value (an evaluation of zero pairs)."""
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 # --- rules: training curves --------------------------------------------------------------------------------------
 
 def nonfinite(a: RunArtifacts) -> Finding | None:
@@ -226,11 +235,11 @@ def chosen_logps_falling(a: RunArtifacts) -> Finding | None:
             source="DPO author's explanation (eric-mitchell/direct-preference-optimization #32); TRL #800")
     why = worse or "the rejected answers did not fall faster than the chosen"
     return Finding(
-        id="chosen_logps_falling", severity="warning", title="chosen and rejected log-probs both fall, and it hurts",
+        id="chosen_logps_falling", severity="warning", title="chosen log-probs fall, and it hurts",
         evidence=f"{evidence}; {why}.", numbers=numbers,
-        meaning="The model lowers the likelihood of good answers along with bad ones, and the held-out answers got "
-                "worse: probability leaks to text in neither set (often longer, repetitive or off-distribution). "
-                "Common when chosen and rejected are very similar or the learning rate is high.",
+        meaning="The model lowers the likelihood of the good answers as much as the bad ones, or its answers got "
+                "worse than the base's: probability leaks to text in neither set (often longer, repetitive or "
+                "off-distribution). Common when chosen and rejected are very similar or the learning rate is high.",
         what_to_try=["add an NLL term on the chosen answers: train.sft_weight: 0.2 to 1.0 (RPO); or train.loss: "
                      "'sigmoid:1.0,sft:0.5'", "lower train.learning_rate", "raise train.beta",
                      "fewer epochs (train.epochs)"],
@@ -256,8 +265,7 @@ def reward_accuracy_saturated(a: RunArtifacts) -> Finding | None:
         held = a.eval.preference
         numbers["heldout_accuracy"] = held.implicit_reward_accuracy.value
         numbers["heldout_margin"] = held.reward_margin.value
-        held_out = (f"; held out: accuracy {held.implicit_reward_accuracy.value:.2f}, margin "
-                    f"{held.reward_margin.value:.2f}")
+        held_out = f"; held out: accuracy {_f(held.implicit_reward_accuracy.value)}, margin {_f(held.reward_margin.value)}"
     return Finding(
         id="reward_accuracy_saturated", severity="warning", title="reward accuracy saturated and margins exploding",
         evidence=f"training reward accuracy {end_acc:.2f} and mean margin {end_margin:.2f} over "
@@ -394,14 +402,14 @@ def eval_train_gap(a: RunArtifacts) -> Finding | None:
     eval_loss = [(r.step, float(v)) for r in a.metrics
                  if isinstance(v := r.model_dump().get("eval_loss"), (int, float)) and math.isfinite(v)]
     reasons, numbers = [], {}
-    if a.eval is not None and len(acc) >= MIN_ROWS:
+    held = a.eval.preference.implicit_reward_accuracy if a.eval is not None else None
+    if held is not None and _finite(held.value) and len(acc) >= MIN_ROWS:
         train_acc = mean(tail(acc))
-        held = a.eval.preference.implicit_reward_accuracy
-        high = held.ci[1] if held.ci and held.ci[1] is not None and math.isfinite(held.ci[1]) else held.value
+        high = held.ci[1] if _finite(held.ci[1]) else held.value
         numbers.update(tail_train_accuracy=_r(train_acc), heldout_accuracy=held.value, heldout_ci=held.ci)
         if train_acc - held.value >= GAP_ACCURACY and high < train_acc:
             reasons.append(f"training reward accuracy {train_acc:.2f} over {_steps(tail(acc))} vs held-out "
-                           f"{held.value:.2f} [{held.ci[0]:.2f}, {held.ci[1]:.2f}] (n={held.n})")
+                           f"{held.value:.2f} [{_f(held.ci[0])}, {_f(held.ci[1])}] (n={held.n})")
     if eval_loss and len(loss) >= MIN_ROWS:
         step, last = eval_loss[-1]
         train_loss = mean(tail(loss))
@@ -506,11 +514,11 @@ def verdict(findings: list[Finding], result: EvalResult | None) -> str:
     if result is None:
         return "The training curves look normal; there is no eval.json, so the model itself was not checked."
     acc = result.preference.implicit_reward_accuracy
-    said = f"held-out implicit-reward accuracy {acc.value:.2f} [{acc.ci[0]:.2f}, {acc.ci[1]:.2f}] (chance 0.5)"
+    said = f"held-out implicit-reward accuracy {_f(acc.value)} [{_f(acc.ci[0])}, {_f(acc.ci[1])}] (chance 0.5)"
     if result.generation is not None:
         wr = result.generation.outcomes.win_rate
-        said += f", tuned vs base win rate {wr.value:.2f} [{wr.ci[0]:.2f}, {wr.ci[1]:.2f}]"
-    if acc.ci[0] is None or not acc.ci[0] > 0.5:
+        said += f", tuned vs base win rate {_f(wr.value)} [{_f(wr.ci[0])}, {_f(wr.ci[1])}]"
+    if not (_finite(acc.ci[0]) and acc.ci[0] > 0.5):
         return f"No rule flagged a problem, but DPO has not shown a preference gain yet: {said}."
     return f"DPO worked: {said}; no rule flagged a problem."
 

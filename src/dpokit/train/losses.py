@@ -259,6 +259,44 @@ LOSS_KINDS = {"listwise_pl": "ranked", "listwise_pairs": "ranked", "kto": "unpai
 def loss_kind(name: str) -> str:
     return LOSS_KINDS.get(name, "pair")
 
+# name -> (formula, paper, also in TRL). Notation: the module docstring; for lists, r_k = beta (pi_k - ref_k) with
+# responses best first; for unpaired rows, r = pi - ref and z0 the batch KL reference point. `dpokit losses` and the
+# README's loss table (tests/test_docs.py) are generated from this, so they cannot drift from the registry.
+LOSS_DOCS: dict[str, tuple[str, str, str]] = {
+    "sigmoid": ("-(1-eps) log s(beta h) - eps log s(-beta h)  (eps > 0 = cDPO)",
+                "Rafailov et al. 2023; Mitchell 2023 (cDPO)", "yes (eps = 0 only)"),
+    "ipo": ("((pi_w-ref_w)/|y_w| - (pi_l-ref_l)/|y_l| - 1/(2 beta))^2  (TRL's length-normalised form)",
+            "Azar et al. 2023", "yes"),
+    "ipo_paper": ("(h - 1/(2 beta))^2  (the paper's Eq. 17, summed log-ratios)", "Azar et al. 2023", "no"),
+    "hinge": ("max(0, 1 - beta h)", "Zhao et al. 2023 (SLiC-HF)", "yes"),
+    "robust": ("((1-eps) l(h) - eps l(-h)) / (1-2 eps),  l(z) = -log s(beta z)", "Chowdhury et al. 2024 (rDPO)", "yes"),
+    "simpo": ("-log s(beta m_w - beta m_l - gamma),  gamma = train.simpo_gamma", "Meng et al. 2024", "no"),
+    "orpo": ("-m_w - beta log s(log odds_w - log odds_l),  log odds = m - log(1 - e^m)", "Hong et al. 2024",
+             "no (ORPOTrainer)"),
+    "sft": ("-sum pi_w / sum |y_w| over the batch (chosen NLL per token)", "Pang et al. 2024 (RPO)", "yes"),
+    "listwise_pl": ("-sum_k log( e^{r_k} / sum_{j>=k} e^{r_j} )  (Plackett-Luce over the ranking)",
+                    "Rafailov et al. 2023, appendix A.3", "no"),
+    "listwise_pairs": ("sum_{i<j} -log s(r_i - r_j)  (DPO over every ordered pair of the list)",
+                       "Rafailov et al. 2023 (pairwise expansion)", "no"),
+    "kto": ("w_D (1 - s(beta (r - z0))) if desirable, w_U (1 - s(beta (z0 - r))) if not",
+            "Ethayarajh et al. 2024", "yes (KTOTrainer)"),
+}
+
+
+def loss_table() -> list[dict[str, str]]:
+    """One row per registered loss, for `dpokit losses` and the README."""
+    return [{"loss": name, "data": loss_kind(name), "formula": LOSS_DOCS[name][0], "paper": LOSS_DOCS[name][1],
+             "reference": "yes" if LOSSES[name][1] else "no", "trl": LOSS_DOCS[name][2]} for name in LOSSES]
+
+
+def loss_table_markdown() -> str:
+    rows = ["| loss | data | formula | paper | needs reference | also in TRL |", "|---|---|---|---|---|---|"]
+    for r in loss_table():
+        formula = r["formula"].replace("|", "\\|")
+        rows.append(f"| `{r['loss']}` | {r['data']} | `{formula}` | {r['paper']} | {r['reference']} | {r['trl']} |")
+    return "\n".join(rows)
+
+
 # Losses TRL's DPOTrainer implements with the same formula (our name -> TRL loss_type).
 TRL_LOSSES = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "sft": "sft"}
 
