@@ -74,17 +74,28 @@ def test_pick_tokens_greedy_top_p_and_logps():
     tokens, logps = pick_tokens(logits, 0.0, 1.0, None)
     assert tokens.tolist() == [0, 1]
     assert torch.allclose(logps, torch.log_softmax(logits, -1)[[0, 1], [0, 1]])
-    # top_p 0.5: row 0 keeps only token 0 (p = 0.63 >= 0.5); whatever the noise, token 0 is drawn.
+    # top_p 0.5: row 0 keeps only token 0 (p = 0.63 >= 0.5); whatever the draw, token 0 is drawn.
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):
-        noise = torch.empty(2, 4).exponential_(generator=gen)
-        tokens, _ = pick_tokens(logits, 1.0, 0.5, noise)
+        tokens, _ = pick_tokens(logits, 1.0, 0.5, torch.rand(2, generator=gen))
         assert tokens[0] == 0
-    # The exponential race draws token i with probability p_i.
-    draws = torch.stack([pick_tokens(logits[:1], 1.0, 1.0, torch.empty(1, 4).exponential_(generator=gen))[0]
-                         for _ in range(4000)])[:, 0]
-    freq = torch.bincount(draws, minlength=4).float() / 4000
-    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.03)
+    # Inverting the CDF draws token i with probability p_i, also after temperature and with top_p.
+    p = torch.softmax(logits[0], -1)
+    for temperature, top_p, expected in [
+        (1.0, 1.0, p),
+        (0.5, 1.0, torch.softmax(logits[0] / 0.5, -1)),
+        # top_p 0.9: the smallest prefix reaching 0.9 is tokens 0, 1, 2 (0.63 + 0.23 = 0.86 < 0.9), renormalised
+        (1.0, 0.9, torch.tensor([p[0], p[1], p[2], 0.0]) / (p[0] + p[1] + p[2])),
+    ]:
+        draws, _ = pick_tokens(logits[:1].expand(8000, 4), temperature, top_p, torch.rand(8000, generator=gen))
+        freq = torch.bincount(draws, minlength=4).float() / 8000
+        assert torch.allclose(freq, expected, atol=0.02), (temperature, top_p, freq, expected)
+    # Edges: u = 0 never picks a zero-probability first token; u just below 1 picks the last possible one.
+    edge = torch.tensor([[-float("inf"), 0.0, 0.0, -float("inf")]])
+    assert pick_tokens(edge, 1.0, 1.0, torch.tensor([0.0]))[0].item() == 1
+    assert pick_tokens(edge, 1.0, 1.0, torch.tensor([0.999999]))[0].item() == 2
+    assert pick_tokens(logits[:1], 1.0, 1.0, torch.tensor([0.0]))[1].item() == pytest.approx(
+        torch.log_softmax(logits[0], -1)[0].item())
 
 
 def test_same_seed_same_samples_for_two_models_and_rows_independent(tiny_llama):

@@ -174,6 +174,9 @@ def data_generate(
     dtype: Annotated[str | None, _pairs_option("dtype")] = None,
     out: Annotated[str, typer.Option(help="Output .jsonl of canonical pairs.")] = "pairs.jsonl",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    keep_all: Annotated[bool, typer.Option(
+        "--keep-all", help='Write every answer with its score, one {"prompt", "responses", "scores"} row per prompt '
+        "(for `dpokit label serve`, or data.kind: ranked), instead of best-vs-worst pairs.")] = False,
     config: Annotated[str | None, typer.Option(
         "--config", help="Run config YAML (e.g. configs/quickstart.yaml) whose pairs section, model.name_or_path and "
         "data.system_prompt to use; flags and --set override it.")] = None,
@@ -219,7 +222,12 @@ def data_generate(
     origin = "dpokit data generate" + (f" --config {config}" if config else "")
     pairs_cfg = section_from_dict("pairs", raw_pairs, origin, labels)
     model_name = model or model_name or ModelConfig.model_fields["name_or_path"].default
-    stats = generate_pairs_to_file(model_name, out, pairs_cfg, system_prompt=system_prompt, overwrite=overwrite)
+    stats = generate_pairs_to_file(model_name, out, pairs_cfg, system_prompt=system_prompt, overwrite=overwrite,
+                                   keep_all=keep_all)
+    if keep_all:
+        typer.echo(f"wrote {stats['samples']} answers with scores for {stats['prompts']} prompts to {out} "
+                   f"(sampled in {stats['dtype']})")
+        return
     typer.echo(f"wrote {stats['pairs']} pairs from {stats['prompts']} prompts to {out} "
                f"({stats['dropped_ties_or_small_gap']} dropped: ties or gap < {pairs_cfg.min_gap}; "
                f"sampled in {stats['dtype']})")
@@ -250,6 +258,10 @@ _register_doctor(app)  # doctor
 from dpokit.cli.plan import register as _register_plan  # noqa: E402
 
 _register_plan(app)  # plan
+
+from dpokit.cli.label import register as _register_label  # noqa: E402
+
+_register_label(app)  # label serve, label export
 
 
 @app.command("losses")

@@ -21,13 +21,9 @@ import logging
 import torch
 
 from dpokit.core.batching import PairCollator, pad_pairs, sequence_logps, token_logps
+from dpokit.core.logp_head import HeadPlan, chunked_token_logps, head_plan
 
 log = logging.getLogger(__name__)
-
-# Architectures whose LM head is a plain linear layer on the decoder's last hidden state: for them the head runs on
-# the scored positions only (saves the prompt positions' vocab projection). Others run the full model forward.
-_PLAIN_HEAD_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gpt2", "phi3", "olmo", "olmo2"}
-
 
 def pair_length(pair: dict) -> int:
     """Tokens one pair (or ranked/unpaired row) occupies when prefix-shared: the prompt once plus every response."""
@@ -62,11 +58,11 @@ def _first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
 
 def pack_pairs(pairs: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """A packed batch of B pairs. Keys: input_ids, position_ids (R, W); attention_mask (R, 1, W, W) bool, True =
-    may attend; score_row/score_pos/score_target/score_slot (N,) for the N scored tokens; num_pairs."""
+    may attend; score_row/score_pos/score_target/score_slot (N,) for the N scored tokens; num_pairs (int)."""
     n_pairs = len(pairs)
     groups = [(p["prompt_ids"], [p["chosen_ids"], p["rejected_ids"]]) for p in pairs]
     batch = pack_groups(groups, pad_id, pad_to_multiple_of, slot_of=lambda i, k: i + k * n_pairs)
-    batch["num_pairs"] = torch.tensor(n_pairs, dtype=torch.long)
+    batch["num_pairs"] = n_pairs  # a Python int: reading a count back from the GPU would stall the step
     if "ref_chosen_logps" in pairs[0]:
         batch["ref_chosen_logps"] = torch.tensor([p["ref_chosen_logps"] for p in pairs], dtype=torch.float32)
         batch["ref_rejected_logps"] = torch.tensor([p["ref_rejected_logps"] for p in pairs], dtype=torch.float32)
@@ -139,6 +135,7 @@ def collate_lists(rows: list[dict], pad_id: int, packed: bool = True, pad_to_mul
                           keys=("response_ids",))
     sizes = [len(rs) for _, rs in groups]
     batch["group_sizes"] = torch.tensor(sizes, dtype=torch.long)
+    batch["num_slots"], batch["max_group"] = sum(sizes), max(sizes)  # Python ints: no device reads in the step
     if "scores" in rows[0]:
         scores = torch.full((len(rows), max(sizes)), float("-inf"))
         for i, r in enumerate(rows):
@@ -166,7 +163,7 @@ def is_list_batch(batch: dict) -> bool:
 
 def list_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, token counts) of every response of a `collate_lists` batch, in response order."""
-    n_slots = int(batch["group_sizes"].sum())
+    n_slots = batch["num_slots"] if "num_slots" in batch else int(batch["group_sizes"].sum())
     if is_packed(batch):
         return packed_slot_logps(model, batch, n_slots)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -175,9 +172,11 @@ def list_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return per_token.sum(-1), mask.sum(-1)
 
 
-def as_matrix(flat: torch.Tensor, sizes: torch.Tensor, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-response values (S,) -> (B, N) padded with `fill`, and the (B, N) bool mask of real entries."""
-    n = int(sizes.max())
+def as_matrix(flat: torch.Tensor, sizes: torch.Tensor, fill: float = 0.0,
+              n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-response values (S,) -> (B, N) padded with `fill`, and the (B, N) bool mask of real entries
+    (N = `n`, the batch's largest group, when the caller knows it; else read from `sizes`)."""
+    n = int(sizes.max()) if n is None else n
     mask = torch.arange(n, device=sizes.device)[None, :] < sizes[:, None]
     out = torch.full(mask.shape, fill, dtype=flat.dtype, device=flat.device)
     return out.masked_scatter(mask, flat), mask
@@ -209,20 +208,6 @@ def _attn_impl(model) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
-def _split_head(model):
-    """(decoder, lm_head) when the logits are a plain linear map of the decoder output, else None."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    config = getattr(inner, "config", None)
-    if config is None or getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
-        return None
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return None
-    decoder, head = getattr(inner, "base_model", None), inner.get_output_embeddings()
-    if decoder is None or decoder is inner or not isinstance(head, torch.nn.Linear):
-        return None
-    return decoder, head
-
-
 def packed_slot_logps(model, batch: dict[str, torch.Tensor], n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, token counts) per output slot of a packed batch."""
     allowed = batch["attention_mask"]
@@ -232,15 +217,13 @@ def packed_slot_logps(model, batch: dict[str, torch.Tensor], n_slots: int) -> tu
         dtype = _model_dtype(model)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
-    split = _split_head(model)
+    plan = head_plan(model)
     rows, pos = batch["score_row"], batch["score_pos"]
-    if split is not None:
-        decoder, head = split
-        hidden = decoder(**kwargs).last_hidden_state
-        logits = head(hidden[rows, pos])
+    if isinstance(plan, HeadPlan):  # only the scored positions go through the LM head, in chunks
+        hidden = plan.decoder(**kwargs).last_hidden_state
+        per_token = chunked_token_logps(hidden[rows, pos], plan.head, batch["score_target"], softcap=plan.softcap)
     else:
-        logits = model(**kwargs).logits[rows, pos]
-    per_token = token_logps(logits, batch["score_target"])
+        per_token = token_logps(model(**kwargs).logits[rows, pos], batch["score_target"])
     slot = batch["score_slot"]
     sums = torch.zeros(n_slots, dtype=per_token.dtype, device=per_token.device).index_add(0, slot, per_token)
     counts = torch.zeros(n_slots, dtype=torch.float32, device=per_token.device).index_add(

@@ -91,9 +91,18 @@ def select_pair(prompt, samples: list[str], scores: list[float], min_gap: float)
             "score_chosen": best[0], "score_rejected": worst[0]}
 
 
+def keep_all_row(prompt, samples: list[str], scores: list[float]) -> dict:
+    """`--keep-all`: every sampled answer with its judge score, in sampling order: `{"prompt", "responses",
+    "scores"}`, the ranked-list shape that `dpokit label serve` reads and `dpokit train` takes (`data.kind: ranked`).
+    Answers are written as `select_pair` writes them (a leading space after a plain-text prompt)."""
+    responses = list(samples) if isinstance(prompt, list) else [" " + t for t in samples]
+    return {"prompt": prompt, "responses": responses, "scores": list(scores)}
+
+
 def generate_pairs(model, tokenizer, prompts: list, pairs_cfg: PairsConfig, *, system_prompt: str | None = None,
-                   dtype: str, progress=None) -> tuple[list[dict], dict]:
+                   dtype: str, progress=None, keep_all: bool = False) -> tuple[list[dict], dict]:
     """Canonical pairs (with `score_chosen`/`score_rejected`) and counts of what was kept and dropped.
+    `keep_all`: one `keep_all_row` per prompt instead (every answer and its score; nothing dropped).
 
     `dtype`: the sampling precision (a name; "auto" is resolved by `pick_sampling_dtype`). The model is cast to it
     when it is in another dtype (sampling only, no gradients). `pairs_cfg.prompts`/`num_prompts`/`eval_prompts` are
@@ -119,7 +128,7 @@ def generate_pairs(model, tokenizer, prompts: list, pairs_cfg: PairsConfig, *, s
     for chat, group in zip(chats, samples, strict=True):
         scores = flat_scores[start:start + len(group)]
         start += len(group)
-        pair = select_pair(chat, group, scores, pairs_cfg.min_gap)
+        pair = keep_all_row(chat, group, scores) if keep_all else select_pair(chat, group, scores, pairs_cfg.min_gap)
         if pair is not None:
             pairs.append(pair)
     mean_score = sum(flat_scores) / len(flat_scores) if flat_scores else float("nan")
@@ -154,7 +163,7 @@ def take_prompts(prompts: list, pairs_cfg: PairsConfig) -> list:
 
 
 def generate_pairs_to_file(model_name: str, out: str, pairs_cfg: PairsConfig, *, system_prompt: str | None = None,
-                           overwrite: bool = False) -> dict:
+                           overwrite: bool = False, keep_all: bool = False) -> dict:
     """`dpokit data generate`: check the output path and read the prompts first, then load the model, sample,
     judge and write JSONL atomically. Prompts come from `pairs_cfg.prompts` (capped by `pairs_cfg.num_prompts`)."""
     from rich.progress import Progress
@@ -173,7 +182,7 @@ def generate_pairs_to_file(model_name: str, out: str, pairs_cfg: PairsConfig, *,
     with Progress(transient=False) as bar:
         task = bar.add_task("sampling", total=len(prompts) * pairs_cfg.num_samples)
         pairs, stats = generate_pairs(model, tokenizer, prompts, pairs_cfg, system_prompt=system_prompt, dtype=dtype,
-                                      progress=lambda n: bar.advance(task, n))
+                                      progress=lambda n: bar.advance(task, n), keep_all=keep_all)
     if not pairs:
         raise UserError(f"no pairs: all {len(prompts)} prompts gave ties or gaps under pairs.min_gap (--min-gap) "
                         f"{pairs_cfg.min_gap}; lower pairs.min_gap or raise pairs.num_samples")

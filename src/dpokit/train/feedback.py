@@ -18,9 +18,10 @@ def feedback_inputs(policy: torch.Tensor, ref: torch.Tensor | None, batch: dict)
         r = ref.view(-1, 2) if ref is not None else None
         return UnpairedLogps(policy=p[:, 0], label=batch["labels"].bool(), ref=None if r is None else r[:, 0],
                              kl_policy=p[:, 1], kl_ref=None if r is None else r[:, 1])
-    matrix, mask = as_matrix(policy, sizes)
+    n = batch.get("max_group")
+    matrix, mask = as_matrix(policy, sizes, n=n)
     return ListLogps(policy=matrix, mask=mask, scores=batch["scores"].to(matrix.dtype),
-                     ref=None if ref is None else as_matrix(ref.to(matrix.dtype), sizes)[0])
+                     ref=None if ref is None else as_matrix(ref.to(matrix.dtype), sizes, n=n)[0])
 
 
 def feedback_metrics(lp: ListLogps | UnpairedLogps, beta: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -34,8 +35,10 @@ def feedback_metrics(lp: ListLogps | UnpairedLogps, beta: float) -> dict[str, tu
     if isinstance(lp, UnpairedLogps):
         r = beta * (lp.policy - lp.ref).detach()
         kl = (lp.kl_policy - lp.kl_ref).detach().float().mean().clamp(min=0)
-        return {"rewards/chosen": one(r[lp.label]), "rewards/rejected": one(r[~lp.label]),
-                "logps/chosen": one(lp.policy[lp.label]), "logps/rejected": one(lp.policy[~lp.label]),
+        # masked sums, not boolean indexing (which reads the mask's count back from the device)
+        where = lambda t, m: ((t.detach().float() * m).sum(), m.float().sum())  # noqa: E731
+        return {"rewards/chosen": where(r, lp.label), "rewards/rejected": where(r, ~lp.label),
+                "logps/chosen": where(lp.policy, lp.label), "logps/rejected": where(lp.policy, ~lp.label),
                 "kl": (kl, torch.ones_like(kl))}
     r = lp.rewards(beta).detach()
     rows = torch.arange(r.shape[0], device=r.device)

@@ -93,6 +93,7 @@ class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
         self._stored = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.reference_forwards = 0  # reference forward passes during training (0 with precomputed log-probs)
         self.step0_check: dict | None = None
+        self._step_loss: torch.Tensor | None = None  # sum of this optimizer step's micro-batch losses, on the device
 
     def reference_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
@@ -144,8 +145,11 @@ class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
         gather = self.accelerator.gather_for_metrics
         for name, (total, count) in feedback_metrics(lp, self.dpo_cfg.beta).items():
             total, count = gather(total.reshape(1)).sum(), gather(count.reshape(1)).sum()
-            if count > 0:  # e.g. a batch without undesirable rows has no rewards/rejected
-                self._stored["train" if model.training else "eval"][name].append((total / count).item())
+            # (mean, 1) or (0, 0) when the batch has none (e.g. no undesirable rows: no rewards/rejected); on the
+            # device until a logging step reads it
+            seen = (count > 0).float()
+            self._stored["train" if model.training else "eval"][name].append(
+                torch.stack([total / count.clamp(min=1) * seen, seen]))
         return (loss, {"logps": policy}) if return_outputs else loss
 
     def _check_step0(self, lp: PairLogps) -> None:
@@ -167,8 +171,19 @@ class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        check_finite_loss(loss, self.state.global_step)
+        # Checked once per optimizer step with the gradient norm (`_get_grad_norm`): no host sync per micro-batch.
+        step_loss = loss.detach().float()
+        self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
         return loss
+
+    # Overridden (private, transformers 5.x Trainer, called right after clipping and before the optimizer step) to
+    # check the step's loss and the total gradient norm clipping computed, with one host sync per optimizer step
+    # instead of one per parameter; remove if Trainer passes grad_norm to `on_pre_optimizer_step`.
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        loss, self._step_loss = self._step_loss, None
+        check_finite_step(loss, None if self.args.fp16 else grad_norm, self.state.global_step)
+        return grad_norm
 
     def _store_metrics(self, lp: PairLogps, mode: str) -> None:
         gather = self.accelerator.gather_for_metrics
@@ -180,8 +195,9 @@ class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
             chosen_r, rejected_r = (self.dpo_cfg.beta * v.detach() for v in lp.mean_logps())
         values.update({"rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
                        "rewards/accuracies": (chosen_r > rejected_r).float(), "rewards/margins": chosen_r - rejected_r})
-        for name, tensor in values.items():
-            self._stored[mode][name].append(gather(tensor).float().mean().item())
+        for name, tensor in values.items():  # device tensors, read at the next logging step (`log`)
+            mean = gather(tensor).float().mean()
+            self._stored[mode][name].append(torch.stack([mean, torch.ones_like(mean)]))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -192,9 +208,10 @@ class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
     def log(self, logs: dict, start_time=None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._stored[mode].items():
-            if values:
-                logs[prefix + name] = sum(values) / len(values)
+        names = [name for name, values in self._stored[mode].items() if values]
+        if names:  # each value is (mean, 1), or (0, 0) for a batch without it: one host sync for all the metrics
+            sums = torch.stack([torch.stack(self._stored[mode][n]).float().sum(0) for n in names]).tolist()
+            logs.update({prefix + n: total / count for n, (total, count) in zip(names, sums) if count > 0})
         self._stored[mode].clear()
         loss = logs.get(prefix + "loss")
         if loss is not None and not math.isfinite(loss):
@@ -205,18 +222,32 @@ class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
         super().log(logs, start_time)
 
 
-def check_finite_loss(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss.detach()).all():
+def check_finite_step(loss: torch.Tensor | None, grad_norm, step: int) -> None:
+    """Stops the run before the optimizer applies a step whose loss (the sum over its micro-batches) or total
+    gradient norm is not finite: one fused check, one host sync. grad_norm None: loss only (fp16 runs leave
+    non-finite gradients to the grad scaler, which skips such steps itself)."""
+    flags = [] if loss is None else [torch.isfinite(loss).reshape(())]
+    if grad_norm is not None:
+        norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm))
+        flags.append(torch.isfinite(norm.detach()).reshape(()).to(flags[0].device if flags else norm.device))
+    if not flags or bool(torch.stack(flags).all()):
+        return
+    if loss is not None and not bool(torch.isfinite(loss)):
         raise UserError(
-            f"training stopped: non-finite loss ({loss.detach().float().item()}) at step {step}; likely causes: "
+            f"training stopped: non-finite loss ({loss.float().item()}) at step {step}; likely causes: "
             "learning rate too high, fp16 overflow (use bf16 or fp32), empty responses after truncation, or "
             "log(1 - p) underflow in orpo"
         )
+    raise UserError(
+        f"training stopped: non-finite gradient at step {step}; likely causes: learning rate too "
+        "high, fp16 overflow (use bf16 or fp32), or inf/nan in the model weights; lower train.learning_rate "
+        "or set train.max_grad_norm"
+    )
 
 
 class FiniteGradientCallback(TrainerCallback):
-    """Stops the run before the optimizer applies a non-finite gradient (fp16 runs are left to the grad scaler,
-    which skips such steps itself)."""
+    """The finiteness check for trainers that are not dpokit's (the TRL engine): the total gradient norm from
+    `torch._foreach_norm`, one host sync per optimizer step. dpokit's DPOTrainer checks the norm clipping computed."""
 
     def __init__(self, model):
         self.model = model
@@ -225,12 +256,10 @@ class FiniteGradientCallback(TrainerCallback):
         if args.fp16:
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
-            raise UserError(
-                f"training stopped: non-finite gradient at step {state.global_step}; likely causes: learning rate too "
-                "high, fp16 overflow (use bf16 or fp32), or inf/nan in the model weights; lower train.learning_rate "
-                "or set train.max_grad_norm"
-            )
+        if grads:
+            norms = torch._foreach_norm(grads)
+            total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]))
+            check_finite_step(None, total, state.global_step)
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -314,6 +343,9 @@ def training_arguments(plan: TrainPlan, has_eval: bool) -> TrainingArguments:
         report_to=tracker_arguments(t.report_to, plan.run_dir.path / "logs"),  # "none" -> []
         use_cpu=no_accelerator(),  # CPU-only: lets torchrun / accelerate launch set up a gloo process group
         ddp_find_unused_parameters=False,  # every parameter takes part in the DPO forward
+        # Trainer's NaN filter reads every micro-batch's loss on the host; a non-finite loss stops the run anyway
+        # (DPOTrainer._get_grad_norm), so the filter would only cost a sync per micro-batch.
+        logging_nan_inf_filter=False,
     )
 
 
@@ -424,7 +456,8 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(MetricsFileCallback(plan.run_dir.metrics))
-    trainer.add_callback(FiniteGradientCallback(trainer.model))
+    if not isinstance(trainer, DPOTrainer):  # DPOTrainer checks loss and gradient norm itself (_get_grad_norm)
+        trainer.add_callback(FiniteGradientCallback(trainer.model))
     for callback in callbacks or []:
         trainer.add_callback(callback)
     return trainer
