@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dpokit.core.batching import PairCollator  # noqa: E402
-from dpokit.core.packing import PackedPairCollator, packing_self_check, pair_length
+from dpokit.core.packing import PackedPairCollator, packing_self_check, pair_length, to_device  # noqa: E402
 from dpokit.train.packing import TokenBudgetBatchSampler  # noqa: E402
 
 PAD, EOS = 0, 1
@@ -229,7 +229,7 @@ def cached_reference(base, pairs, opts) -> tuple[list[dict], float]:
     sampler = TokenBudgetBatchSampler([pair_length(p) for p in pairs], opts.max_tokens_per_batch, seed=opts.seed)
     out = [dict(p) for p in pairs]
     for idx in sampler:
-        batch = {k: v.to(opts.device) for k, v in PackedPairCollator(PAD)([pairs[i] for i in idx]).items()}
+        batch = to_device(PackedPairCollator(PAD)([pairs[i] for i in idx]), opts.device)
         with torch.autocast(opts.device, dtype=torch.bfloat16, enabled=opts.dtype == "bf16"):
             lp = packed_sequence_logps(ref, batch)
         for j, i in enumerate(idx):

@@ -2,14 +2,11 @@
 nothing written (no run folder; an existing one untouched)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from conftest import run_cli, tiny_config
-from dpokit.cli import main
+from conftest import run_cli, run_main, tiny_config
 
 GOOD_ROW = {"prompt": "How was the sea?", "chosen": " Lovely.", "rejected": " Ugly."}
 
@@ -274,25 +271,6 @@ CASES = {
 def _snapshot(root):
     """Every file and folder under root, with file contents: what 'nothing written, nothing touched' compares."""
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
-def run_main(capfd, *args) -> subprocess.CompletedProcess:
-    """`dpokit ARGS` through the CLI's real entry point (`dpokit.cli.main`), in this process: the same code path as
-    the console script without a fresh interpreter (and torch import) per case. capfd captures at the file-descriptor
-    level, so output of handlers bound to the real stderr is seen too. The subprocess path is checked below."""
-    capfd.readouterr()
-    argv, bytecode = sys.argv, sys.dont_write_bytecode
-    sys.argv = ["dpokit", *map(str, args)]
-    sys.dont_write_bytecode = False  # as on a user's machine: a python judge's file must get no __pycache__ beside it
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv, sys.dont_write_bytecode = argv, bytecode
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def _check_case(tmp_path, case, run):

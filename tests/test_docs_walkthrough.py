@@ -46,7 +46,7 @@ NEEDS = {
     "multi-process": "more processes than a 2-core CPU runs in reasonable time",
     "multi-node": "several machines",
     "server": "a running server (e.g. an OpenAI-compatible judge endpoint)",
-    "long": "many minutes (a benchmark); run it by hand",
+    "minutes": "many minutes (a benchmark); run it by hand",
 }
 # Commands the docs already document how to shorten; appended unless DPOKIT_DOCS_FULL=1 (see module docstring).
 SHORTEN = {

@@ -111,3 +111,112 @@ def test_head_plan_names_why_a_model_keeps_full_logits():
 
     bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2))
     assert "bloom" in head_plan(bloom)
+
+
+# ------------------------------------------------------------------------------------------------ attention layouts
+from dpokit.core.attention import (  # noqa: E402
+    flex_block_mask,
+    flex_mask_mod,
+    register_varlen,
+    varlen_attention_forward,
+    varlen_reference,
+)
+
+LAYOUT_SHAPES = [MIXED, [(6, 4, 5)], [(0, 5, 3)], [(1, 2, 4), (3, 1, 1)]]
+
+
+@pytest.mark.parametrize("shapes", LAYOUT_SHAPES, ids=["mixed", "one", "empty-prompt", "one-token-prompt"])
+def test_flex_mask_equals_pack_pairs_dense_mask(shapes):
+    """mask_mod evaluated on every (row, query, key) of the batch equals pack_pairs' dense mask exactly, padding
+    included; the BlockMask built from it keeps every block that holds an allowed cell."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    pairs = make_pairs(shapes, 50)
+    dense = pack_pairs(pairs, 0)
+    rows, width = dense["input_ids"].shape
+    mask_mod = flex_mask_mod(dense["document_ids"], dense["segment_ids"])
+    assert torch.equal(create_mask(mask_mod, rows, None, width, width, device="cpu"), dense["attention_mask"])
+    # the flex layout: rows bucketed to a multiple of 128 (the same rows as dense at that width), no dense mask
+    flex = pack_pairs(pairs, 0, attention="flex")
+    bucketed = pack_pairs(pairs, 0, pad_to_multiple_of=128)
+    assert "attention_mask" not in flex and flex["input_ids"].shape[1] == 128
+    assert torch.equal(flex["input_ids"], bucketed["input_ids"])
+    block = flex_block_mask(flex["document_ids"], flex["segment_ids"])
+    rows = flex["input_ids"].shape[0]
+    assert block.shape == (rows, 1, 128, 128)
+    assert torch.equal(create_mask(block.mask_mod, rows, None, 128, 128, device="cpu"), bucketed["attention_mask"])
+
+
+def plain_attention(q, k, v, allowed):
+    """softmax(q k^T / sqrt(d)) v over the allowed keys; q (T, H, D), allowed (T, Tk) bool."""
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+
+
+@pytest.mark.parametrize("shapes", LAYOUT_SHAPES, ids=["mixed", "one", "empty-prompt", "one-token-prompt"])
+def test_varlen_index_gives_per_segment_attention(shapes):
+    """Attention over the varlen layout (key/value index, cu_seq_q/k, bottom-right causal per segment; GQA 4 query
+    heads on 2 key/value heads) equals, for every token, plain softmax attention over its own unpadded
+    prompt + response sequence."""
+    pairs = make_pairs(shapes, 50)
+    batch = pack_pairs(pairs, 0, attention="varlen")
+    layout, total = batch["varlen"], batch["input_ids"].shape[1]
+    assert batch["input_ids"].shape[0] == 1 and total == sum(len(p["prompt_ids"]) + len(p["chosen_ids"])
+                                                             + len(p["rejected_ids"]) for p in pairs)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(total, h, 8, generator=gen) for h in (4, 2, 2))
+    out = varlen_reference(q, k[layout["kv_index"]], v[layout["kv_index"]], layout["cu_q_list"], layout["cu_k_list"])
+    assert layout["max_q"] == max(b - a for a, b in zip(layout["cu_q_list"], layout["cu_q_list"][1:]))
+    start = 0
+    k4, v4 = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    for p in pairs:
+        lp, lc, lr = len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])
+        for own in (list(range(start, start + lp + lc)), [*range(start, start + lp), *range(start + lp + lc,
+                                                                                               start + lp + lc + lr)]):
+            idx = torch.tensor(own)
+            want = plain_attention(q[idx], k4[idx], v4[idx], torch.ones(len(own), len(own), dtype=torch.bool).tril())
+            assert torch.allclose(out[idx], want, atol=1e-6), (p, (out[idx] - want).abs().max())
+        start += lp + lc + lr
+
+
+def test_varlen_attention_function_takes_transformers_layout():
+    """The AttentionInterface function: (1, H, T, D) in, (1, T, H, D) out, the same as the reference."""
+    batch = pack_pairs(make_pairs(MIXED, 50), 0, attention="varlen")
+    layout, total = batch["varlen"], batch["input_ids"].shape[1]
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, h, total, 8, generator=gen) for h in (4, 2, 2))
+    out, weights = varlen_attention_forward(None, q, k, v, None, scaling=0.3, dpokit_varlen=layout)
+    idx = layout["kv_index"]
+    want = varlen_reference(q[0].transpose(0, 1), k[0].transpose(0, 1)[idx], v[0].transpose(0, 1)[idx],
+                            layout["cu_q_list"], layout["cu_k_list"], scale=0.3)
+    assert weights is None and out.shape == (1, total, 4, 8) and torch.allclose(out[0], want)
+    assert register_varlen() is torch.cuda.is_available()  # registered only where CUDA is
+
+
+@pytest.mark.parametrize("attention", ["varlen", "flex"])
+def test_packed_training_with_backend_equals_padded(model_and_pad, attention):
+    """Log-probs, DPO loss and gradients through the model with each backend's layout equal the padded path's
+    (varlen: the attention function with the CPU reference in place of the kernel; flex: transformers'
+    flex_attention on the CPU)."""
+    from dpokit.core.batching import PairCollator, sequence_logps
+    from dpokit.core.packing import packed_sequence_logps
+    from test_packing import dpo_loss
+
+    model, pad_id = model_and_pad
+    if attention == "varlen":
+        register_varlen(force=True)
+    policy, ref = perturbed(model), copy.deepcopy(model).eval()
+    pairs = make_pairs(MIXED, model.config.vocab_size)
+    results = {}
+    for name, batch, fn in (("padded", PairCollator(pad_id)(pairs), sequence_logps),
+                            (attention, pack_pairs(pairs, pad_id, attention=attention), packed_sequence_logps)):
+        policy.zero_grad()
+        loss, logps = dpo_loss(policy, ref, batch, fn)
+        loss.backward()
+        results[name] = (loss.detach(), logps, {n: p.grad.clone() for n, p in policy.named_parameters()
+                                                if p.grad is not None})
+    (loss_a, lp_a, g_a), (loss_b, lp_b, g_b) = results["padded"], results[attention]
+    for key in ("chosen", "rejected", "chosen_tokens", "rejected_tokens"):
+        assert torch.allclose(lp_a[key].detach(), lp_b[key].detach(), atol=TOL, rtol=1e-6), key
+    assert abs(float(loss_a) - float(loss_b)) < TOL
+    assert max((g_a[n] - g_b[n]).abs().max().item() for n in g_a) < TOL

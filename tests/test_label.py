@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sqlite3
 import subprocess
@@ -386,12 +387,12 @@ def test_source_shapes(tmp_path):
 
 
 def test_cohen_and_fleiss_kappa_by_hand():
-    """Cohen: 10 items, A = [f,f,f,f,f,s,s,s,s,t], B = [f,f,f,s,s,s,s,s,t,t]. Agreement p_o = 7/10 (items 1-3,
-    6-8, 10). p_e = (5*3 + 4*5 + 1*2) / 100 = 0.37. kappa = (0.7 - 0.37) / 0.63 = 0.5238.
+    """Cohen: 10 items, A = fffff ssss t (5 f, 4 s, 1 t), B = fff ssssss t (3 f, 6 s, 1 t). They agree on items
+    1-3, 6-9 and 10: p_o = 8/10. p_e = (5*3 + 4*6 + 1*1) / 100 = 0.40. kappa = (0.8 - 0.4) / 0.6 = 2/3.
     Fleiss: the textbook table (Fleiss 1971 / Wikipedia), 10 items, 14 raters, 5 categories: kappa = 0.210."""
     a = list("fffffsssst")
     b = list("fffsssssst")
-    assert cohen_kappa(a, b) == pytest.approx(0.33 / 0.63)
+    assert cohen_kappa(a, b) == pytest.approx(2 / 3)
     assert cohen_kappa(list("ff"), list("ff")) is None  # one label only: undefined, not 1 or 0
     table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
              [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
@@ -428,3 +429,85 @@ def test_majority_vote_with_overlap_three(tmp_path):
     assert summary["tied_items"] == 1 and summary["choices"] == {"first": 3, "second": 3, "tie": 1, "skip": 2}
     # Fleiss over the items with the most common count of answers (3: items 0 and 1).
     assert summary["agreement"]["kappa_kind"] == "fleiss" and summary["agreement"]["kappa_items"] == 2
+
+
+@pytest.mark.slow  # ~25 s: a CLI process loads torch and builds the tiny model
+def test_data_generate_keep_all_writes_every_answer_and_serves(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about the sea.\nDescribe a rainy Monday.\nReview a small bakery.\n", encoding="utf-8")
+    out = tmp_path / "candidates.jsonl"
+    res = run_cli("data", "generate", "--model", "dpokit-tiny-llama", "--prompts", prompts, "--num-samples", 3,
+                  "--max-new-tokens", 8, "--keep-all", "--out", out)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 3 and "9 answers" in res.stdout
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    for row in rows:
+        assert row["prompt"][0]["role"] == "user" and len(row["responses"]) == len(row["scores"]) == 3
+        assert row["scores"] == pytest.approx([vader.polarity_scores(t)["compound"] for t in row["responses"]])
+    items, skipped = read_source(out)  # the shape `dpokit label serve` reads
+    assert len(items) + skipped == 3 and all(i.first in rows[i.line - 1]["responses"] for i in items)
+
+
+def test_generate_pairs_keep_all_keeps_every_sample_and_score(tiny_llama):
+    from dpokit.core.config import PairsConfig
+    from dpokit.data.generate import generate_pairs
+
+    model, tokenizer = tiny_llama
+    cfg = PairsConfig(num_samples=3, max_new_tokens=6, judge="sentiment", min_gap=0.5)
+    rows, stats = generate_pairs(model, tokenizer, ["Tell me about the sea.", "Describe winter."], cfg,
+                                 dtype="float32", keep_all=True)
+    assert stats["samples"] == 6 and len(rows) == 2  # nothing dropped, whatever the gap
+    for row, prompt in zip(rows, ["Tell me about the sea.", "Describe winter."]):
+        assert row["prompt"] == [{"role": "user", "content": prompt}]
+        assert len(row["responses"]) == len(row["scores"]) == 3 and all(isinstance(t, str) for t in row["responses"])
+
+
+@pytest.mark.slow  # ~1 min: browser labelling, then a real `dpokit train` on the export
+def test_loop_browser_labels_to_training_beats_chance(tmp_path):
+    """A scripted person who prefers the warmer answer (VADER sentiment) labels 20 tiny-data items in the browser;
+    `dpokit train` on the export, as it is, then prefers warm answers on 100 held-out pairs it never saw."""
+    import yaml
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from conftest import CONFIGS, tiny_config
+    from dpokit.core.run import RunDir
+
+    rows = [json.loads(line) for line in (CONFIGS / "data" / "tiny_prefs.jsonl").read_text().splitlines()]
+    rng = random.Random(0)
+    source_rows = []
+    for row in rows[:20]:  # the person sees the answers unlabelled, in a shuffled order
+        answers = [row["chosen"], row["rejected"]]
+        rng.shuffle(answers)
+        source_rows.append({"prompt": row["prompt"], "responses": answers})
+    source = write_jsonl(tmp_path / "source.jsonl", source_rows)
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", rows[-100:])
+    db = tmp_path / "labels.sqlite"
+    vader = SentimentIntensityAnalyzer()
+    driver = make_browser()
+    try:
+        with server(source, db) as (url, _):
+            driver.get(f"{url}/?annotator=warm-person")
+            item = wait_until(driver, "ready")
+            for n in range(1, len(source_rows) + 1):
+                _, left, right = shown(driver)
+                warmth = vader.polarity_scores(left)["compound"] - vader.polarity_scores(right)["compound"]
+                press(driver, "1" if warmth > 0 else "2" if warmth < 0 else "t")
+                item = wait_until(driver, "done") if n == len(source_rows) else wait_until(driver, "ready", item)
+            assert driver.get_log("browser") == []
+    finally:
+        driver.quit()
+    pairs = tmp_path / "pairs.jsonl"
+    res = run_cli("label", "export", db, "--out", pairs, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["pairs"] >= 18
+    cfg = tiny_config(tmp_path, data={"source": str(pairs), "eval_source": str(held_out), "eval_fraction": 0.0},
+                      train={"epochs": 10, "batch_size": 4}, eval={"generate": False})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    res = run_cli("train", config)
+    assert res.returncode == 0, res.stderr[-3000:]
+    accuracy = RunDir(tmp_path / "run").read_eval().preference.implicit_reward_accuracy
+    assert accuracy.n == 100 and accuracy.ci[0] > 0.5, accuracy  # above chance, with its 95% interval

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, run_cli, run_main
 from dpokit.core.config import LoraConfig, load_config
 from dpokit.core.packing import pack_pairs, packed_sequence_logps
 from dpokit.train import estimate as est
@@ -140,14 +140,14 @@ def test_parse_memory(text, mb):
     assert est.parse_memory(text) == mb
 
 
-def test_cli_json_fits_and_suggestions():
-    res = run_cli("plan", CONFIGS / "tiny.yaml", "--json", "--gpu-memory", "80GB")
+def test_cli_json_fits_and_suggestions(capfd):
+    res = run_main(capfd, "plan", CONFIGS / "tiny.yaml", "--json", "--gpu-memory", "80GB")
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     assert out["fits"] is True and out["suggestions"] == []
     assert out["peak_memory_mb"] == pytest.approx(sum(out["breakdown_mb"].values()), abs=0.5)
     assert out["seconds_per_epoch"] > 0 and out["settings"]["device"] == "cuda"
-    res = run_cli("plan", CONFIGS / "tiny.yaml", "--gpu-memory", "2MB")
+    res = run_main(capfd, "plan", CONFIGS / "tiny.yaml", "--gpu-memory", "2MB")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "DOES NOT FIT" in res.stdout and "to make it fit" in res.stdout
     assert "train.reference=precomputed" in res.stdout and "train.lora" in res.stdout
@@ -159,8 +159,8 @@ def test_cli_json_fits_and_suggestions():
     (["--shard", "zero9"], ["--shard", "zero3"]),
     (["--set", "train.bta=1"], ["train.bta", "unknown key"]),
 ], ids=["gpu-memory", "gpus", "shard", "config-key"])
-def test_bad_input_is_one_line_exit_2(args, needles):
-    res = run_cli("plan", CONFIGS / "tiny.yaml", *args)
+def test_bad_input_is_one_line_exit_2(args, needles, capfd):
+    res = run_main(capfd, "plan", CONFIGS / "tiny.yaml", *args)
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr, res.stderr

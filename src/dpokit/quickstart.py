@@ -12,7 +12,6 @@ is reused when its config is unchanged, so a re-run only redoes what changed (`-
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text, write_jsonl
 from dpokit.core.judges import check_judge
 from dpokit.core.run import EvalResult, RunDir, TrainSummary
-from dpokit.data.generate import read_prompts
+from dpokit.data.generate import model_identity, pair_settings, read_prompts, split_prompts
 from dpokit.eval import evaluate_run
 from dpokit.report import write_report
 from dpokit.train.plan import plan_training
@@ -62,40 +61,6 @@ def prepare_out_dir(out: Path, fresh: bool) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()
-
-
-def split_prompts(prompts: list, gen) -> tuple[list, list]:
-    """Seeded shuffle, optional cap, then the first `eval_prompts` are held out."""
-    order = list(range(len(prompts)))
-    random.Random(gen.seed).shuffle(order)
-    if gen.num_prompts:
-        order = order[: gen.num_prompts]
-    if len(order) <= gen.eval_prompts:
-        raise UserError(f"pairs.eval_prompts: {gen.eval_prompts} held-out prompts leave none of the "
-                        f"{len(order)} prompts for training; lower eval_prompts or add prompts")
-    held = [prompts[i] for i in order[: gen.eval_prompts]]
-    train = [prompts[i] for i in order[gen.eval_prompts:]]
-    return train, held
-
-
-def pair_settings(cfg) -> dict:
-    """What `generate_pairs` and `settings_key` take besides `cfg.pairs`: the system prompt and the resolved
-    sampling dtype (never "auto", so the cache key says what sampled)."""
-    from dpokit.core.models import pick_sampling_dtype
-
-    return {"system_prompt": cfg.data.system_prompt, "dtype": pick_sampling_dtype(cfg.pairs.dtype)}
-
-
-def model_identity(cfg) -> dict:
-    """What identifies the sampling model in the pairs' cache key (a folder also by its weights' mtimes)."""
-    from dpokit.core.models import resolve_model_path
-
-    ident = {"name": cfg.model.name_or_path, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
-             "tokenizer": cfg.model.tokenizer, "chat_template": cfg.data.chat_template}
-    path = Path(resolve_model_path(cfg.model.name_or_path))
-    if path.is_dir():
-        ident["files"] = sorted((p.name, int(p.stat().st_mtime)) for p in path.glob("*.safetensors"))
-    return ident
 
 
 def stage_pairs(cfg, train_prompts: list, held_prompts: list, out: Path, fresh: bool, console) -> dict:

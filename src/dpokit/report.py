@@ -1,6 +1,7 @@
 """Reports: one self-contained HTML file (plots inlined as base64 PNG, no scripts, no network) plus report.md.
 
-Entry points: `write_report(run_dir) -> Path` (a run) and `write_sweep_report(sweep_dir, rows) -> Path` (a sweep).
+Entry points: `write_report(run_dir) -> Path` (a run), `write_sweep_report(sweep_dir, rows) -> Path` (a sweep) and
+`write_iterate_report(out_dir, summary) -> Path` (dpokit iterate's rounds).
 Reports read only the run folder's artifacts: metrics.jsonl, eval.json, eval_samples.jsonl, config.yaml.
 """
 
@@ -421,4 +422,73 @@ def write_sweep_report(sweep_dir: str | Path, rows: list[dict], y_label: str) ->
     (sweep_dir / "sweep_frontier.png").write_bytes(png)
     atomic_write_text(sweep_dir / "sweep.md", "\n".join([f"# {title}", "", "![reward vs KL](sweep_frontier.png)", "",
                                                         _md_table(header, table)]) + "\n")
+    return out
+
+
+def iterate_curves(rounds: list[dict], offline: dict | None, initial: dict | None) -> bytes:
+    """Mean judge score, win rate vs pi0 and KL from pi0 against the round (round 0 = pi0); the offline arm as a
+    dashed line at its value."""
+    panels = [("mean_score", "mean judge score, tuned"), ("win_rate_vs_initial", "win rate vs pi0"),
+              ("kl_from_initial", "KL from pi0 per answer (nats)")]
+    fig, axes = _figure(3, 3.6, 3.0)
+    start = {"mean_score": (initial or {}).get("mean_score"), "win_rate_vs_initial": 0.5, "kl_from_initial": 0.0}
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        pts = [(0, start[key], None)] if _finite(start[key]) else []
+        pts += [(r["round"], r[key], r.get(f"{key}_ci")) for r in rounds if _finite(r.get(key))]
+        if pts:
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            errs = [_yerr(y, ci) or [[0], [0]] for _, y, ci in pts]
+            ax.errorbar(xs, ys, yerr=[[e[0][0] for e in errs], [e[1][0] for e in errs]], marker="o", capsize=3,
+                        label="iterative")
+        if offline and _finite(offline.get(key)):
+            ax.axhline(offline[key], color="#c44e52", linestyle="--", label="offline arm")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round (0 = pi0)")
+        ax.set_xticks(range(0, len(rounds) + 1))
+        if offline:
+            ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def write_iterate_report(out_dir: str | Path, summary: dict) -> Path:
+    """iterate.html (self-contained) for `dpokit iterate`: the per-round table and curves, and every round plus the
+    offline arm on one reward-vs-KL frontier. Reads only the summary (iterate.json's content)."""
+    out_dir = Path(out_dir)
+    rounds, offline, initial = summary["rounds"], summary.get("offline"), summary.get("initial") or {}
+    pointwise = any(_finite(r.get("mean_score")) for r in rounds)
+    y_label = f"mean {summary.get('judge')} score, tuned" if pointwise else "win rate vs pi0"
+    y_key = "mean_score" if pointwise else "win_rate_vs_initial"
+    arms = [(f"round {r['round']}", r) for r in rounds] + ([("offline", offline)] if offline else [])
+    points = [{"label": label, "kl": r["kl_from_initial"], "kl_ci": r.get("kl_from_initial_ci"), "reward": r[y_key],
+               "reward_ci": r.get(f"{y_key}_ci"), "base_reward": initial.get("mean_score") if pointwise else 0.5}
+              for label, r in arms]
+
+    def ci(value, interval, digits=3):
+        return _ci({"value": value, "ci": interval}) if _finite(value) and interval else _num(value, digits)
+
+    header = ["", "win rate vs pi0 [95% CI]", "win rate vs previous [95% CI]", "mean score [95% CI]",
+              "KL from pi0 [95% CI]", "mean length (tokens)", "distinct-2", "pairs", "steps", "seconds"]
+    table = [["pi0", "0.500", "–", ci(initial.get("mean_score"), initial.get("mean_score_ci")), "0",
+              _num(initial.get("mean_length"), 1), _num(initial.get("distinct_2")), "–", "–", "–"]] if initial else []
+    table += [[label, ci(r["win_rate_vs_initial"], r["win_rate_vs_initial_ci"]),
+               ci(r.get("win_rate_vs_previous"), r.get("win_rate_vs_previous_ci")),
+               ci(r.get("mean_score"), r.get("mean_score_ci")), ci(r["kl_from_initial"], r.get("kl_from_initial_ci")),
+               _num(r.get("mean_length"), 1), _num(r.get("distinct_2")), _num(r.get("pairs")), _num(r.get("steps")),
+               _num(r.get("seconds"), 0)] for label, r in arms]
+    title = f"dpokit iterate: {out_dir.name}"
+    vs = summary.get("last_round_vs_offline")
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f'<p class="note">{html.escape(str(summary.get("model")))}, judge {html.escape(str(summary.get("judge")))}'
+             f", reference {html.escape(str(summary.get('reference')))}, {len(rounds)} of "
+             f"{summary.get('rounds_planned', len(rounds))} rounds, {summary.get('held_out_prompts')} held-out "
+             "prompts. Win rates and KL are against pi0 (the starting model); \"previous\" compares each round's "
+             "answers with the round before's (round 1: with pi0's), same prompts, seeds and decoding.</p>",
+             "<h2>Per round</h2>", _html_table(header, table)]
+    if vs:
+        parts.append(f"<p>Last round vs the offline arm (same prompts and seeds), win rate: "
+                     f"{html.escape(ci(vs['win_rate'], vs['win_rate_ci']))}</p>")
+    parts += ["<h2>Score, win rate and KL by round</h2>", _img(iterate_curves(rounds, offline, initial), "by round"),
+              "<h2>Reward vs KL</h2>", _img(frontier_plot(points, y_label), "reward vs KL frontier")]
+    out = out_dir / "iterate.html"
+    atomic_write_text(out, _page(title, "\n".join(parts)))
     return out

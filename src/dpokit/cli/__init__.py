@@ -263,6 +263,10 @@ from dpokit.cli.label import register as _register_label  # noqa: E402
 
 _register_label(app)  # label serve, label export
 
+from dpokit.cli.iterate import register as _register_iterate  # noqa: E402
+
+_register_iterate(app)  # iterate
+
 
 @app.command("losses")
 def losses_() -> None:

@@ -6,7 +6,6 @@ Registered on the app by `register(app)`. The server's stack (starlette, uvicorn
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import json
 import secrets
@@ -43,9 +42,11 @@ def serve(
         "--seed", help="Seed of the left/right order; recorded in a new DB (default 0).")] = None,
 ) -> None:
     """Serve the labelling page: prompt and two answers side by side; keys 1 / 2 / t / s / u."""
-    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UserError(f"dpokit label serve needs {' and '.join(missing)}: pip install \"dpokit[label]\"")
+    try:  # the optional extra; imported here so that `dpokit --help` stays light
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError('dpokit label serve needs starlette and uvicorn: pip install "dpokit[label]"') from None
     from dpokit.label.store import open_store
 
     local = _is_loopback(host)
@@ -53,8 +54,6 @@ def serve(
         token = secrets.token_urlsafe(18)
     store = open_store(db, source, overlap=overlap, seed=seed)  # every check before the port is bound
     progress = store.progress("")
-    import uvicorn
-
     from dpokit.label.server import build_app
 
     shown_host = f"[{host}]" if ":" in host else host

@@ -95,6 +95,11 @@ class LoraConfig(Section):
     target_modules: list[str] | str = Field(
         "all-linear", description="Module names to adapt, or 'all-linear'."
     )
+    init_from: str | None = Field(
+        None, description="A LoRA adapter folder (e.g. a run's model/) to continue training instead of a fresh "
+        "adapter; its own r, alpha and target modules apply. The reference stays the base under the disabled "
+        "adapter (reference: adapter) or is computed from the policy as loaded (precomputed). None = a fresh "
+        "adapter. dpokit iterate sets it for each round.")
 
 
 class TrainConfig(Section):
@@ -206,6 +211,26 @@ class PairsConfig(Section):
     seed: int = Field(0, description="Seed of the prompt shuffle and of sampling.")
 
 
+class IterateConfig(Section):
+    """Iterative on-policy DPO (`dpokit iterate`): rounds of sample -> judge -> train, one LoRA adapter continued."""
+
+    rounds: int = Field(3, ge=1, description="Rounds of sample (current policy) -> judge -> pairs -> train -> "
+                        "evaluate.")
+    prompts_per_round: int | None = Field(None, ge=1, description="Training prompts sampled per round, disjoint "
+                                          "across rounds; None = the training prompts split evenly into `rounds` "
+                                          "chunks.")
+    reference: Literal["initial", "previous"] = Field(
+        "initial", description="DPO reference of every round: initial = the starting model pi0 (the base under the "
+        "disabled adapter; RLHFlow's recipe); previous = the policy at the round's start (log-probs precomputed).")
+    learning_rate: float | None = Field(None, gt=0.0, description="Peak learning rate of each round; None = "
+                                        "train.learning_rate.")
+    epochs: float | None = Field(None, gt=0.0, description="Passes over each round's pairs; None = train.epochs.")
+    sft_weight: float | None = Field(None, ge=0.0, description="NLL weight on the chosen answers in each round "
+                                     "(Iterative RPO); None = train.sft_weight.")
+    compare_offline: bool = Field(False, description="Also train a budget-matched offline arm: every round's "
+                                  "prompts sampled from pi0 at once, the same total optimizer steps.")
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/dpokit", description="Run folder (relative paths are from the current directory).")
     overwrite: bool = Field(False, description="Replace an existing run folder.")
@@ -220,6 +245,8 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="On-policy pair generation "
                                "(dpokit quickstart); ignored by dpokit train.")
+    iterate: IterateConfig = Field(default_factory=IterateConfig, description="Iterative on-policy rounds "
+                                   "(dpokit iterate); ignored by dpokit train.")
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RunConfig:
@@ -414,6 +441,10 @@ def check_paths(cfg: RunConfig, origin: str) -> None:
         value = getattr(cfg.data, key)
         if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
             problems.append(f"data.{key}: {value!r} not found; give an existing file/folder or a hub dataset id")
+    init_from = cfg.train.lora.init_from if cfg.train.lora else None
+    if init_from and not os.path.isfile(os.path.join(os.path.expanduser(init_from), "adapter_config.json")):
+        problems.append(f"train.lora.init_from: {init_from!r} is not a LoRA adapter folder (no adapter_config.json); "
+                        "give the model/ folder of a LoRA run")
     for section, key in (("model", "name_or_path"), ("model", "tokenizer"), ("train", "reference_model")):
         value = getattr(getattr(cfg, section), key)
         if value and value.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(value)):

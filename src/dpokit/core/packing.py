@@ -20,6 +20,7 @@ import logging
 
 import torch
 
+from dpokit.core.attention import FLEX_BUCKET, VARLEN, attention_implementation, flex_block_mask, varlen_layout
 from dpokit.core.batching import PairCollator, pad_pairs, sequence_logps, token_logps
 from dpokit.core.logp_head import HeadPlan, chunked_token_logps, head_plan
 
@@ -56,12 +57,15 @@ def _first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def pack_pairs(pairs: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """A packed batch of B pairs. Keys: input_ids, position_ids (R, W); attention_mask (R, 1, W, W) bool, True =
-    may attend; score_row/score_pos/score_target/score_slot (N,) for the N scored tokens; num_pairs (int)."""
+def pack_pairs(pairs: list[dict], pad_id: int, pad_to_multiple_of: int = 1,
+               attention: str = "dense") -> dict[str, torch.Tensor]:
+    """A packed batch of B pairs. Keys: input_ids, position_ids, document_ids, segment_ids (R, W); with attention
+    "dense" attention_mask (R, 1, W, W) bool, True = may attend; with "varlen" one row and its `varlen` layout;
+    score_row/score_pos/score_target/score_slot (N,) for the N scored tokens; num_pairs (int)."""
     n_pairs = len(pairs)
     groups = [(p["prompt_ids"], [p["chosen_ids"], p["rejected_ids"]]) for p in pairs]
-    batch = pack_groups(groups, pad_id, pad_to_multiple_of, slot_of=lambda i, k: i + k * n_pairs)
+    batch = pack_groups(groups, pad_id, pad_to_multiple_of, slot_of=lambda i, k: i + k * n_pairs,
+                        attention=attention)
     batch["num_pairs"] = n_pairs  # a Python int: reading a count back from the GPU would stall the step
     if "ref_chosen_logps" in pairs[0]:
         batch["ref_chosen_logps"] = torch.tensor([p["ref_chosen_logps"] for p in pairs], dtype=torch.float32)
@@ -70,25 +74,35 @@ def pack_pairs(pairs: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> d
 
 
 def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pad_to_multiple_of: int = 1,
-                slot_of=None) -> dict[str, torch.Tensor]:
+                slot_of=None, attention: str = "dense") -> dict[str, torch.Tensor]:
     """Packed layout of B groups (prompt, [response_1, ..., response_N]), each laid out once as
     [prompt, r1, ..., rN]: every response attends to the prompt and to itself only, and its position_ids restart at
     the prompt's length. Response k of group i adds to output slot `slot_of(i, k)` (default: groups' responses
-    numbered in order)."""
+    numbered in order). document_ids (group index, -1 = padding) and segment_ids (0 = prompt, k + 1 = response k,
+    -1 = padding) describe the layout; `attention` (dpokit.core.attention) says what else the forward needs: dense
+    the 4-D bool mask, flex nothing more (rows bucketed to multiples of 128), varlen every group in one row and the
+    key/value index."""
     if slot_of is None:
         offsets = [0]
         for _, responses in groups:
             offsets.append(offsets[-1] + len(responses))
         slot_of = lambda i, k: offsets[i] + k  # noqa: E731
     lengths = [len(p) + sum(len(r) for r in rs) for p, rs in groups]
-    width = max(max(lengths), 1)
+    dense = attention == "dense"
+    if attention == "flex":
+        pad_to_multiple_of = max(pad_to_multiple_of, FLEX_BUCKET)
+    width = max(sum(lengths) if attention == "varlen" else max(lengths), 1)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    rows = _first_fit_rows(lengths, width)
+    rows = [list(range(len(groups)))] if attention == "varlen" else _first_fit_rows(lengths, width)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    # Every position sees itself (padding included: a query with nothing to attend to gives NaN under sdpa).
-    mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    document_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    groups_at = []  # (start, prompt length, response lengths) of each group in row order (varlen: one row)
+    if dense:
+        # Every position sees itself (padding included: a query with nothing to attend to gives NaN under sdpa).
+        mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
     s_row, s_pos, s_tgt, s_slot = [], [], [], []
     for r, members in enumerate(rows):
         start = 0
@@ -110,26 +124,35 @@ def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pa
                         continue
                     s_row.append(r), s_pos.append(start + src), s_tgt.append(resp[t]), s_slot.append(slot_of(i, k))
                 at += len(resp)
-            seg = torch.tensor(segment)
-            # a response sees the prompt and itself, never another response
-            block = causal[: end - start, : end - start] & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
-            mask[r, 0, start:end, start:end] = block
+            seg = torch.tensor(segment, dtype=torch.long)
+            document_ids[r, start:end] = i
+            segment_ids[r, start:end] = seg
+            groups_at.append((start, lp, [len(resp) for resp in responses]))
+            if dense:  # a response sees the prompt and itself, never another response
+                block = causal[: end - start, : end - start] & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
+                mask[r, 0, start:end, start:end] = block
             start = end
-    return {
-        "input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
+    batch = {
+        "input_ids": input_ids, "position_ids": position_ids, "document_ids": document_ids, "segment_ids": segment_ids,
         "score_row": torch.tensor(s_row, dtype=torch.long), "score_pos": torch.tensor(s_pos, dtype=torch.long),
         "score_target": torch.tensor(s_tgt, dtype=torch.long), "score_slot": torch.tensor(s_slot, dtype=torch.long),
     }
+    if dense:
+        batch["attention_mask"] = mask
+    if attention == "varlen":
+        batch["varlen"] = varlen_layout(groups_at, sum(lengths))
+    return batch
 
 
-def collate_lists(rows: list[dict], pad_id: int, packed: bool = True, pad_to_multiple_of: int = 1) -> dict:
+def collate_lists(rows: list[dict], pad_id: int, packed: bool = True, pad_to_multiple_of: int = 1,
+                  attention: str = "dense") -> dict:
     """A batch of ranked or unpaired rows (`prompt_ids`, `responses_ids`), their responses numbered in order
     (row 0's first, ..., then row 1's). packed: one prefix-shared segment per row; else one right-padded
     `prompt + response` row per response (the reference layout). Carries group_sizes (B,), scores (B, N) padded
     with -inf (ranked), labels (B,) bool (unpaired) and ref_logps (S,) when the rows hold precomputed ones."""
     groups = [(r["prompt_ids"], r["responses_ids"]) for r in rows]
     if packed:
-        batch = pack_groups(groups, pad_id, pad_to_multiple_of)
+        batch = pack_groups(groups, pad_id, pad_to_multiple_of, attention=attention)
     else:
         batch = pad_pairs([{"prompt_ids": p, "response_ids": resp} for p, rs in groups for resp in rs], pad_id,
                           keys=("response_ids",))
@@ -149,12 +172,13 @@ def collate_lists(rows: list[dict], pad_id: int, packed: bool = True, pad_to_mul
 
 
 class ListCollator:
-    def __init__(self, pad_id: int, packed: bool = True):
+    def __init__(self, pad_id: int, packed: bool = True, attention: str = "dense"):
         self.pad_id = pad_id
         self.packed = packed
+        self.attention = attention
 
     def __call__(self, rows: list[dict]) -> dict:
-        return collate_lists(rows, self.pad_id, self.packed)
+        return collate_lists(rows, self.pad_id, self.packed, attention=self.attention)
 
 
 def is_list_batch(batch: dict) -> bool:
@@ -183,12 +207,20 @@ def as_matrix(flat: torch.Tensor, sizes: torch.Tensor, fill: float = 0.0,
 
 
 class PackedPairCollator:
-    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, attention: str = "dense"):
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.attention = attention
 
     def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
-        return pack_pairs(pairs, self.pad_id, self.pad_to_multiple_of)
+        return pack_pairs(pairs, self.pad_id, self.pad_to_multiple_of, attention=self.attention)
+
+
+def to_device(batch, device):
+    """A batch (nested dicts of tensors and Python values) with every tensor on `device`."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
 
 
 def is_packed(batch: dict) -> bool:
@@ -208,22 +240,34 @@ def _attn_impl(model) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
-def packed_slot_logps(model, batch: dict[str, torch.Tensor], n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs, token counts) per output slot of a packed batch."""
+def _attention_inputs(model, batch: dict) -> tuple[dict, str | None]:
+    """The packed forward's keyword arguments, and the attention implementation it needs (None: the model's)."""
+    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    if "varlen" in batch:  # one flattened row; the layout reaches the attention function as a keyword
+        return dict(kwargs, dpokit_varlen=batch["varlen"]), VARLEN
+    if "attention_mask" not in batch:  # flex: a BlockMask, passed explicitly
+        return dict(kwargs, attention_mask=flex_block_mask(batch["document_ids"], batch["segment_ids"])), "flex_attention"
     allowed = batch["attention_mask"]
     if _attn_impl(model) == "sdpa":
         mask = allowed  # sdpa takes the bool mask as is, whatever the compute dtype (autocast included)
     else:  # eager adds the mask to the scores: additive float mask
         dtype = _model_dtype(model)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
+    return dict(kwargs, attention_mask=mask), None
+
+
+def packed_slot_logps(model, batch: dict[str, torch.Tensor], n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs, token counts) per output slot of a packed batch, with the attention backend its layout
+    was built for (`pack_groups(attention=...)`)."""
+    kwargs, implementation = _attention_inputs(model, batch)
     plan = head_plan(model)
     rows, pos = batch["score_row"], batch["score_pos"]
-    if isinstance(plan, HeadPlan):  # only the scored positions go through the LM head, in chunks
-        hidden = plan.decoder(**kwargs).last_hidden_state
-        per_token = chunked_token_logps(hidden[rows, pos], plan.head, batch["score_target"], softcap=plan.softcap)
-    else:
-        per_token = token_logps(model(**kwargs).logits[rows, pos], batch["score_target"])
+    with attention_implementation(model, implementation):
+        if isinstance(plan, HeadPlan):  # only the scored positions go through the LM head, in chunks
+            hidden = plan.decoder(**kwargs).last_hidden_state
+            per_token = chunked_token_logps(hidden[rows, pos], plan.head, batch["score_target"], softcap=plan.softcap)
+        else:
+            per_token = token_logps(model(**kwargs).logits[rows, pos], batch["score_target"])
     slot = batch["score_slot"]
     sums = torch.zeros(n_slots, dtype=per_token.dtype, device=per_token.device).index_add(0, slot, per_token)
     counts = torch.zeros(n_slots, dtype=torch.float32, device=per_token.device).index_add(
@@ -251,16 +295,19 @@ def batch_num_pairs(batch: dict) -> int:
     return int(batch["num_pairs"]) if is_packed(batch) else batch["input_ids"].shape[0] // 2
 
 
-def packing_self_check(model, pair: dict, pad_id: int) -> str | None:
-    """Compare packed and padded log-probs of one pair on the loaded model. None when they agree, else the reason."""
+def packing_self_check(model, pair: dict, pad_id: int, attention: str = "dense") -> str | None:
+    """Compare packed (with the `attention` backend) and padded log-probs of one pair on the loaded model. None when
+    they agree, else the reason."""
     probe = {k: pair[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            padded = sequence_logps(model, {k: v.to(device) for k, v in PairCollator(pad_id)([probe]).items()})
-            packed = packed_sequence_logps(model, {k: v.to(device) for k, v in pack_pairs([probe], pad_id).items()})
+            padded = sequence_logps(model, to_device(PairCollator(pad_id)([probe]), device))
+            layout = pack_pairs([probe], pad_id) if attention == "dense" else pack_pairs([probe], pad_id,
+                                                                                         attention=attention)
+            packed = packed_sequence_logps(model, to_device(layout, device))
     except Exception as err:  # noqa: BLE001 - any failure means: use the padded path
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return f"packed forward failed ({type(err).__name__}: {first[:200]})"

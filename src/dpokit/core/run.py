@@ -91,6 +91,10 @@ class TrainSummary(Artifact):
     versions: dict[str, str] | None = Field(None, description="dpokit, torch, transformers, peft, python versions")
     finished: float | None = Field(None, description="unix time training finished")
     resumed_from: str | None = Field(None, description="the checkpoint a --resume continued from (its folder name)")
+    distributed: dict[str, Any] | None = Field(
+        None, description="the strategy training actually used: `type` (none, ddp, fsdp, deepspeed), `processes`, "
+        "`machines`, `sharded` (parameters, gradients or optimizer state split over the processes), `parameters` "
+        "(`full`, and `per_rank`: the elements each rank held), `zero_stage` (DeepSpeed)")
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------

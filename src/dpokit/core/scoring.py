@@ -13,6 +13,7 @@ from dpokit.core.packing import (
     pack_pairs,
     packing_self_check,
     probe_pair,
+    to_device,
 )
 
 
@@ -30,7 +31,7 @@ def pair_logps(model, encoded: list[dict], pad_id: int, batch_size: int = 8,
     collate = pack_pairs if packed else pad_pairs
     model.eval()
     for start in range(0, len(encoded), batch_size):
-        batch = {k: v.to(device) for k, v in collate(encoded[start:start + batch_size], pad_id).items()}
+        batch = to_device(collate(encoded[start:start + batch_size], pad_id), device)
         res = batch_logps(model, batch)
         for key in out:
             out[key].extend(res[key].float().cpu().tolist())
@@ -49,7 +50,7 @@ def feedback_logps(model, encoded: list[dict], pad_id: int, batch_size: int = 8,
     counts: list[list[int]] = []
     for start in range(0, len(encoded), batch_size):
         rows = encoded[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate_lists(rows, pad_id, packed).items()}
+        batch = to_device(collate_lists(rows, pad_id, packed), device)
         sums, tokens = (t.float().cpu().tolist() for t in list_logps(model, batch))
         for r in rows:
             n = len(r["responses_ids"])

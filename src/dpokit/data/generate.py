@@ -162,6 +162,40 @@ def take_prompts(prompts: list, pairs_cfg: PairsConfig) -> list:
     return [prompts[i] for i in order[: pairs_cfg.num_prompts]]
 
 
+def split_prompts(prompts: list, gen) -> tuple[list, list]:
+    """Seeded shuffle, optional cap, then the first `eval_prompts` are held out."""
+    order = list(range(len(prompts)))
+    random.Random(gen.seed).shuffle(order)
+    if gen.num_prompts:
+        order = order[: gen.num_prompts]
+    if len(order) <= gen.eval_prompts:
+        raise UserError(f"pairs.eval_prompts: {gen.eval_prompts} held-out prompts leave none of the "
+                        f"{len(order)} prompts for training; lower eval_prompts or add prompts")
+    held = [prompts[i] for i in order[: gen.eval_prompts]]
+    train = [prompts[i] for i in order[gen.eval_prompts:]]
+    return train, held
+
+
+def pair_settings(cfg) -> dict:
+    """What `generate_pairs` and `settings_key` take besides `cfg.pairs`: the system prompt and the resolved
+    sampling dtype (never "auto", so the cache key says what sampled)."""
+    from dpokit.core.models import pick_sampling_dtype
+
+    return {"system_prompt": cfg.data.system_prompt, "dtype": pick_sampling_dtype(cfg.pairs.dtype)}
+
+
+def model_identity(cfg) -> dict:
+    """What identifies the sampling model in the pairs' cache key (a folder also by its weights' mtimes)."""
+    from dpokit.core.models import resolve_model_path
+
+    ident = {"name": cfg.model.name_or_path, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
+             "tokenizer": cfg.model.tokenizer, "chat_template": cfg.data.chat_template}
+    path = Path(resolve_model_path(cfg.model.name_or_path))
+    if path.is_dir():
+        ident["files"] = sorted((p.name, int(p.stat().st_mtime)) for p in path.glob("*.safetensors"))
+    return ident
+
+
 def generate_pairs_to_file(model_name: str, out: str, pairs_cfg: PairsConfig, *, system_prompt: str | None = None,
                            overwrite: bool = False, keep_all: bool = False) -> dict:
     """`dpokit data generate`: check the output path and read the prompts first, then load the model, sample,

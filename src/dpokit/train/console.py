@@ -41,6 +41,8 @@ def describe_run(plan, setup, checkpoint: str | None, resumed_step: int, max_ste
     if t.lora is not None:
         targets = t.lora.target_modules
         how = f"LoRA r={t.lora.r} alpha={t.lora.alpha} on {', '.join(targets) if isinstance(targets, list) else targets}"
+        if t.lora.init_from:
+            how = f"LoRA continued from {t.lora.init_from}"
     precision = "bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32"
     attention = cfg.model.attn_implementation or "default attention"
     layout = "packed, prefix-shared" if t.packing else "padded batches"
@@ -66,7 +68,8 @@ def format_step0(check: dict) -> str:
         return (f"step-0 check: sigmoid loss {check['sigmoid_loss']:.6f} = ln 2 within {check['tolerance']:g}: "
                 "the reference equals the initial policy")
     return (f"step-0 check: sigmoid loss {check['sigmoid_loss']:.6f} != ln 2 ({check['ln2']:.6f}): the reference "
-            "differs from the initial policy (expected only with train.reference_model)")
+            "differs from the initial policy (expected only with train.reference_model, or train.lora.init_from "
+            "with reference: adapter)")
 
 
 class ConsoleCallback(TrainerCallback):

@@ -16,6 +16,7 @@ from dpokit.core.config import RunConfig, check_paths
 from dpokit.core.errors import UserError
 from dpokit.core.judges import check_judge
 from dpokit.core.run import RunDir
+from dpokit.train.distributed import launcher_problems
 from dpokit.train.losses import loss_names, needs_reference, parse_loss_spec, terms_kind
 from dpokit.train.resilience import is_main_process, last_complete_checkpoint
 from dpokit.train.trackers import check_report_to
@@ -80,6 +81,7 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
         reference = check(check_trl_config, cfg.train, reference)
     precision = check(pick_precision, cfg.train.precision) or (False, False)
     problems += check_report_to(cfg.train.report_to)
+    problems += launcher_problems(cfg.train.engine)  # FSDP / ZeRO that would fall back
     check(check_paths, cfg, origin)
 
     evaluate = cfg.eval.enabled if evaluate is None else evaluate

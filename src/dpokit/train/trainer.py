@@ -41,6 +41,7 @@ from dpokit.core.threads import apply_num_threads, cpu_load_of_others, oversubsc
 from dpokit.data import PreferenceData, load_preferences
 from dpokit.data.encode import encode_rows
 from dpokit.train.console import ConsoleCallback
+from dpokit.train.distributed import CpuFsdpMixin, check_strategy, distributed_summary
 from dpokit.train.feedback import feedback_inputs, feedback_metrics
 from dpokit.train.losses import LOSSES, PairLogps, combined_loss, needs_reference, parse_loss_spec
 from dpokit.train.packing import PackingTrainerMixin, choose_collator
@@ -78,7 +79,7 @@ class TrainResult:
     evaluate: bool = False  # the plan says evaluation follows (eval.enabled, a saved model, held-out pairs)
 
 
-class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
+class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
     """Overrides: compute_loss (the DPO objective), prediction_step (eval loss without logits), log (adds the
     averaged DPO metrics to every logged row)."""
 
@@ -167,7 +168,8 @@ class DPOTrainer(AtomicCheckpointMixin, PackingTrainerMixin, Trainer):
             log.info("step-0 check: sigmoid loss %.6f = ln 2 (policy equals reference)", sig)
         else:
             log.warning("step-0 check: sigmoid loss %.6f != ln 2 = %.6f: the reference differs from the initial "
-                        "policy (expected only with train.reference_model)", sig, math.log(2))
+                        "policy (expected only with train.reference_model, or train.lora.init_from with reference: adapter)",
+                        sig, math.log(2))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -306,6 +308,14 @@ def apply_lora(model, lora_cfg):
         raise UserError(f"train.lora.target_modules: {err}; list module names of this model (e.g. q_proj,v_proj)") from None
 
 
+def load_lora(model, path: str):
+    """train.lora.init_from: continue training an existing adapter (its own r, alpha and targets). The base weights
+    stay the initial model's, so the disabled adapter is still that model (reference: adapter)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(Path(path).expanduser()), is_trainable=True)
+
+
 CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
                      else "gradient_checkpointing")
 
@@ -413,11 +423,15 @@ def setup(plan: TrainPlan, refresh_reference: bool = False) -> Setup:
     model, tokenizer = load_model_and_tokenizer(cfg.model, tokenizer=tokenizer)
     if cfg.train.disable_dropout:
         disable_dropout(model)
+    init_from = cfg.train.lora.init_from if cfg.train.lora is not None else None
+    if init_from:  # before the reference: `precomputed` (and `model`) then see the policy as loaded, adapter on
+        model = load_lora(model, init_from)
     precomputed = (precompute_reference(cfg, model, tokenizer, train_enc, eval_enc, refresh_reference)
                    if plan.reference == "precomputed" else None)
     ref_model = build_reference(cfg, model, plan.reference)
     if cfg.train.lora is not None:
-        model = apply_lora(model, cfg.train.lora)
+        if not init_from:
+            model = apply_lora(model, cfg.train.lora)
         if cfg.train.disable_dropout:
             disable_dropout(model)
     if cfg.train.gradient_checkpointing and cfg.train.lora is not None:
@@ -455,6 +469,7 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
     # Printing is ConsoleCallback's (added by run_training when asked): a library call prints nothing.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    check_strategy(trainer)  # the launcher's FSDP / ZeRO really runs, or exit 2 before the first step
     trainer.add_callback(MetricsFileCallback(plan.run_dir.metrics))
     if not isinstance(trainer, DPOTrainer):  # DPOTrainer checks loss and gradient norm itself (_get_grad_norm)
         trainer.add_callback(FiniteGradientCallback(trainer.model))
@@ -513,6 +528,7 @@ def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float, check
             chmod_tree_as_created(run_dir.model_dir)
     final = dict(output.metrics)
     final["train_loss"] = whole_run_train_loss(trainer, final.get("train_loss"))
+    distributed = distributed_summary(trainer, trainer.model)  # a collective: every rank
     if trainer.is_world_process_zero():
         with contextlib.suppress(OSError):  # Trainer makes checkpoints/ even when it saves none (save_steps 0)
             run_dir.checkpoints.rmdir()
@@ -525,7 +541,7 @@ def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float, check
             reference_cache=s.precomputed, step0_check=getattr(trainer, "step0_check", None),
             pairs_trained=len(s.train_enc), precision="bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32",
             versions=library_versions(), finished=time.time(),
-            resumed_from=Path(checkpoint).name if checkpoint else None))
+            resumed_from=Path(checkpoint).name if checkpoint else None, distributed=distributed))
     return final
 
 

@@ -33,6 +33,9 @@ def trl_loss_types(train_cfg) -> tuple[list[str], list[float]]:
 def check_trl_config(train_cfg, reference: str) -> str:
     """Validate before anything is written; returns the reference TRL will use (it always has one)."""
     trl_loss_types(train_cfg)
+    if train_cfg.lora is not None and train_cfg.lora.init_from:
+        raise UserError("train.lora.init_from: continuing an adapter is supported by engine: native only; use "
+                        "engine: native")
     if reference == "none":
         return "adapter" if train_cfg.lora is not None else "model"
     if reference not in ("model", "adapter"):
