@@ -19,3 +19,4 @@ python3 benchmarks/throughput.py --device cuda --dtype bf16 --attn sdpa --model 
 python3 -m dpokit train configs/tiny.yaml --set output.dir=/tmp/run_bf16 --set train.precision=bf16 \
   --set eval.max_new_tokens=16 > "$OUT/train_bf16.log" 2>&1; echo "bf16 train rc=$?" | tee -a "$OUT/gpu.txt"
 cp /tmp/run_bf16/eval.json "$OUT/eval_bf16.json" 2>/dev/null; tail -3 "$OUT/train_bf16.log"
+bash benchmarks/zero_check.sh   # issue 20: DeepSpeed ZeRO-2/3 on one GPU and the ZeRO-3 full-weight save (needs .whl_ds/)

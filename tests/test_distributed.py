@@ -38,6 +38,9 @@ def test_two_process_ddp_matches_single_process(tmp_path, reference):
     ddp = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    dist = summary["distributed"]  # the strategy actually used: full copies, nothing sharded
+    assert (dist["type"], dist["processes"], dist["sharded"]) == ("ddp", 2, False)
+    assert dist["parameters"]["per_rank"] == [dist["parameters"]["full"]] * 2
     if reference == "precomputed":
         cache = summary["reference_cache"]
         assert cache["cache"] == "miss" and cache["processes"] == 2 and summary["reference_forwards"]["training"] == 0

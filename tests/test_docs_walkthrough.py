@@ -20,15 +20,18 @@ would: a doc must not collide with what an earlier one wrote. Each command runs 
 HF_HUB_OFFLINE=1; CI also gives an empty HOME). Every command's wall time is printed as it finishes; a failure
 reports each failed command with its output tail.
 
-The two long generation commands (`dpokit quickstart`, about 10 minutes on the 2-core CPU from a cold cache, and
-`dpokit data generate` over all 330 bundled prompts) get the documented key `pairs.num_prompts` appended
-(SHORTEN below), so the walkthrough stays well under 30 minutes. DPOKIT_DOCS_FULL=1 runs them exactly as written.
+The two long generation commands, `dpokit quickstart` (about 10 minutes on a 2-core CPU without native bf16, from
+a cold cache) and `dpokit data generate` (all 330 bundled prompts x 8 answers), run on fewer prompts through the
+documented `--set` keys in SHORTEN below (`pairs.num_prompts`, `pairs.eval_prompts`, `eval.num_prompts`: see
+docs/quickstart.md and `dpokit config-keys`), so the walkthrough stays under 30 minutes; the printed command says
+so. DPOKIT_DOCS_FULL=1 runs them exactly as written. DPOKIT_DOCS_TIMEOUT sets the limit per command (seconds).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -46,15 +49,16 @@ NEEDS = {
     "multi-process": "more processes than a 2-core CPU runs in reasonable time",
     "multi-node": "several machines",
     "server": "a running server (e.g. an OpenAI-compatible judge endpoint)",
-    "minutes": "many minutes (a benchmark); run it by hand",
+    "long": "many minutes (a benchmark, a multi-round pipeline); run it by hand",
+    "interactive": "a person at a browser (e.g. `dpokit label serve` blocks until stopped)",
 }
 # Commands the docs already document how to shorten; appended unless DPOKIT_DOCS_FULL=1 (see module docstring).
 SHORTEN = {
-    "dpokit quickstart": "--set pairs.num_prompts=96",      # 72 held out (as shipped) + 24 training prompts
+    "dpokit quickstart": "--set pairs.num_prompts=48 --set pairs.eval_prompts=16 --set eval.num_prompts=16",
     "dpokit data generate": "--set pairs.num_prompts=24",
 }
 SKIP_PREFIXES = {"pip install": "CI installs the package first", "python -m pytest": "the test suite itself"}
-COMMAND_TIMEOUT = 1500
+COMMAND_TIMEOUT = int(os.environ.get("DPOKIT_DOCS_TIMEOUT", "1800"))   # seconds per command
 
 
 @dataclass
@@ -186,22 +190,24 @@ def shortened(cmd: Command) -> str:
     return cmd.text
 
 
-def run_command(cmd: Command, cwd: Path, scratch: Path) -> tuple[int, str, float]:
-    """(exit code, output, seconds) of one command run in cwd."""
+def run_command(cmd: Command, cwd: Path, scratch: Path) -> tuple[int, str, float, float]:
+    """(exit code, output, wall seconds, CPU seconds) of one command run in cwd."""
     if cmd.kind == "python":
         script = scratch / f"{Path(cmd.doc).stem}-{cmd.line}.py"
         script.write_text(cmd.text, encoding="utf-8")
         argv = [sys.executable, str(script)]
     else:
         argv = ["bash", "-c", "set -euo pipefail\n" + shortened(cmd)]
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         res = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
                              stdin=subprocess.DEVNULL)
         code, output = res.returncode, res.stdout + res.stderr
     except subprocess.TimeoutExpired as err:
         code, output = -1, f"timed out after {COMMAND_TIMEOUT} s\n{err.stdout or ''}{err.stderr or ''}"
-    return code, output, time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_seconds = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+    return code, output, time.perf_counter() - began, cpu_seconds
 
 
 def test_extractor_reads_markers(tmp_path):
@@ -251,7 +257,7 @@ def test_docs_walkthrough(tmp_path, capsys):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     results, failures = [], []
-    total = time.perf_counter()
+    total, cpu = time.perf_counter(), 0.0
     for path in doc_files():
         for cmd in extract_commands(path):
             where = f"{cmd.doc}:{cmd.line}"
@@ -262,16 +268,17 @@ def test_docs_walkthrough(tmp_path, capsys):
                     print(f"\n[docs] {where:<26} skipped ({cmd.skip}): {shown}", flush=True)
                 continue
             ran = shortened(cmd) if cmd.kind == "bash" else shown
-            code, output, seconds = run_command(cmd, work, scratch)
+            code, output, seconds, cpu_seconds = run_command(cmd, work, scratch)
+            cpu += cpu_seconds
             status = "ok" if code == 0 else f"FAILED (exit {code})"
             results.append((where, status, seconds, ran, None))
             with capsys.disabled():
-                print(f"\n[docs] {where:<26} {seconds:7.1f} s  {status}: {ran}", flush=True)
+                print(f"\n[docs] {where:<26} {seconds:7.1f} s (cpu {cpu_seconds:6.1f} s)  {status}: {ran}", flush=True)
             if code != 0:
                 failures.append(f"{where}: `{ran}` exited {code}; last output:\n{output[-4000:]}")
     total = time.perf_counter() - total
     with capsys.disabled():
         print(f"\n[docs] walkthrough: {sum(r[1] == 'ok' for r in results)} ok, {len(failures)} failed, "
-              f"{sum(r[1] == 'skip' for r in results)} skipped, {total:.0f} s in all", flush=True)
+              f"{sum(r[1] == 'skip' for r in results)} skipped, {total:.0f} s in all (cpu {cpu:.0f} s)", flush=True)
     assert not failures, f"{len(failures)} doc command(s) failed (the first may cause the rest):\n\n" + \
         "\n\n".join(failures)

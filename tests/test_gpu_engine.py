@@ -193,30 +193,136 @@ def test_varlen_attention_function_takes_transformers_layout():
     assert register_varlen() is torch.cuda.is_available()  # registered only where CUDA is
 
 
-@pytest.mark.parametrize("attention", ["varlen", "flex"])
-def test_packed_training_with_backend_equals_padded(model_and_pad, attention):
-    """Log-probs, DPO loss and gradients through the model with each backend's layout equal the padded path's
-    (varlen: the attention function with the CPU reference in place of the kernel; flex: transformers'
-    flex_attention on the CPU)."""
+def test_packed_training_with_varlen_equals_padded(model_and_pad):
+    """Log-probs, DPO loss and gradients through the model with the varlen layout (one flattened row, the attention
+    function with the CPU reference in place of the CUDA kernel) equal the padded path's."""
     from dpokit.core.batching import PairCollator, sequence_logps
     from dpokit.core.packing import packed_sequence_logps
     from test_packing import dpo_loss
 
     model, pad_id = model_and_pad
-    if attention == "varlen":
-        register_varlen(force=True)
+    register_varlen(force=True)
     policy, ref = perturbed(model), copy.deepcopy(model).eval()
     pairs = make_pairs(MIXED, model.config.vocab_size)
     results = {}
     for name, batch, fn in (("padded", PairCollator(pad_id)(pairs), sequence_logps),
-                            (attention, pack_pairs(pairs, pad_id, attention=attention), packed_sequence_logps)):
+                            ("varlen", pack_pairs(pairs, pad_id, attention="varlen"), packed_sequence_logps)):
         policy.zero_grad()
         loss, logps = dpo_loss(policy, ref, batch, fn)
         loss.backward()
         results[name] = (loss.detach(), logps, {n: p.grad.clone() for n, p in policy.named_parameters()
                                                 if p.grad is not None})
-    (loss_a, lp_a, g_a), (loss_b, lp_b, g_b) = results["padded"], results[attention]
+    (loss_a, lp_a, g_a), (loss_b, lp_b, g_b) = results["padded"], results["varlen"]
     for key in ("chosen", "rejected", "chosen_tokens", "rejected_tokens"):
         assert torch.allclose(lp_a[key].detach(), lp_b[key].detach(), atol=TOL, rtol=1e-6), key
     assert abs(float(loss_a) - float(loss_b)) < TOL
-    assert max((g_a[n] - g_b[n]).abs().max().item() for n in g_a) < TOL
+    assert g_a.keys() == g_b.keys() and max((g_a[n] - g_b[n]).abs().max().item() for n in g_a) < TOL
+
+
+@pytest.mark.slow  # CPU flex_attention compiles for minutes
+def test_flex_forward_equals_padded_on_llama(tiny_llama):
+    """transformers' flex_attention with the explicit BlockMask gives the padded log-probs (forward only: CPU flex
+    has no backward), and the model's own attention implementation is back afterwards."""
+    from dpokit.core.batching import PairCollator, sequence_logps
+    from dpokit.core.packing import packed_sequence_logps
+
+    model, tok = tiny_llama
+    pairs = make_pairs(MIXED, model.config.vocab_size)
+    with torch.no_grad():
+        padded = sequence_logps(model.eval(), PairCollator(tok.pad_token_id)(pairs))
+        flex = packed_sequence_logps(model, pack_pairs(pairs, tok.pad_token_id, attention="flex"))
+    for key in ("chosen", "rejected"):
+        assert torch.allclose(padded[key], flex[key], atol=TOL, rtol=1e-6), key
+    assert model.config._attn_implementation == "sdpa"  # switched for the packed forward only
+
+
+def test_flex_self_check_names_why_gpt2_cannot_use_it(tiny_gpt2):
+    from dpokit.core.packing import packing_self_check
+
+    gpt2, tok = tiny_gpt2
+    reason = packing_self_check(gpt2, make_pairs([(4, 3, 2)], 50)[0], tok.pad_token_id, attention="flex")
+    assert reason is not None and "BlockMask" in reason and "\n" not in reason
+    assert gpt2.config._attn_implementation == "sdpa"
+
+
+# --------------------------------------------------------------------------------------------- backend choice, syncs
+def test_attention_choice_on_cpu(tiny_llama, caplog):
+    """auto and dense pack with the dense mask on a CPU; varlen asked for on a CPU falls back to dense with a
+    one-line warning; padded (or packing: false) gives padded batches."""
+    import logging
+
+    from dpokit.core.batching import PairCollator
+    from dpokit.core.config import TrainConfig
+    from dpokit.train.packing import attention_candidates, choose_collator
+
+    model, tok = tiny_llama
+    pairs = make_pairs([(4, 3, 2), (5, 2, 6)], model.config.vocab_size)
+    assert attention_candidates(TrainConfig(), cuda=True) == ["varlen", "flex", "dense"]
+    assert attention_candidates(TrainConfig(attention="flex"), cuda=True) == ["flex", "dense"]
+    assert attention_candidates(TrainConfig(attention="varlen", packing=False), cuda=True) == []
+    for attention in ("auto", "dense"):
+        collator, _ = choose_collator(TrainConfig(attention=attention), model, None, pairs, tok.pad_token_id)
+        assert isinstance(collator, PackedPairCollator) and collator.attention == "dense"
+    with caplog.at_level(logging.WARNING):
+        collator, _ = choose_collator(TrainConfig(attention="varlen"), model, None, pairs, tok.pad_token_id)
+    assert isinstance(collator, PackedPairCollator) and collator.attention == "dense"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["train.attention: varlen not used, trying dense: varlen needs CUDA (FlashAttention kernels)"]
+    collator, _ = choose_collator(TrainConfig(attention="padded"), model, None, pairs, tok.pad_token_id)
+    assert isinstance(collator, PairCollator)
+
+
+def tiny_trainer(model, tok, tmp_path, callbacks=()):
+    from transformers import TrainingArguments
+
+    from dpokit.core.config import TrainConfig
+    from dpokit.train.trainer import DPOTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-3,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                             remove_unused_columns=False, logging_nan_inf_filter=False)
+    policy = copy.deepcopy(model).train()
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=make_pairs(MIXED[:6], model.config.vocab_size),
+                         data_collator=PackedPairCollator(tok.pad_token_id), dpo_cfg=TrainConfig(), ref_model=ref,
+                         callbacks=list(callbacks))
+    return trainer, policy
+
+
+def test_non_finite_gradient_stops_training_naming_the_step(tiny_llama, tmp_path):
+    """The loss is finite, one parameter's gradient is not: the fused check (the total gradient norm) stops the
+    run before the optimizer applies it."""
+    from dpokit.core.errors import UserError
+
+    model, tok = tiny_llama
+    trainer, policy = tiny_trainer(model, tok, tmp_path)
+    next(policy.parameters()).register_hook(lambda g: g * float("inf"))
+    with pytest.raises(UserError, match=r"non-finite gradient at step 0; likely causes: learning rate too high"):
+        trainer.train()
+
+
+def test_non_finite_loss_stops_training_naming_the_step(tiny_llama, tmp_path):
+    """NaN weights after step 1: the step's loss is NaN and the run stops at step 1 with the loss message; the
+    metrics logged at step 1 (read from device tensors at the logging step) are finite numbers."""
+    from transformers import TrainerCallback
+
+    from dpokit.core.errors import UserError
+
+    class PoisonAtStep1(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    model.get_output_embeddings().weight.fill_(float("nan"))
+
+    logged = []
+
+    class Keep(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs))
+
+    model, tok = tiny_llama
+    trainer, _ = tiny_trainer(model, tok, tmp_path, callbacks=[PoisonAtStep1(), Keep()])
+    with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 1; likely causes"):
+        trainer.train()
+    assert len(logged) == 1 and isinstance(logged[0]["rewards/accuracies"], float)
+    assert logged[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # step 0: policy = reference, ln 2

@@ -162,6 +162,8 @@ def test_keyboard_labelling_with_undo_and_reload_matches_db_and_export(tmp_path)
             panel = driver.find_element("css selector", f'[data-side="{side}"]')
             assert panel.find_elements("css selector", "*") == []
             assert driver.execute_script("return window.pwned") is None
+            screenshot = tmp_path / "label-page.png"  # the artefact: an item as the annotator sees it
+            assert driver.save_screenshot(str(screenshot)) and screenshot.read_bytes()[:4] == b"\x89PNG"
             previous = None
             for step in ["1", "2", "t", "UNDO", "2", "RELOAD", "s", "REASON", "2"]:
                 if step == "UNDO":  # take back the tie on the item just answered; it comes back
@@ -193,8 +195,6 @@ def test_keyboard_labelling_with_undo_and_reload_matches_db_and_export(tmp_path)
                 else:
                     item = wait_until(driver, "ready", not_item=item)
             assert driver.find_element("css selector", '[data-role="done"]').is_displayed()
-            screenshot = tmp_path / "label-page.png"  # the artefact: the page as the annotator last saw it
-            assert driver.save_screenshot(str(screenshot)) and screenshot.read_bytes()[:4] == b"\x89PNG"
             assert driver.execute_script("return window.pwned") is None
             logs = driver.get_log("browser")
             assert logs == [], logs
@@ -238,9 +238,13 @@ def test_overlap_two_browser_sessions_each_get_every_item_once(tmp_path):
         with server(source, db, "--overlap", 2) as (url, _):
             seen = {"alice": [], "bob": []}
             drivers = {"alice": alice, "bob": bob}
-            for name, driver in drivers.items():
-                driver.get(f"{url}/?annotator={name}")
-                seen[name].append(wait_until(driver, "ready"))
+            alice.get(f"{url}/?annotator=alice")
+            seen["alice"].append(wait_until(alice, "ready"))
+            bob.get(f"{url}/")  # no ?annotator: the page asks for a name once, then keeps it in the URL
+            wait_until(bob, "name")
+            bob.find_element("css selector", '[data-role="name"]').send_keys("bob\n")
+            seen["bob"].append(wait_until(bob, "ready"))
+            assert bob.current_url.endswith("/?annotator=bob")
             assert seen["alice"][0] != seen["bob"][0]  # the least-labelled item: not the one just shown to alice
             while any(page_state(d)[0] == "ready" for d in drivers.values()):  # interleave: one key each in turn
                 for name, driver in drivers.items():
@@ -304,6 +308,13 @@ def test_security_token_body_limit_and_host(tmp_path):
         headers = urllib.request.urlopen(url + "/", timeout=5).headers
         assert "script-src 'self'" in headers["Content-Security-Policy"]
     assert "s3cret-token" not in db.read_bytes().decode("latin-1")  # no secret in the DB
+    with server(source, db, "--host", "0.0.0.0") as (url, proc):  # off 127.0.0.1: a token is generated, printed
+        printed = proc.stdout.readline()
+        assert "?token=" in printed, printed
+        generated = printed.split("?token=")[1].split()[0]
+        assert len(generated) >= 20 and post(url, "next", {"annotator": "dan"})[0] == 401
+        assert post(url, "next", {"annotator": "dan"}, token=generated)[0] == 200
+    assert generated not in db.read_bytes().decode("latin-1")
     with server(source, db) as (url, _):  # no token on 127.0.0.1: only this machine's names are served
         request = urllib.request.Request(url + "/", headers={"Host": "attacker.example"})
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -510,4 +521,5 @@ def test_loop_browser_labels_to_training_beats_chance(tmp_path):
     res = run_cli("train", config)
     assert res.returncode == 0, res.stderr[-3000:]
     accuracy = RunDir(tmp_path / "run").read_eval().preference.implicit_reward_accuracy
+    print(f"held-out implicit-reward accuracy {accuracy.value:.3f} {accuracy.ci} on {accuracy.n} pairs")
     assert accuracy.n == 100 and accuracy.ci[0] > 0.5, accuracy  # above chance, with its 95% interval

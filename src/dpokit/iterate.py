@@ -39,15 +39,26 @@ import time
 from functools import cached_property
 from pathlib import Path
 
+from peft import PeftModel
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dpokit.core.config import RunConfig, config_from_dict, load_config, read_config_file
 from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text, read_jsonl, write_jsonl
 from dpokit.core.judges import build_judge, check_judge
 from dpokit.core.judges import compare as judge_pairs
+from dpokit.core.models import load_model_and_tokenizer
 from dpokit.core.run import RunDir
-from dpokit.data.generate import model_identity, pair_settings, read_prompts, settings_key, split_prompts
+from dpokit.core.templates import setup_chat_template
+from dpokit.data.generate import (
+    generate_pairs,
+    model_identity,
+    pair_settings,
+    read_prompts,
+    settings_key,
+    split_prompts,
+)
 from dpokit.eval import evaluate_run
 from dpokit.eval.doctor import answer_units, distinct_n
 from dpokit.eval.metrics import outcome_summary
@@ -207,13 +218,6 @@ def sample_pairs(iteration: Iteration, prompts: list, adapter: Path | None, name
                  console) -> dict:
     """pairs/NAME.jsonl: best-vs-worst pairs of `prompts` sampled by pi0 (adapter None) or pi0 + adapter, reused
     when pairs/NAME.json holds the same key (prompts, pairs settings, round, the policy's weights)."""
-    from peft import PeftModel
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from dpokit.core.models import load_model_and_tokenizer
-    from dpokit.core.templates import setup_chat_template
-    from dpokit.data.generate import generate_pairs
-
     cfg = iteration.cfg
     settings = pair_settings(cfg)
     key = settings_key(json.dumps(iteration.settings["model"], sort_keys=True), prompts, cfg.pairs, **settings,
@@ -250,7 +254,8 @@ def train_and_evaluate(cfg: RunConfig, progress: bool, callbacks: list | None, c
     """Train into cfg.output.dir unless it already holds this config's finished run; resume from its checkpoint
     when it has one; then evaluate (kept when eval.json is already there for this very training)."""
     run = RunDir(cfg.output.dir)
-    same = run.config.is_file() and run.read_config() == cfg
+    # The iterate section is a record there (dpokit train ignores it); iterate.rounds may grow between runs.
+    same = run.config.is_file() and run.read_config().model_copy(update={"iterate": cfg.iterate}) == cfg
     finished = same and run.has_model() and run.read_train_summary() is not None
     if not finished:
         resume = same and last_complete_checkpoint(run.checkpoints) is not None

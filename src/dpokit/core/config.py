@@ -153,6 +153,12 @@ class TrainConfig(Section):
         "attention masks). A start-up self-check falls back to padded batches (with a warning) where the model "
         "disagrees. false = padded batches.",
     )
+    attention: Literal["auto", "varlen", "flex", "dense", "padded"] = Field(
+        "auto", description="Attention backend of packed batches (docs/gpu-engine.md): varlen (FlashAttention "
+        "variable-length, CUDA), flex (flex_attention BlockMask, CUDA), dense (4-D mask), padded (no packing, as "
+        "packing: false). auto: dense on CPU; on CUDA the first of varlen, flex, dense that passes the start-up "
+        "self-check. packing: false means padded whatever this says.",
+    )
     max_tokens_per_batch: int | None = Field(
         None, ge=1, description="With packing: length-grouped training batches of up to this many tokens (prompt "
         "once plus both responses) instead of batch_size pairs; loss normalised per pair. None = batch_size pairs.",

@@ -54,7 +54,7 @@ def fsdp2_available() -> bool:
 def launcher_problems(engine: str) -> list[str]:
     """Launcher configs that would silently fall back to plain data parallel here, each with the fix."""
     wanted = requested_strategy()
-    config = os.environ.get("ACCELERATE_CONFIG_FILE") or "the accelerate config"
+    config = "the accelerate launch config"  # the launcher does not export which file it read
     problems = []
     if wanted == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:

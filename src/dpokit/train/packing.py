@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import random
 
+import torch
+
+from dpokit.core.attention import flex_unavailable, register_varlen, varlen_unavailable
 from dpokit.core.batching import PairCollator
 from dpokit.core.packing import (
     ListCollator,
@@ -58,28 +61,60 @@ class TokenBudgetBatchSampler:
             yield list(self.batches[b])
 
 
+def attention_candidates(train_cfg, cuda: bool) -> list[str]:
+    """Packed backends to try, in order (`train.attention`); empty: padded batches."""
+    if not train_cfg.packing or train_cfg.attention == "padded":
+        return []
+    if train_cfg.attention == "auto":
+        return ["varlen", "flex", "dense"] if cuda else ["dense"]  # CPU: dense is today's fastest there
+    return [train_cfg.attention] + ([] if train_cfg.attention == "dense" else ["dense"])
+
+
+def _backend_problem(attention: str, models, probe: dict, pad_id: int) -> str | None:
+    """Why `attention` cannot train these models (kernel missing, or the self-check disagrees), or None."""
+    unavailable = {"varlen": varlen_unavailable, "flex": flex_unavailable}.get(attention)
+    reason = unavailable() if unavailable else None
+    if reason is not None:
+        return reason
+    if attention == "varlen":
+        register_varlen()
+    for name, m in models:
+        reason = packing_self_check(m, probe, pad_id, attention=attention)
+        if reason is not None:
+            return f"{name} model {type(m).__name__}: {reason}"
+    return None
+
+
 def choose_collator(train_cfg, model, ref_model, pairs: list[dict], pad_id: int):
-    """(collator, batch sampler or None) for training. Packing is used when enabled and the self-check passes on the
-    policy (and on a separate reference model); otherwise the padded path, with a one-line warning saying why."""
+    """(collator, batch sampler or None) for training. Packing uses the first backend of `attention_candidates`
+    whose kernels exist here and whose self-check (packed vs padded log-probs) passes on the policy and on a
+    separate reference model; a backend passed over is logged in one line with the reason. When none passes: the
+    padded path, with a one-line warning saying why."""
     lists = bool(pairs) and "responses_ids" in pairs[0]  # ranked / unpaired rows
     padded = ListCollator(pad_id, packed=False) if lists else PairCollator(pad_id)
-    if not train_cfg.packing or not pairs:
+    candidates = attention_candidates(train_cfg, torch.cuda.is_available())
+    if not candidates or not pairs:
         return padded, None
     probes = [probe_pair(p) for p in pairs[:64]]
     probe = max(probes, key=lambda p: min(len(p["prompt_ids"]), 1) * (len(p["chosen_ids"]) + len(p["rejected_ids"])))
-    for name, m in (("policy", model), ("reference", ref_model)):
-        if m is None:
-            continue
-        reason = packing_self_check(m, probe, pad_id)
-        if reason is not None:
-            log.warning("train.packing: falling back to padded batches: %s model %s: %s", name,
-                        type(m).__name__, reason)
+    models = [(name, m) for name, m in (("policy", model), ("reference", ref_model)) if m is not None]
+    for i, attention in enumerate(candidates):
+        reason = _backend_problem(attention, models, probe, pad_id)
+        if reason is None:
+            break
+        if i + 1 == len(candidates):
+            log.warning("train.packing: falling back to padded batches: %s", reason)
             return padded, None
+        explicit = train_cfg.attention == attention
+        (log.warning if explicit else log.info)("train.attention: %s not used, trying %s: %s", attention,
+                                                candidates[i + 1], reason)
+    log.info("train.attention: %s", attention)
     sampler = None
     if train_cfg.max_tokens_per_batch:
         sampler = TokenBudgetBatchSampler([pair_length(p) for p in pairs], train_cfg.max_tokens_per_batch,
                                           seed=train_cfg.seed)
-    return (ListCollator(pad_id) if lists else PackedPairCollator(pad_id)), sampler
+    collator = ListCollator(pad_id, attention=attention) if lists else PackedPairCollator(pad_id, attention=attention)
+    return collator, sampler
 
 
 class PackingTrainerMixin:
