@@ -20,7 +20,13 @@ import logging
 
 import torch
 
-from dpokit.core.attention import FLEX_BUCKET, VARLEN, attention_implementation, flex_block_mask, varlen_layout
+from dpokit.core.attention import (
+    FLEX_BUCKET,
+    VARLEN,
+    attention_implementation,
+    flex_block_mask,
+    varlen_layout,
+)
 from dpokit.core.batching import PairCollator, pad_pairs, sequence_logps, token_logps
 from dpokit.core.logp_head import HeadPlan, chunked_token_logps, head_plan
 
@@ -295,15 +301,17 @@ def batch_num_pairs(batch: dict) -> int:
     return int(batch["num_pairs"]) if is_packed(batch) else batch["input_ids"].shape[0] // 2
 
 
-def packing_self_check(model, pair: dict, pad_id: int, attention: str = "dense") -> str | None:
-    """Compare packed (with the `attention` backend) and padded log-probs of one pair on the loaded model. None when
-    they agree, else the reason."""
+def packing_self_check(model, pair: dict, pad_id: int, attention: str = "dense",
+                       autocast: torch.dtype | None = None) -> str | None:
+    """Compare packed (with the `attention` backend) and padded log-probs of one pair on the loaded model, under the
+    training's autocast dtype (bf16/fp16 mixed precision; FlashAttention has no fp32 kernel). None when they agree,
+    else the reason."""
     probe = {k: pair[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             padded = sequence_logps(model, to_device(PairCollator(pad_id)([probe]), device))
             layout = pack_pairs([probe], pad_id) if attention == "dense" else pack_pairs([probe], pad_id,
                                                                                          attention=attention)
@@ -314,7 +322,7 @@ def packing_self_check(model, pair: dict, pad_id: int, attention: str = "dense")
     finally:
         model.train(was_training)
     # Per-token tolerance: fp32 kernels agree to ~1e-6; half precision differs in accumulation order.
-    tol = 1e-4 if _model_dtype(model) == torch.float32 else 3e-2
+    tol = 1e-4 if _model_dtype(model) == torch.float32 and autocast is None else 3e-2
     for name in ("chosen", "rejected"):
         tokens = max(float(padded[f"{name}_tokens"][0]), 1.0)
         diff = abs(float(padded[name][0]) - float(packed[name][0])) / tokens

@@ -70,7 +70,7 @@ def attention_candidates(train_cfg, cuda: bool) -> list[str]:
     return [train_cfg.attention] + ([] if train_cfg.attention == "dense" else ["dense"])
 
 
-def _backend_problem(attention: str, models, probe: dict, pad_id: int) -> str | None:
+def _backend_problem(attention: str, models, probe: dict, pad_id: int, autocast=None) -> str | None:
     """Why `attention` cannot train these models (kernel missing, or the self-check disagrees), or None."""
     unavailable = {"varlen": varlen_unavailable, "flex": flex_unavailable}.get(attention)
     reason = unavailable() if unavailable else None
@@ -79,17 +79,18 @@ def _backend_problem(attention: str, models, probe: dict, pad_id: int) -> str | 
     if attention == "varlen":
         register_varlen()
     for name, m in models:
-        reason = packing_self_check(m, probe, pad_id, attention=attention)
+        reason = packing_self_check(m, probe, pad_id, attention=attention, autocast=autocast)
         if reason is not None:
             return f"{name} model {type(m).__name__}: {reason}"
     return None
 
 
-def choose_collator(train_cfg, model, ref_model, pairs: list[dict], pad_id: int):
+def choose_collator(train_cfg, model, ref_model, pairs: list[dict], pad_id: int, autocast=None):
     """(collator, batch sampler or None) for training. Packing uses the first backend of `attention_candidates`
     whose kernels exist here and whose self-check (packed vs padded log-probs) passes on the policy and on a
-    separate reference model; a backend passed over is logged in one line with the reason. When none passes: the
-    padded path, with a one-line warning saying why."""
+    separate reference model, under the training's autocast dtype (`autocast`: torch.bfloat16 / float16 or None);
+    a backend passed over is logged in one line with the reason. When none passes: the padded path, with a one-line
+    warning saying why."""
     lists = bool(pairs) and "responses_ids" in pairs[0]  # ranked / unpaired rows
     padded = ListCollator(pad_id, packed=False) if lists else PairCollator(pad_id)
     candidates = attention_candidates(train_cfg, torch.cuda.is_available())
@@ -99,7 +100,7 @@ def choose_collator(train_cfg, model, ref_model, pairs: list[dict], pad_id: int)
     probe = max(probes, key=lambda p: min(len(p["prompt_ids"]), 1) * (len(p["chosen_ids"]) + len(p["rejected_ids"])))
     models = [(name, m) for name, m in (("policy", model), ("reference", ref_model)) if m is not None]
     for i, attention in enumerate(candidates):
-        reason = _backend_problem(attention, models, probe, pad_id)
+        reason = _backend_problem(attention, models, probe, pad_id, autocast)
         if reason is None:
             break
         if i + 1 == len(candidates):

@@ -457,7 +457,9 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
     args = training_arguments(plan, has_eval=bool(s.eval_enc))
     if s.ref_model is not None:
         s.ref_model.to(args.device)
-    collator, budget_sampler = choose_collator(cfg.train, s.model, s.ref_model, s.train_enc, s.tokenizer.pad_token_id)
+    autocast = torch.bfloat16 if plan.bf16 else torch.float16 if plan.fp16 else None  # the self-check's precision
+    collator, budget_sampler = choose_collator(cfg.train, s.model, s.ref_model, s.train_enc, s.tokenizer.pad_token_id,
+                                               autocast=autocast)
     if cfg.train.engine == "trl":
         trainer = build_trl_trainer(cfg, s.model, s.tokenizer, args, s.train_enc, s.eval_enc, s.ref_model,
                                     plan.reference)
