@@ -29,6 +29,10 @@ def test_every_shipped_config_loads(path):
         from dpokit.quickstart import load_quickstart_config
 
         cfg = load_quickstart_config(path)
+    elif path.name.endswith("iterate.yaml"):  # likewise `dpokit iterate`, with the pairs of each round
+        from dpokit.iterate import load_iterate_config
+
+        cfg = load_iterate_config(path)
     else:
         cfg = load_config(path)
     assert cfg.data.source

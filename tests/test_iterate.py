@@ -133,6 +133,10 @@ def test_iterate_rounds_resume_and_offline_arm(tmp_path):
             assert math.isfinite(row[key]), (row["round"], key)
         low, high = row["win_rate_vs_initial_ci"]
         assert low <= row["win_rate_vs_initial"] <= high and row["pairs"] > 0 and row["seconds"] >= 0
+    # Every round answered the same held-out prompts with the same seeds: pi0's answers are the same each time.
+    base = [[row["base"] for row in read_jsonl(out / name / "eval_samples.jsonl")]
+            for name in ("round-1", "round-2", "round-3", "offline")]
+    assert base[0] and all(b == base[0] for b in base)
     # Round 1's "previous" is pi0: the same comparison as its win rate against its base answers.
     assert final["rounds"][0]["win_rate_vs_previous"] == final["rounds"][0]["win_rate_vs_initial"]
     assert all(0 <= r["win_rate_vs_previous"] <= 1 for r in final["rounds"])
@@ -188,6 +192,15 @@ def test_lora_init_from_reference_at_the_train_layer(tmp_path):
     cached = torch.tensor(json.loads(open(summary["reference_cache"]["path"]).read())["train"])
     assert torch.allclose(cached, _policy_logps(previous, adapter), atol=1e-4, rtol=0)
     assert (cached - _policy_logps(previous)).abs().max() > 1e-3
+
+    # The reference cache key sees the adapter's weights: two adapters on the same base never share cached values.
+    from peft import PeftModel
+
+    from dpokit.core.models import fingerprint_model, load_model
+
+    fingerprints = {fingerprint_model(PeftModel.from_pretrained(load_model("dpokit-tiny-llama", dtype="float32"),
+                                                                str(a))) for a in (adapter, previous / "model")}
+    assert len(fingerprints) == 2
 
     initial = _train_tiny(tmp_path, "initial", learning_rate=1e-3, max_steps=1, reference="adapter",
                           lora={"r": 4, "alpha": 8, "init_from": str(adapter)})
@@ -261,3 +274,34 @@ def test_bad_input_is_one_line_exit_2_before_any_work(tmp_path, capfd, case):
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert expect in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.slow
+def test_cli_killed_with_sigkill_after_round_1_continues(tmp_path):
+    """The real thing: `dpokit iterate` killed (SIGKILL, no cleanup) as soon as iterate.json lists round 1, i.e.
+    somewhere in round 2; the same command again keeps round 1 and finishes round 2."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config, out = _config(tmp_path), tmp_path / "out"
+    argv = [sys.executable, "-m", "dpokit", "iterate", "--config", config, "--out", str(out), "-q"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = out / "iterate.json"
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if summary.is_file() and json.loads(summary.read_text())["rounds"]:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed between rounds"
+    finished = json.loads((out / "round-1" / "train_summary.json").read_text())["finished"]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rounds = json.loads(summary.read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert json.loads((out / "round-1" / "train_summary.json").read_text())["finished"] == finished
+    assert "round 1" in res.stdout and "round 2" in res.stdout

@@ -120,10 +120,6 @@ class Iteration:
         return RunDir(self.out / f"round-{k}")
 
     @property
-    def offline_dir(self) -> RunDir:
-        return RunDir(self.out / "offline")
-
-    @property
     def summary_path(self) -> Path:
         return self.out / "iterate.json"
 

@@ -95,6 +95,7 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
         self.reference_forwards = 0  # reference forward passes during training (0 with precomputed log-probs)
         self.step0_check: dict | None = None
         self._step_loss: torch.Tensor | None = None  # sum of this optimizer step's micro-batch losses, on the device
+        self._sparse_metrics: set[str] = set()  # metrics a batch may lack (ranked/unpaired feedback): NaN = none
 
     def reference_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
@@ -146,11 +147,11 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
         gather = self.accelerator.gather_for_metrics
         for name, (total, count) in feedback_metrics(lp, self.dpo_cfg.beta).items():
             total, count = gather(total.reshape(1)).sum(), gather(count.reshape(1)).sum()
-            # (mean, 1) or (0, 0) when the batch has none (e.g. no undesirable rows: no rewards/rejected); on the
-            # device until a logging step reads it
-            seen = (count > 0).float()
-            self._stored["train" if model.training else "eval"][name].append(
-                torch.stack([total / count.clamp(min=1) * seen, seen]))
+            # NaN = this batch has none (e.g. no undesirable rows: no rewards/rejected); `log` averages the others.
+            # A device tensor until a logging step reads it.
+            mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+            self._stored["train" if model.training else "eval"][name].append(mean)
+            self._sparse_metrics.add(name)
         return (loss, {"logps": policy}) if return_outputs else loss
 
     def _check_step0(self, lp: PairLogps) -> None:
@@ -198,8 +199,7 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
         values.update({"rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
                        "rewards/accuracies": (chosen_r > rejected_r).float(), "rewards/margins": chosen_r - rejected_r})
         for name, tensor in values.items():  # device tensors, read at the next logging step (`log`)
-            mean = gather(tensor).float().mean()
-            self._stored[mode][name].append(torch.stack([mean, torch.ones_like(mean)]))
+            self._stored[mode][name].append(gather(tensor).float().mean())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -211,8 +211,14 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
         names = [name for name, values in self._stored[mode].items() if values]
-        if names:  # each value is (mean, 1), or (0, 0) for a batch without it: one host sync for all the metrics
-            sums = torch.stack([torch.stack(self._stored[mode][n]).float().sum(0) for n in names]).tolist()
+        if names:  # (sum, count) of every metric read in one host sync
+            rows = []
+            for n in names:
+                v = torch.stack(self._stored[mode][n]).float()
+                seen = ~v.isnan() if n in self._sparse_metrics else torch.ones_like(v, dtype=torch.bool)
+                rows.append(torch.stack([v.nan_to_num(0.0).sum() if n in self._sparse_metrics else v.sum(),
+                                         seen.sum().float()]))
+            sums = torch.stack(rows).tolist()
             logs.update({prefix + n: total / count for n, (total, count) in zip(names, sums) if count > 0})
         self._stored[mode].clear()
         loss = logs.get(prefix + "loss")
