@@ -41,7 +41,7 @@ def test_every_shipped_config_loads(path):
 def test_unknown_key_names_key_and_valid_keys(tmp_path):
     raw = base(tmp_path)
     raw["train"] = {"betta": 0.2}
-    with pytest.raises(UserError, match=r"train\.betta: unknown key; valid keys in train: .*beta"):
+    with pytest.raises(UserError, match=r"train\.betta: unknown key; did you mean train\.beta\? valid keys in train: .*beta"):
         load_config(write(tmp_path, raw))
 
 
