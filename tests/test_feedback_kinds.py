@@ -224,3 +224,15 @@ def test_train_and_eval_feedback_kinds_end_to_end(cli, tmp_path, kind, loss):
     assert section is not None
     metric = section["pairwise_accuracy"] if kind == "ranked" else section["desirable_accuracy"]
     assert metric["value"] > 0.6
+
+
+@pytest.mark.parametrize("source, kind", [("tiny_ranked.jsonl", "ranked"), ("tiny_prefs.jsonl", "unpaired")])
+def test_data_inspect_prints_the_report_of_ranked_and_unpaired_rows(capfd, source, kind):
+    """docs/feedback-kinds.md runs `dpokit data inspect configs/data/tiny_ranked.jsonl --set kind=ranked`; the printed
+    report once assumed pair keys (KeyError: 'duplicate_pairs')."""
+    from conftest import CONFIGS, run_main
+
+    res = run_main(capfd, "data", "inspect", CONFIGS / "data" / source, "--set", f"kind={kind}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "duplicate rows" in res.stdout
+    assert ("by rank" if kind == "ranked" else "desirable mean") in res.stdout

@@ -33,7 +33,7 @@ def perturbed(model):
     return policy
 
 
-def scored_logps(model, batch, chunked: bool, chunk: int = 1024):
+def scored_logps(model, batch, chunked: bool, chunk: int = 1024, keep: int = 2**26):
     """Per scored token log-probs of a packed batch: the chunked head, or the full logits of the whole model."""
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   position_ids=batch["position_ids"], use_cache=False)
@@ -43,16 +43,17 @@ def scored_logps(model, batch, chunked: bool, chunk: int = 1024):
     plan = head_plan(model)
     assert isinstance(plan, HeadPlan), plan
     hidden = plan.decoder(**kwargs).last_hidden_state
-    return chunked_token_logps(hidden[rows, pos], plan.head, tgt, chunk=chunk, softcap=plan.softcap)
+    return chunked_token_logps(hidden[rows, pos], plan.head, tgt, chunk=chunk, softcap=plan.softcap,
+                               keep_logits_max=keep)
 
 
-def compare_heads(model, pairs, pad_id, chunk):
+def compare_heads(model, pairs, pad_id, chunk, keep=2**26):
     batch = PackedPairCollator(pad_id)(pairs)
     slot, n = batch["score_slot"], 2 * len(pairs)
     out = {}
     for chunked in (False, True):
         model.zero_grad()
-        per_token = scored_logps(model, batch, chunked, chunk)
+        per_token = scored_logps(model, batch, chunked, chunk, keep)
         sums = torch.zeros(n).index_add(0, slot, per_token)
         (sums * torch.linspace(-1, 2, n)).sum().backward()  # a gradient that differs per pair
         out[chunked] = (sums.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
@@ -63,11 +64,12 @@ def compare_heads(model, pairs, pad_id, chunk):
     assert worst < TOL, worst
 
 
-@pytest.mark.parametrize("chunk", [1024, 7])
-def test_chunked_head_equals_full_logits_sums_and_grads(model_and_pad, chunk):
-    """Per-pair sums and every parameter's gradient, one chunk or many (7 tokens: chunks cut through pairs)."""
+@pytest.mark.parametrize("chunk,keep", [(1024, 2**26), (1024, 0), (7, 0)], ids=["kept", "recompute", "chunks"])
+def test_chunked_head_equals_full_logits_sums_and_grads(model_and_pad, chunk, keep):
+    """Per-pair sums and every parameter's gradient: logits kept for backward (small batches), recomputed there
+    (keep 0: as large GPU batches do), and in 7-token chunks that cut through pairs."""
     model, pad_id = model_and_pad
-    compare_heads(perturbed(model), make_pairs(MIXED, model.config.vocab_size), pad_id, chunk)
+    compare_heads(perturbed(model), make_pairs(MIXED, model.config.vocab_size), pad_id, chunk, keep)
 
 
 def test_chunked_head_soft_capping_equals_full_logits():
@@ -80,7 +82,7 @@ def test_chunked_head_soft_capping_equals_full_logits():
                           pad_token_id=0, attn_implementation="eager")
     model = AutoModelForCausalLM.from_config(config)
     assert head_plan(model).softcap == 2.0
-    compare_heads(model.train(), make_pairs(MIXED, 96), 0, chunk=5)
+    compare_heads(model.train(), make_pairs(MIXED, 96), 0, chunk=5, keep=0)
 
 
 def test_chunked_head_with_bias_and_autocast_matches_reference():
@@ -98,7 +100,7 @@ def test_chunked_head_with_bias_and_autocast_matches_reference():
             head.zero_grad()
             hidden.grad = None
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                lp = (chunked_token_logps(hidden, head, targets, chunk=4) if chunked
+                lp = (chunked_token_logps(hidden, head, targets, chunk=4, keep_logits_max=0) if chunked
                       else token_logps(head(hidden), targets))
             (lp * weights).sum().backward()
             grads.append((lp.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()))

@@ -3,7 +3,8 @@
 The packed path scores only response tokens: their hidden states are gathered, and the LM head, log-softmax and
 target gather run `chunk` tokens at a time (fp32 log-softmax whatever the compute dtype). A custom autograd function
 keeps only the hidden states and one logsumexp per token for backward and recomputes each chunk's logits there, so
-neither pass holds more than one [chunk x vocab] block (about 2 x chunk x vocab x 4 bytes: 0.6 GB at chunk 1024 and
+neither pass holds more than one [chunk x vocab] block (small batches, under KEEP_LOGITS_MAX elements, keep the
+chunks' logits instead of recomputing them) (about 2 x chunk x vocab x 4 bytes: 0.6 GB at chunk 1024 and
 Qwen2's 151936-token vocabulary, against 9 GB for 16k scored tokens at once).
 
 `head_plan(model)` says whether a model's logits are a plain (optionally soft-capped) linear map of its decoder's
@@ -20,6 +21,10 @@ import torch
 # (`final_logit_softcapping`): for them the head runs on the scored positions only, in chunks.
 PLAIN_HEAD_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gpt2", "phi3", "olmo", "olmo2", "gemma2"}
 DEFAULT_CHUNK = 1024
+# Below this many scored-token x vocab elements (256 MB of fp32 logits) the chunks' logits are kept for backward
+# instead of recomputed: the recompute costs one more LM-head matmul (about 4% of a CPU step on the 16M LLaMA), and
+# memory is no concern there. Above it (GPU batches) nothing [tokens x vocab] outlives its chunk.
+KEEP_LOGITS_MAX = 2**26
 
 
 @dataclass
@@ -66,17 +71,23 @@ def _chunk_logits(h, weight, bias, softcap):
 
 class _ChunkedLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, softcap):
+    def forward(ctx, hidden, weight, bias, targets, chunk, softcap, keep_logits_max):
         dtype = _compute_dtype(hidden, weight)
         h, w = hidden.to(dtype), weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        keep = hidden.shape[0] * weight.shape[0] <= keep_logits_max
+        if keep:  # small enough to keep whole: one chunk, the full-logits path's cost
+            chunk = max(hidden.shape[0], 1)
+        ctx.kept = []
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
                 logits = _chunk_logits(h[s:s + chunk], w, b, softcap)
                 lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
                 out[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+                if keep:
+                    ctx.kept.append(logits)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.softcap, ctx.dtype = chunk, softcap, dtype
         return out
@@ -92,8 +103,8 @@ class _ChunkedLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, hidden.shape[0], chunk):
-                logits = _chunk_logits(h[s:s + chunk], w, b, softcap)
+            for i, s in enumerate(range(0, hidden.shape[0], chunk)):
+                logits = ctx.kept[i] if ctx.kept else _chunk_logits(h[s:s + chunk], w, b, softcap)
                 g = grad_out[s:s + chunk].float()
                 # d log p(y) / d logits = onehot(y) - softmax, scaled by the incoming gradient of each token
                 grad_logits = torch.exp(logits - lse[s:s + chunk, None]).mul_(-g[:, None])
@@ -107,14 +118,17 @@ class _ChunkedLogps(torch.autograd.Function):
                     grad_w += (grad_logits.t() @ h[s:s + chunk]).float()
                 if need_b:
                     grad_b += grad_logits.float().sum(0)
+        ctx.kept = []
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         if need_b:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
-                        chunk: int = DEFAULT_CHUNK, softcap: float | None = None) -> torch.Tensor:
-    """log p(targets[i]) under `head(hidden[i])` (soft-capped when `softcap`), fp32, for hidden (N, H)."""
-    return _ChunkedLogps.apply(hidden, head.weight, head.bias, targets, chunk, softcap)
+                        chunk: int = DEFAULT_CHUNK, softcap: float | None = None,
+                        keep_logits_max: int = KEEP_LOGITS_MAX) -> torch.Tensor:
+    """log p(targets[i]) under `head(hidden[i])` (soft-capped when `softcap`), fp32, for hidden (N, H). Logits
+    are recomputed in backward when N x vocab exceeds `keep_logits_max`, else kept from the forward."""
+    return _ChunkedLogps.apply(hidden, head.weight, head.bias, targets, chunk, softcap, keep_logits_max)

@@ -102,20 +102,40 @@ def print_report(report: dict) -> None:
     checks = report["checks"]["train"]
     for name, tally in checks["empty_fields"].items():
         row(f"empty {name}", tally, "(kept)")
-    row("duplicate pairs", checks["duplicate_pairs"], "(kept)")
+    if "duplicate_pairs" in checks:
+        row("duplicate pairs", checks["duplicate_pairs"], "(kept)")
+    else:  # ranked and unpaired rows
+        row("duplicate rows", checks["duplicate_rows"], "(kept)")
+    if "tied_scores" in checks:
+        row("rows with tied scores", checks["tied_scores"], "(kept)")
+    if "repeated_responses" in checks:
+        row("a response repeated in its list", checks["repeated_responses"], "(kept)")
+    if "labels" in checks:
+        table.add_row("desirable / undesirable rows",
+                      f"{checks['labels']['desirable']} / {checks['labels']['undesirable']}", "")
     tok = report["train_tokenization"]
-    row("over max_length", tok["over_max_length"], f"({tok['over_max_length']['action']})")
+    over = tok["over_max_length"]
+    row("over max_length", over, f"({over.get('action', 'data.truncation: ' + str(over.get('truncation')))})")
     shared = report["checks"]["prompts_shared_train_eval"]
     table.add_row("eval pairs with a train prompt", str(shared["eval_pairs"]),
                   ", ".join(e["where"] for e in shared["examples"]))
     table.add_row("pairs: train / eval", f"{report['n_train']} / {report['n_eval']}", report["split"]["how"])
     console.print(table)
     bias = tok["length_bias"]
-    console.print(f"length (tokens, templated, EOS included): chosen mean {bias['chosen_mean_tokens']}, rejected "
-                  f"mean {bias['rejected_mean_tokens']}; chosen longer in {bias['chosen_longer_fraction']:.0%} "
-                  "of pairs" if bias["chosen_mean_tokens"] is not None else "no pairs to measure")
-    if bias["chosen_longer_fraction"] is not None and bias["chosen_longer_fraction"] >= 0.8:
-        console.print("[yellow]warning:[/] chosen is usually the longer answer; DPO may learn length, not quality")
+    if "mean_tokens_by_rank" in bias:  # ranked lists
+        by_rank = ", ".join(f"{rank}: {mean}" for rank, mean in bias["mean_tokens_by_rank"].items())
+        longer = bias["best_longer_than_worst_fraction"]
+        console.print(f"length (tokens, templated, EOS included) by rank: {by_rank or 'no lists to measure'}"
+                      + (f"; best longer than worst in {longer:.0%} of lists" if longer is not None else ""))
+    elif "desirable_mean_tokens" in bias:  # unpaired rows
+        console.print(f"length (tokens, templated, EOS included): desirable mean {bias['desirable_mean_tokens']}, "
+                      f"undesirable mean {bias['undesirable_mean_tokens']}")
+    else:
+        console.print(f"length (tokens, templated, EOS included): chosen mean {bias['chosen_mean_tokens']}, rejected "
+                      f"mean {bias['rejected_mean_tokens']}; chosen longer in {bias['chosen_longer_fraction']:.0%} "
+                      "of pairs" if bias["chosen_mean_tokens"] is not None else "no pairs to measure")
+        if bias["chosen_longer_fraction"] is not None and bias["chosen_longer_fraction"] >= 0.8:
+            console.print("[yellow]warning:[/] chosen is usually the longer answer; DPO may learn length, not quality")
     checks_t = tok["template_checks"]
     console.print(f"template checks on the first {checks_t['rows_checked']} pairs: no double BOS, one EOS per "
                   f"response; {checks_t['boundary_merges_handled']} prompt/response boundaries merge tokens "
