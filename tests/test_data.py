@@ -272,7 +272,9 @@ def test_on_error_skip_cli(cli, tmp_path):
 
 def test_unknown_shape_names_the_fix(cli, tmp_path):
     res, _ = _prepare(cli, tmp_path, DATA / "columns.json")
-    assert res.returncode == 2 and "data.columns" in res.stderr and "columns.json item 1" in res.stderr
+    # `dpokit data prepare` takes --columns and --format: the message names the flags, not the config keys
+    assert res.returncode == 2 and "--columns" in res.stderr and "columns.json item 1" in res.stderr
+    assert "data.columns" not in res.stderr
 
 
 def test_report_numbers_match_hand_count(cli, tmp_path):

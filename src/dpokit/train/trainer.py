@@ -566,11 +566,12 @@ def run_training(cfg: RunConfig | TrainPlan, resume: bool = False, callbacks: li
     quiet_non_main_process()
     plan = cfg if isinstance(cfg, TrainPlan) else plan_training(cfg, resume=resume)
     threads = apply_num_threads(plan.cfg.train.num_threads)
-    if progress and not torch.cuda.is_available():  # measured while this process is still idle
+    s = setup(plan, refresh_reference)
+    # After setup: bad data has failed by now with its one line. The sample excludes this process's own CPU time.
+    if progress and not torch.cuda.is_available():
         warning = oversubscription_warning(threads, cpu_load_of_others())
         if warning:
             print(warning, file=sys.stderr, flush=True)
-    s = setup(plan, refresh_reference)
     write_run_start(plan, s)
     trainer = build_trainer(plan, s, callbacks)
     console = ConsoleCallback(plan, s, trainer) if progress else None
