@@ -28,6 +28,7 @@ def test_deprecated_train_call_trains_and_warns(tmp_path):
     assert dpokit.RunDir(result.run_dir).read_train_summary().global_step == 2
 
 
+@pytest.mark.slow  # two trainings in fresh interpreters (about 25 s)
 def test_library_calls_print_nothing_unless_asked(tmp_path):
     """The README's API snippet in a fresh interpreter: no header, no step lines, no tables, no progress bars on
     stdout or stderr; `progress=True` prints the training lines."""

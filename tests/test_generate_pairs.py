@@ -60,6 +60,7 @@ def test_data_generate_rejects_bad_input(cli, tmp_path):
     assert not (tmp_path / "p.jsonl").exists()
 
 
+@pytest.mark.slow  # SmolLM2 conversion and sampling (about 20 s)
 def test_data_generate_samples_in_bfloat16(cli, tmp_path):
     """bf16 sampling (the quickstart's default on CPUs with native bf16) gives valid, judged pairs; the command
     reports the dtype of the model that actually sampled."""

@@ -39,6 +39,7 @@ def test_missing_local_folder_is_user_error():
         load_model("./no/such/folder")
 
 
+@pytest.mark.slow  # converts SmolLM2 from the GGUF (about 40 s); the fast suite uses the tiny models
 def test_smollm2_answers_and_second_load_uses_cache():
     """The bundled GGUF converts once to a safetensors folder; a chat prompt gets a coherent answer."""
     from dpokit.core.sampling import generate
