@@ -213,7 +213,7 @@ def test_train_and_eval_feedback_kinds_end_to_end(cli, tmp_path, kind, loss):
     source = CONFIGS / "data" / ("tiny_ranked.jsonl" if kind == "ranked" else "tiny_prefs.jsonl")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(tmp_path, data={"source": str(source), "kind": kind},
-                                              train={"loss": loss, "reference": "precomputed", "max_steps": 12},
+                                              train={"loss": loss, "reference": "precomputed", "max_steps": 36},
                                               eval={"generate": False})))
     res = cli("train", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
