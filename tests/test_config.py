@@ -93,3 +93,16 @@ def test_adapter_reference_needs_lora(tmp_path):
     raw["train"] = {"reference": "adapter"}
     with pytest.raises(UserError, match="needs train.lora"):
         load_config(write(tmp_path, raw))
+
+
+def test_a_run_folders_config_yaml_loads_as_a_config(tmp_path):
+    """RUN_DIR/config.yaml carries the folder's schema_version; `dpokit train RUN_DIR/config.yaml --resume` reads it."""
+    from dpokit.core.config import config_from_dict
+    from dpokit.core.run import RunDir
+
+    cfg = config_from_dict(base(tmp_path))
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config(cfg)
+    assert "schema_version" in run.config.read_text()
+    assert load_config(run.config) == cfg

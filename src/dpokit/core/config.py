@@ -425,6 +425,9 @@ def read_config_file(path: str | os.PathLike) -> dict:
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with sections model, data, train, eval, output")
+    # A run folder's config.yaml carries the folder's schema_version (core/run.py); it is not a config key, and
+    # `dpokit train RUN_DIR/config.yaml --resume` must read it.
+    raw.pop("schema_version", None)
     for section, value in raw.items():
         if value is not None and not isinstance(value, dict) and section in RunConfig.model_fields:
             raise UserError(f"{path}: {section}: expected a mapping of keys, got {type(value).__name__}")
