@@ -88,13 +88,11 @@ class StopAt(TrainerCallback):
         return control
 
 
-@pytest.fixture(scope="session")
-def browser():
-    """Headless Chromium driven by Selenium (Debian's chromium + chromium-driver; .ci/run installs them). Skips
-    when either is missing. Pages are file:// URLs; a fresh profile per session, no network use."""
-    import shutil as _shutil
-
-    chromium, driver_path = _shutil.which("chromium"), _shutil.which("chromedriver")
+def make_browser(height: int = 1600):
+    """Headless Chromium driven by Selenium (Debian's chromium + chromium-driver; .ci/run installs them), with its
+    console log kept (goog:loggingPrefs) so a test can require it to stay empty. Skips when either is missing.
+    Pages are file:// or 127.0.0.1 URLs; a fresh profile each time, no network use."""
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver_path:
         pytest.skip("chromium and chromium-driver not installed (apt-get install -y chromium chromium-driver)")
     from selenium import webdriver
@@ -104,9 +102,16 @@ def browser():
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                 "--window-size=1200,1600"):
+                 f"--window-size=1200,{height}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (make_browser)."""
+    driver = make_browser()
     yield driver
     driver.quit()
 

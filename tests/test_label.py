@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
+from conftest import make_browser as conftest_make_browser
 from dpokit.label.export import agreement, cohen_kappa, export_labels, fleiss_kappa, percent_agreement
 from dpokit.label.source import read_source
 from dpokit.label.store import open_store
@@ -76,23 +77,7 @@ def post(url: str, action: str, body: dict, token: str | None = None) -> tuple[i
 
 
 def make_browser():
-    """Headless Chromium with its console log kept (goog:loggingPrefs), so a test can require it to stay empty."""
-    import shutil
-
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("chromium and chromium-driver not installed (apt-get install -y chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                 "--window-size=1200,900"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver_path), options=options)
+    return conftest_make_browser(height=900)  # the label page's layout is tested at a laptop height
 
 
 def page_state(driver) -> tuple[str, str | None]:
