@@ -125,3 +125,34 @@ def test_greedy_fast_equals_hf_on_smollm2():
     hf = sample(model, tok, _chats(tok), engine="hf", **kwargs)
     fast = sample(model, tok, _chats(tok), engine="fast", **kwargs)
     assert [[s.response_ids for s in per] for per in fast] == [[s.response_ids for s in per] for per in hf]
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_gpt2"])
+def test_shared_prefix_prefill_gives_hf_tokens_and_exact_logps(which, request):
+    """Prompts behind one system prompt: the shared tokens are prefilled once (a batch-1 forward of exactly the
+    common prefix), and the answers and log-probs are still the model's own."""
+    model, tok = request.getfixturevalue(which)
+    system = "You are a cheerful assistant who always answers briefly, kindly and with a warm tone."
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": p}] for p in PROMPTS]
+    prompts = chats if tok.chat_template else [system + " " + p for p in PROMPTS]
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        fast = sample(model, tok, prompts, num_samples=2, max_new_tokens=10, temperature=0.0, batch_size=8)
+    finally:
+        hook.remove()
+    texts = [prompt_text(p, tok) for p in prompts]
+    ids = [tok(t)["input_ids"] for t in texts]
+    common = next(k for k in range(min(map(len, ids))) if len({x[k] for x in ids}) > 1)
+    assert common >= 8 and shapes[0] == (1, common)  # the prefix alone, once
+    assert shapes[1][0] == len(PROMPTS) and shapes[1][1] == max(len(x) for x in ids) - common
+    hf = sample(model, tok, prompts, num_samples=2, max_new_tokens=10, temperature=0.0, batch_size=8, engine="hf")
+    assert [[s.response_ids for s in per] for per in fast] == [[s.response_ids for s in per] for per in hf]
+    assert [[s.prompt_ids for s in per] for per in fast] == [[s.prompt_ids for s in per] for per in hf]
+    flat = [s for per in sample(model, tok, prompts, num_samples=3, max_new_tokens=8, seed=2, batch_size=12)
+            for s in per]
+    forced, _ = response_logps(model, [s.prompt_ids for s in flat], [s.response_ids for s in flat],
+                               tok.pad_token_id, batch_size=4)
+    for s, total in zip(flat, forced, strict=True):
+        assert abs(sum(s.token_logps) - total) < 1e-4 * max(len(s.response_ids), 1)
