@@ -9,8 +9,11 @@ those padded steps are not counted), wall seconds, and two limits for the decode
 - `bandwidth_limit_tokens_per_s`: rows x measured memory bandwidth / bytes a decode step must read (weights once,
   plus the KV cache of every row at the mean context length);
 - `forward_limit_tokens_per_s`: rows / the measured time of one bare cached forward of one token per row (the
-  model's own cost, no sampling or bookkeeping).
-Engines alternate for --rounds rounds after one untimed warm-up; medians are reported. JSON goes to --out.
+  model's own cost, no sampling or bookkeeping);
+- `matmul_limit_tokens_per_s`: rows / the measured time of the step's matrix multiplications alone (every linear
+  layer and the output head at `rows` rows, each shape timed with torch's own matmul): on a CPU without native
+  bf16 the decode step is compute-bound and this is the ceiling no sampler can pass at the model's precision.
+Engines alternate for --rounds rounds after a short untimed warm-up; medians are reported. JSON goes to --out.
 """
 
 from __future__ import annotations
@@ -61,6 +64,30 @@ def decode_step_bytes(model, rows: int, context: int) -> int:
 
 
 @torch.no_grad()
+def matmul_seconds(model, rows: int) -> float:
+    """Seconds of one decode step's matrix multiplications: each linear layer's [rows x in] @ [in x out], timed
+    once per distinct shape (median of 5) and counted as often as the model has it."""
+    shapes: dict[tuple[int, int], int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            key = (module.in_features, module.out_features)
+            shapes[key] = shapes.get(key, 0) + 1
+    total = 0.0
+    dtype = next(model.parameters()).dtype
+    for (fan_in, fan_out), count in shapes.items():
+        x = torch.randn(rows, fan_in, dtype=dtype)
+        weight = torch.randn(fan_out, fan_in, dtype=dtype)
+        torch.nn.functional.linear(x, weight)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, weight)
+            times.append(time.perf_counter() - t)
+        total += statistics.median(times) * count
+    return total
+
+
+@torch.no_grad()
 def bare_forward_seconds(model, tokenizer, texts: list[str], rows: int) -> float:
     """One cached single-token forward for `rows` rows after a prefill of the prompts (median of 5)."""
     enc = tokenizer([texts[i % len(texts)] for i in range(rows)], return_tensors="pt", padding=True)
@@ -100,26 +127,30 @@ def main() -> None:
     results = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         runs: dict[str, list[dict]] = {e: [] for e in engines}
-        for round_ in range(args.rounds + 1):
+        for engine in engines:  # warm-up: one batch of 8 tokens per engine, untimed
+            sample(model, tokenizer, chats[:max(1, batch // args.samples)], num_samples=args.samples,
+                   max_new_tokens=8, batch_size=batch, engine=engine)
+        for round_ in range(1, args.rounds + 1):
             for engine in engines:
                 t = time.perf_counter()
                 out = sample(model, tokenizer, chats, num_samples=args.samples, max_new_tokens=args.max_new_tokens,
                              temperature=1.0, seed=round_, batch_size=batch, engine=engine)
                 wall = time.perf_counter() - t
                 tokens = sum(len(s.response_ids) for per in out for s in per)
-                if round_ > 0:  # round 0 warms up
-                    runs[engine].append({"seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall})
+                runs[engine].append({"seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall})
                 print(f"batch {batch} {engine} round {round_}: {tokens} tokens in {wall:.1f} s", flush=True)
         prompt_len = statistics.mean(len(tokenizer(x)["input_ids"]) for x in texts)
         context = prompt_len + args.max_new_tokens / 2
         limit_bw = batch * bandwidth / decode_step_bytes(model, batch, int(context))
         limit_fw = batch / bare_forward_seconds(model, tokenizer, texts, batch)
+        limit_mm = batch / matmul_seconds(model, batch)
         row = {"batch_size": batch, "engines": {}, "bandwidth_limit_tokens_per_s": limit_bw,
-               "forward_limit_tokens_per_s": limit_fw}
+               "forward_limit_tokens_per_s": limit_fw, "matmul_limit_tokens_per_s": limit_mm}
         for engine, rs in runs.items():
             tps = statistics.median(r["tokens_per_s"] for r in rs)
             row["engines"][engine] = {"tokens_per_s": tps, "rounds": rs, "fraction_of_bandwidth_limit": tps / limit_bw,
-                                      "fraction_of_forward_limit": tps / limit_fw}
+                                      "fraction_of_forward_limit": tps / limit_fw,
+                                      "fraction_of_matmul_limit": tps / limit_mm}
         if "hf" in runs and "fast" in runs:
             row["fast_vs_hf"] = row["engines"]["fast"]["tokens_per_s"] / row["engines"]["hf"]["tokens_per_s"]
         results.append(row)
@@ -133,7 +164,7 @@ def main() -> None:
     for row in results:
         print(f"batch {row['batch_size']}: " + ", ".join(f"{e} {v['tokens_per_s']:.0f} tok/s" for e, v in
               row["engines"].items()) + (f", fast/hf {row['fast_vs_hf']:.2f}x" if "fast_vs_hf" in row else "") +
-              f"; limits: forward {row['forward_limit_tokens_per_s']:.0f}, bandwidth "
+              f"; limits: matmul {row['matmul_limit_tokens_per_s']:.0f}, forward {row['forward_limit_tokens_per_s']:.0f}, bandwidth "
               f"{row['bandwidth_limit_tokens_per_s']:.0f} tok/s")
 
 
