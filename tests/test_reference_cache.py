@@ -139,3 +139,53 @@ def test_precompute_split_over_processes_reassembles_in_pair_order(tiny_llama, t
     info, split = _precompute(model, tok, train, evals, refresh=True, rank=0, world=2)
     assert info["processes"] == 2 and info["forwards"] == 2  # rank 0 scored pairs 0, 2, 4, 6
     assert split == pytest.approx(alone, abs=1e-5)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_eval_reuses_the_held_out_reference_logps_and_equals_recomputing_them(tmp_path, monkeypatch, lora):
+    """With reference: precomputed, training already scored the held-out pairs under the base model: evaluation
+    takes those values (one spot-check batch instead of a forward over every held-out pair) and its preference
+    metrics equal an evaluation that recomputes them (the cache file deleted)."""
+    import os
+
+    import dpokit.eval
+    from dpokit.core.models import resolve_model_path
+    from dpokit.eval import evaluate_run
+    from dpokit.train.trainer import run_training
+
+    resolve_model_path("dpokit-tiny-llama")  # build once in the shared cache
+    _models_dir(monkeypatch, tmp_path)
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache_a"))
+    train = {"max_steps": 3, "reference": "precomputed", "seed": 3}
+    if lora:
+        train["lora"] = {"r": 4, "alpha": 8}
+    cfg = config_from_dict(tiny_config(tmp_path, train=train, eval={"enabled": False, "generate": False,
+                                                                     "batch_size": 4}))
+    run_dir = run_training(cfg).run_dir
+    cache_file = json.loads((run_dir / "train_summary.json").read_text())["reference_cache"]["path"]
+    n_eval = len(json.loads(open(cache_file).read())["eval"])
+    assert n_eval > 4  # more than the spot-check batch
+
+    rows_scored = []
+    real_pair_logps = dpokit.eval.pair_logps
+
+    def counting_pair_logps(model, encoded, *args, **kwargs):
+        rows_scored.append(len(encoded))
+        return real_pair_logps(model, encoded, *args, **kwargs)
+
+    monkeypatch.setattr(dpokit.eval, "pair_logps", counting_pair_logps)
+    reused = evaluate_run(run_dir).preference.model_dump()
+    assert sorted(rows_scored) == [4, n_eval]  # the spot-check batch, then the tuned model
+    # Values of another reference (shifted by 0.5 nats) fail the spot check: everything is recomputed.
+    stored = json.loads(open(cache_file).read())
+    stored["eval"] = [[c + 0.5, r + 0.5] for c, r in stored["eval"]]
+    open(cache_file, "w").write(json.dumps(stored))
+    rows_scored.clear()
+    guarded = evaluate_run(run_dir).preference.model_dump()
+    assert sorted(rows_scored) == [4, n_eval, n_eval]
+    rows_scored.clear()
+    os.unlink(cache_file)
+    recomputed = evaluate_run(run_dir).preference.model_dump()
+    assert rows_scored == [n_eval, n_eval]
+    assert json.dumps(guarded, sort_keys=True) == json.dumps(recomputed, sort_keys=True)
+    assert json.dumps(reused, sort_keys=True) == json.dumps(recomputed, sort_keys=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from dpokit.eval.metrics import (
     outcome_summary,
     score_length_regression,
 )
+from dpokit.train.reference import fingerprint_pairs
 
 
 def load_run(run_dir: str | Path) -> RunConfig:
@@ -106,7 +108,9 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, quiet:
         extra = {}
         tuned_lp = pair_logps(tuned, encoded, tokenizer.pad_token_id, bs, cfg.train.packing)
         with _as_base(tuned, base) as base_model:
-            base_lp = pair_logps(base_model, encoded, tokenizer.pad_token_id, bs, cfg.train.packing)
+            base_lp = (base_logps_from_training(run, base_model, encoded, tokenizer.pad_token_id, bs,
+                                                cfg.train.packing)
+                       or pair_logps(base_model, encoded, tokenizer.pad_token_id, bs, cfg.train.packing))
     result = {"run_dir": str(run.path), "model": cfg.model.name_or_path, "beta": cfg.train.beta,
               "settings": settings.model_dump(mode="json"),
               "preference": preference_metrics(tuned_lp, base_lp, cfg.train.beta), **extra}
@@ -119,6 +123,31 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, quiet:
     if not quiet:
         print_eval_table(typed.model_dump(mode="python"))
     return typed
+
+
+def base_logps_from_training(run: RunDir, base_model, encoded: list[dict], pad_id: int, batch_size: int,
+                             packing: bool) -> dict | None:
+    """The held-out pairs' base-model log-probs from training's reference precompute (`train.reference:
+    precomputed` scores the held-out pairs too), instead of a second forward pass over them; None = compute them.
+
+    Reused only when the stored values are of exactly these pairs (the same token-id hash) and of this base model:
+    the first batch is recomputed and must agree within 1e-3 nats, so a reference that was not the base
+    (train.reference_model, a warm-started first policy) is never mistaken for it."""
+    summary = run.read_train_summary()
+    path = (summary.reference_cache or {}).get("path") if summary else None
+    if not encoded or not path or not Path(path).is_file():
+        return None
+    stored = json.loads(Path(path).read_text(encoding="utf-8"))
+    values = stored.get("eval") or []
+    if stored.get("eval_fingerprint") != fingerprint_pairs(encoded) or len(values) != len(encoded):
+        return None
+    probe = pair_logps(base_model, encoded[:batch_size], pad_id, batch_size, packing)
+    for i, (chosen, rejected) in enumerate(values[:batch_size]):
+        if abs(probe["chosen"][i] - chosen) > 1e-3 or abs(probe["rejected"][i] - rejected) > 1e-3:
+            return None
+    return {"chosen": [v[0] for v in values], "rejected": [v[1] for v in values],
+            "chosen_tokens": [len(p["chosen_ids"]) for p in encoded],
+            "rejected_tokens": [len(p["rejected_ids"]) for p in encoded]}
 
 
 def feedback_metrics(tuned, base, encoded: list[dict], pad_id: int, batch_size: int, cfg: RunConfig) -> dict:

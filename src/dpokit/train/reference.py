@@ -117,8 +117,9 @@ def precompute(ref_model, train_pairs: list[dict], eval_pairs: list[dict], *, pa
         for r, part in enumerate(parts):
             values[r::world] = part
     train_values, eval_values = values[:len(train_pairs)], values[len(train_pairs):]
-    if rank == 0:
-        atomic_write_text(path, json.dumps({"key": key, "train": train_values, "eval": eval_values}))
+    if rank == 0:  # eval_fingerprint: lets evaluation reuse the held-out values (dpokit.eval)
+        atomic_write_text(path, json.dumps({"key": key, "train": train_values, "eval": eval_values,
+                                            "eval_fingerprint": fingerprint_pairs(eval_pairs)}))
     attach(train_pairs, train_values)
     attach(eval_pairs, eval_values)
     forwards = -(-len(shard) // batch_size)
