@@ -270,8 +270,25 @@ def test_attention_choice_on_cpu(tiny_llama, caplog):
     assert isinstance(collator, PackedPairCollator) and collator.attention == "dense"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["train.attention: varlen not used, trying dense: varlen needs CUDA (FlashAttention kernels)"]
+    assert collator.passed_over == {"varlen": "varlen needs CUDA (FlashAttention kernels)"}
     collator, _ = choose_collator(TrainConfig(attention="padded"), model, None, pairs, tok.pad_token_id)
-    assert isinstance(collator, PairCollator)
+    assert isinstance(collator, PairCollator) and collator.attention == "padded"
+
+
+def test_train_summary_records_the_attention_backend_and_why_others_were_passed_over(tmp_path):
+    import json
+
+    from conftest import tiny_config
+    from dpokit.core.config import config_from_dict
+    from dpokit.train.trainer import run_training
+
+    for attention, want in (("varlen", {"backend": "dense",
+                                        "passed_over": {"varlen": "varlen needs CUDA (FlashAttention kernels)"}}),
+                            ("padded", {"backend": "padded", "passed_over": {}})):
+        cfg = config_from_dict(tiny_config(tmp_path, train={"max_steps": 1, "attention": attention},
+                                           eval={"enabled": False}, output={"dir": str(tmp_path / attention)}))
+        run_dir = run_training(cfg).run_dir
+        assert json.loads((run_dir / "train_summary.json").read_text())["attention"] == want
 
 
 def tiny_trainer(model, tok, tmp_path, callbacks=()):

@@ -88,6 +88,9 @@ class TrainSummary(Artifact):
                                                "reference)")
     pairs_trained: int | None = Field(None, description="pairs in the training set after truncation")
     precision: str | None = Field(None, description="fp32, bf16 or fp16: what training ran in")
+    attention: dict[str, Any] | None = Field(None, description="`backend`: the attention of training batches after "
+                                             "the start-up self-check (varlen, flex, dense, or padded); "
+                                             "`passed_over`: each backend tried first and why it was not used")
     versions: dict[str, str] | None = Field(None, description="dpokit, torch, transformers, peft, python versions")
     finished: float | None = Field(None, description="unix time training finished")
     resumed_from: str | None = Field(None, description="the checkpoint a --resume continued from (its folder name)")

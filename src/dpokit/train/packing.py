@@ -90,21 +90,26 @@ def choose_collator(train_cfg, model, ref_model, pairs: list[dict], pad_id: int,
     whose kernels exist here and whose self-check (packed vs padded log-probs) passes on the policy and on a
     separate reference model, under the training's autocast dtype (`autocast`: torch.bfloat16 / float16 or None);
     a backend passed over is logged in one line with the reason. When none passes: the padded path, with a one-line
-    warning saying why."""
+    warning saying why. The collator's `attention` names the backend used ("padded" for padded batches) and its
+    `passed_over` maps each backend tried and refused to the reason."""
     lists = bool(pairs) and "responses_ids" in pairs[0]  # ranked / unpaired rows
     padded = ListCollator(pad_id, packed=False) if lists else PairCollator(pad_id)
+    padded.attention, padded.passed_over = "padded", {}
     candidates = attention_candidates(train_cfg, torch.cuda.is_available())
     if not candidates or not pairs:
         return padded, None
     probes = [probe_pair(p) for p in pairs[:64]]
     probe = max(probes, key=lambda p: min(len(p["prompt_ids"]), 1) * (len(p["chosen_ids"]) + len(p["rejected_ids"])))
     models = [(name, m) for name, m in (("policy", model), ("reference", ref_model)) if m is not None]
+    passed_over = {}  # backend -> why not: recorded in train_summary.json
     for i, attention in enumerate(candidates):
         reason = _backend_problem(attention, models, probe, pad_id, autocast)
         if reason is None:
             break
+        passed_over[attention] = reason
         if i + 1 == len(candidates):
             log.warning("train.packing: falling back to padded batches: %s", reason)
+            padded.passed_over = passed_over
             return padded, None
         explicit = train_cfg.attention == attention
         (log.warning if explicit else log.info)("train.attention: %s not used, trying %s: %s", attention,
@@ -115,6 +120,7 @@ def choose_collator(train_cfg, model, ref_model, pairs: list[dict], pad_id: int,
         sampler = TokenBudgetBatchSampler([pair_length(p) for p in pairs], train_cfg.max_tokens_per_batch,
                                           seed=train_cfg.seed)
     collator = ListCollator(pad_id, attention=attention) if lists else PackedPairCollator(pad_id, attention=attention)
+    collator.passed_over = passed_over
     return collator, sampler
 
 

@@ -474,6 +474,7 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
                              data_collator=collator, processing_class=s.tokenizer, dpo_cfg=cfg.train,
                              ref_model=s.ref_model)
         trainer.token_budget_sampler = budget_sampler
+        trainer.attention_choice = {"backend": collator.attention, "passed_over": collator.passed_over}
     # Printing is ConsoleCallback's (added by run_training when asked): a library call prints nothing.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -548,6 +549,7 @@ def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float, check
                                 "training": getattr(trainer, "reference_forwards", None)},
             reference_cache=s.precomputed, step0_check=getattr(trainer, "step0_check", None),
             pairs_trained=len(s.train_enc), precision="bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32",
+            attention=getattr(trainer, "attention_choice", None),
             versions=library_versions(), finished=time.time(),
             resumed_from=Path(checkpoint).name if checkpoint else None, distributed=distributed))
     return final
