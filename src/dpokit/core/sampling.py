@@ -231,7 +231,9 @@ def _prefill(model, tokenizer, texts: list[str], cache: DynamicCache, cache_arg:
     add_special = not (tokenizer.bos_token and all(t.startswith(tokenizer.bos_token) for t in texts))
     ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
     shared = 0
-    if len(ids) > 1:
+    # Padding between the shared prefix and the rest is a mask with holes: eager and sdpa take any 4-D mask; other
+    # kernels (flash, flex) are left to the plain left-padded prefill.
+    if len(ids) > 1 and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager"):
         shortest = min(len(x) for x in ids) - 1  # every prompt keeps at least one token of its own
         while shared < shortest and all(x[shared] == ids[0][shared] for x in ids):
             shared += 1
