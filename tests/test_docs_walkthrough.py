@@ -20,7 +20,7 @@ would: a doc must not collide with what an earlier one wrote. Each command runs 
 HF_HUB_OFFLINE=1; CI also gives an empty HOME). Every command's wall time is printed as it finishes; a failure
 reports each failed command with its output tail.
 
-The two long generation commands, `dpokit quickstart` (about 10 minutes on a 2-core CPU without native bf16, from
+The two long generation commands, `dpokit quickstart` (about 13 minutes on a 2-core CPU without native bf16, from
 a cold cache) and `dpokit data generate` (all 330 bundled prompts x 8 answers), run on fewer prompts through the
 documented `--set` keys in SHORTEN below (`pairs.num_prompts`, `pairs.eval_prompts`, `eval.num_prompts`: see
 docs/quickstart.md and `dpokit config-keys`), so the walkthrough stays under 30 minutes; the printed command says
