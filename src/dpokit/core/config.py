@@ -180,7 +180,7 @@ class EvalConfig(Section):
     seed: int = Field(0, description="Sampling seed; base and tuned models draw the same random numbers.")
     gen_batch_size: int = Field(16, ge=1, description="Sequences sampled together (one batch).")
     engine: Literal["fast", "hf"] = Field("fast", description="Sampler: fast (prefill each prompt once, fork its KV "
-                                          "cache, own decode loop; several times hf's tokens/s on a CPU) or hf "
+                                          "cache, own decode loop; 2-2.2x hf's tokens/s on a 2-core CPU) or hf "
                                           "(transformers' generate, the reference). Their random streams differ.")
     judge: str = Field("sentiment", description="Judge of tuned vs base answers: sentiment, reward-model, llm or "
                        "python. See README 'Evaluate and report'.")
