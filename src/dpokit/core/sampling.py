@@ -75,9 +75,14 @@ def _trim(ids: list[int], eos_ids: set[int]) -> list[int]:
     return ids
 
 
+def _adds_bos(tokenizer, texts: list[str]) -> bool:
+    """Whether tokenizing should add special tokens: not when the chat template already wrote the BOS."""
+    return not (tokenizer.bos_token and all(t.startswith(tokenizer.bos_token) for t in texts))
+
+
 def _encode_prompts(tokenizer, texts: list[str], device):
     """Left-padded ids and mask; no second BOS when the chat template already wrote one."""
-    add_special = not (tokenizer.bos_token and all(t.startswith(tokenizer.bos_token) for t in texts))
+    add_special = _adds_bos(tokenizer, texts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -228,8 +233,7 @@ def _prefill(model, tokenizer, texts: list[str], cache: DynamicCache, cache_arg:
     The token sequence the model sees is exactly each prompt's own: when the prompts share a prefix, the cache
     holds [shared prefix | left padding | rest of the prompt] per row, the padding masked out and positions counted
     over real tokens only, so the logits equal an unshared prefill's up to floating-point summation order."""
-    add_special = not (tokenizer.bos_token and all(t.startswith(tokenizer.bos_token) for t in texts))
-    ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=_adds_bos(tokenizer, texts))["input_ids"]
     shared = 0
     # Padding between the shared prefix and the rest is a mask with holes: eager and sdpa take any 4-D mask; other
     # kernels (flash, flex) are left to the plain left-padded prefill.
