@@ -164,8 +164,8 @@ def main() -> None:
     for row in results:
         print(f"batch {row['batch_size']}: " + ", ".join(f"{e} {v['tokens_per_s']:.0f} tok/s" for e, v in
               row["engines"].items()) + (f", fast/hf {row['fast_vs_hf']:.2f}x" if "fast_vs_hf" in row else "") +
-              f"; limits: matmul {row['matmul_limit_tokens_per_s']:.0f}, forward {row['forward_limit_tokens_per_s']:.0f}, bandwidth "
-              f"{row['bandwidth_limit_tokens_per_s']:.0f} tok/s")
+              f"; limits: matmul {row['matmul_limit_tokens_per_s']:.0f}, forward "
+              f"{row['forward_limit_tokens_per_s']:.0f}, bandwidth {row['bandwidth_limit_tokens_per_s']:.0f} tok/s")
 
 
 if __name__ == "__main__":

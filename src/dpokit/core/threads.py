@@ -3,8 +3,8 @@
 PyTorch's intra-op pool assumes it owns every core. When another process keeps some of them busy, a pool that
 still uses all of them waits on its slowest thread at every parallel region; with OpenMP threads that spin-wait
 (libgomp's default, which dpokit/__init__.py turns to PASSIVE) it is worst: 3.9x beside a PyTorch matmul loop on
-the 2-core machine, against 2.1x passive and 1.5x with one thread (docs/cpu-threads.md has the table). `cpu_load_of_others` samples /proc/stat before training starts so the
-CLI can say so in one line.
+the 2-core machine, against 2.1x passive and 1.5x with one thread (docs/cpu-threads.md has the table).
+`cpu_load_of_others` samples /proc/stat before training starts so the CLI can say so in one line.
 """
 
 from __future__ import annotations
