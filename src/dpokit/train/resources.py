@@ -4,6 +4,11 @@ checks a plan also runs are `dpokit.train.plan.plan_training`'s, the same as `dp
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
+import sys
+
 import torch
 
 from dpokit.core.config import RunConfig
@@ -48,19 +53,22 @@ def plan_resources(cfg: RunConfig, *, gpus: int = 1, gpu_memory_mb: float | None
     return result
 
 
+@functools.lru_cache(maxsize=1)
 def training_process_mb() -> float:
     """Resident memory of a training process before its first tensor: the interpreter with torch, transformers,
-    peft, accelerate and dpokit's training stack imported. Measured in this process after importing the same
-    modules `dpokit train` imports, so it follows this machine's builds of those libraries (about 950 MB with
-    torch 2.14 on x86_64). On the CPU the device is the host, so this is part of the peak the user sees."""
-    import gc
-
-    import psutil
-
-    import dpokit.train.trainer  # noqa: F401  (the imports a training process has made)
-
-    gc.collect()
-    return psutil.Process().memory_info().rss / est.MB
+    peft, accelerate and dpokit's training stack imported (about 860 MB with torch 2.14 on x86_64). Measured in a
+    fresh interpreter that imports what `dpokit train` imports, so it follows this machine's builds of those
+    libraries and not whatever the caller's process (a notebook, a test runner) holds besides. On the CPU the
+    device is the host, so this is part of the peak the user sees."""
+    code = ("import gc, psutil, dpokit.train.trainer; gc.collect(); "
+            "print(psutil.Process().memory_info().rss)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ))
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"dpokit plan: could not import the training stack in a fresh process ({tail[:300]}); "
+                        "run `python -c 'import dpokit.train.trainer'` to see the error")
+    return int(proc.stdout.split()[-1]) / est.MB
 
 
 def _available_ram_mb() -> float:
