@@ -42,7 +42,7 @@ from dpokit.data.prepare import prepare_data
 from dpokit.train.console import ConsoleCallback
 from dpokit.train.distributed import CpuFsdpMixin, check_strategy, distributed_summary
 from dpokit.train.feedback import feedback_inputs, feedback_metrics
-from dpokit.train.losses import LOSSES, PairLogps, combined_loss, needs_reference, parse_loss_spec
+from dpokit.train.losses import REGISTRY, PairLogps, combined_loss, needs_reference, parse_loss_spec
 from dpokit.train.packing import PackingTrainerMixin, choose_collator
 from dpokit.train.plan import TrainPlan, check_loss_kind, plan_training
 from dpokit.train.reference import precompute, rank_and_world_size
@@ -156,7 +156,7 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
     def _check_step0(self, lp: PairLogps) -> None:
         """At step 0 the policy is the reference, so every log-ratio is 0 and the DPO (sigmoid) loss is ln 2.
         A mismatch means the reference is another model, or the policy and reference see different inputs."""
-        sig = LOSSES["sigmoid"][0](lp, self.dpo_cfg.model_copy(update={"label_smoothing": 0.0})).mean().item()
+        sig = REGISTRY["sigmoid"].fn(lp, self.dpo_cfg.model_copy(update={"label_smoothing": 0.0})).mean().item()
         # Half precision (bf16/fp16 autocast) sums thousands of rounded token log-probs, and the grad and no-grad
         # forwards may pick different attention kernels: a few 1e-3 of drift is numerics, not a wrong reference.
         half = self.args.bf16 or self.args.fp16
