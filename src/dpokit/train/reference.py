@@ -17,11 +17,8 @@ from pathlib import Path
 from dpokit.core.io import atomic_write_text
 from dpokit.core.models import cache_dir, fingerprint_model
 from dpokit.core.scoring import feedback_logps, pair_logps
-from dpokit.train.resilience import no_accelerator
 
 log = logging.getLogger(__name__)
-
-REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def fingerprint_pairs(*splits: list[dict]) -> str:
@@ -64,18 +61,6 @@ def attach(pairs: list[dict], values: list[list[float]]) -> None:
             pair["ref_logps"] = list(value)
         else:
             pair["ref_chosen_logps"], pair["ref_rejected_logps"] = value
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """(rank, world size), setting up the process group the Trainer would set up when a launcher started us."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    from accelerate import PartialState
-
-    state = PartialState(cpu=no_accelerator())  # the same state TrainingArguments builds later (a singleton)
-    return state.process_index, state.num_processes
 
 
 def _all_gather(obj, world: int) -> list:

@@ -29,11 +29,12 @@ from transformers import (
     set_seed,
 )
 
-from dpokit.core.config import RunConfig
+from dpokit.core.config import RunConfig, reference_batch_size
 from dpokit.core.errors import UserError
 from dpokit.core.io import chmod_tree_as_created
 from dpokit.core.models import load_model, load_model_and_tokenizer, load_tokenizer, quiet_hf
 from dpokit.core.packing import batch_logps, is_list_batch, list_logps
+from dpokit.core.processes import is_main_process, join_process_group, no_accelerator
 from dpokit.core.run import DataReport, TrainSummary
 from dpokit.core.secrets import apply_token_env
 from dpokit.core.threads import apply_num_threads, cpu_load_of_others, oversubscription_warning
@@ -45,7 +46,7 @@ from dpokit.train.feedback import feedback_inputs, feedback_metrics
 from dpokit.train.losses import REGISTRY, PairLogps, combined_loss, needs_reference, parse_loss_spec
 from dpokit.train.packing import PackingTrainerMixin, choose_collator
 from dpokit.train.plan import TrainPlan, check_loss_kind, plan_training
-from dpokit.train.reference import precompute, rank_and_world_size
+from dpokit.train.reference import precompute
 from dpokit.train.resilience import (
     AtomicCheckpointMixin,
     StopOnSignal,
@@ -53,9 +54,7 @@ from dpokit.train.resilience import (
     checkpoint_step,
     clean_staging,
     destroy_process_group_at_exit,
-    is_main_process,
     last_complete_checkpoint,
-    no_accelerator,
     quiet_non_main_process,
     restore_loss_sum,
     trim_metrics,
@@ -65,9 +64,6 @@ from dpokit.train.trackers import tracker_arguments
 from dpokit.train.trl_engine import build_trl_trainer
 
 log = logging.getLogger(__name__)
-
-METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected")
 
 
 @dataclass
@@ -380,13 +376,13 @@ class Setup:
 def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, refresh: bool = False) -> dict:
     """reference: precomputed: attach cached (or freshly computed) reference log-probs to every pair; the reference
     model (the initial policy, or train.reference_model) is used here only, never during training."""
-    rank, world = rank_and_world_size()  # joins the launcher's process group now, so each rank uses its own GPU
+    rank, world = join_process_group()  # joins the launcher's process group now, so each rank uses its own GPU
     ref = load_reference_model(cfg) if cfg.train.reference_model else model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref.to(device)
     info = precompute(ref, train_enc, eval_enc, pad_id=tokenizer.pad_token_id,
                       template=getattr(tokenizer, "chat_template", None), max_length=cfg.data.max_length,
-                      batch_size=cfg.eval.batch_size, packing=cfg.train.packing, refresh=refresh,
+                      batch_size=reference_batch_size(cfg), packing=cfg.train.packing, refresh=refresh,
                       rank=rank, world=world)
     del ref
     return info
