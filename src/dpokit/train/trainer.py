@@ -35,7 +35,8 @@ from dpokit.core.io import chmod_tree_as_created
 from dpokit.core.models import load_model, load_model_and_tokenizer, load_tokenizer, quiet_hf
 from dpokit.core.packing import batch_logps, is_list_batch, list_logps
 from dpokit.core.processes import is_main_process, join_process_group, no_accelerator
-from dpokit.core.run import DataReport, TrainSummary
+from dpokit.core.run import DataReport, ReferenceEvalLogps, TrainSummary
+from dpokit.core.scoring import pairs_fingerprint
 from dpokit.core.secrets import apply_token_env
 from dpokit.core.threads import apply_num_threads, cpu_load_of_others, oversubscription_warning
 from dpokit.data import PreferenceData
@@ -428,6 +429,19 @@ def write_run_start(plan: TrainPlan, s: Setup) -> None:
         plan.run_dir.create(plan.cfg, replace=plan.replace_run_dir)  # --overwrite deletes only now, after setup
         plan.run_dir.metrics.unlink(missing_ok=True)
     plan.run_dir.write_data(s.data.train, s.data.eval, DataReport.model_validate(s.data.report))
+    held_out = held_out_reference_logps(s.eval_enc)
+    if held_out is not None:
+        plan.run_dir.write_reference_eval_logps(held_out)
+
+
+def held_out_reference_logps(eval_enc: list[dict]) -> ReferenceEvalLogps | None:
+    """The precomputed reference log-probs of the held-out pairs (None unless every held-out row is a pair that
+    has them), for evaluation to reuse from the run folder."""
+    if not eval_enc or not all("ref_chosen_logps" in p for p in eval_enc):
+        return None
+    return ReferenceEvalLogps(pairs_fingerprint=pairs_fingerprint(eval_enc),
+                              chosen=[p["ref_chosen_logps"] for p in eval_enc],
+                              rejected=[p["ref_rejected_logps"] for p in eval_enc])
 
 
 def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
