@@ -98,6 +98,7 @@ def test_fsdp_shards_every_layer_and_matches_one_process(tmp_path, reference):
     summary = _summary(fsdp)
     _assert_sharded(summary)
     assert _summary(single)["distributed"] == {"type": "none", "processes": 1, "machines": 1, "sharded": False,
+                                               "zero_stage": None,
                                                "parameters": {"full": summary["distributed"]["parameters"]["full"],
                                                               "per_rank": [summary["distributed"]["parameters"]["full"]]}}
     assert summary["reference"] == reference and summary["step0_check"]["policy_equals_reference"]

@@ -305,7 +305,7 @@ def run_record(run: RunDir, judge, previous: RunDir | None, *, label, seconds: f
         "mean_length": gen.lengths["tuned"]["mean"]["value"],
         "distinct_2": mean_distinct_2([s.tuned for s in run.read_eval_samples()]),
         "pairs": summary.pairs_trained, "steps": summary.global_step, "reference": summary.reference,
-        "step0_check": (summary.step0_check or {}).get("policy_equals_reference"),
+        "step0_check": summary.step0_check.policy_equals_reference if summary.step0_check else None,
         "resumed_from": summary.resumed_from, "seconds": round(seconds, 1), "run_dir": str(run.path),
     }
 

@@ -265,7 +265,7 @@ def training_rows(run: RunDir) -> list[list[str]]:
     if summary:
         epochs = summary.metrics.get("epoch")
         rows.append(["steps", f"{summary.global_step} optimizer steps" + (f", {epochs:g} epochs" if epochs else "")])
-        rows.append(["reference", summary.reference + (f" (cache {summary.reference_cache.get('cache', '?')})"
+        rows.append(["reference", summary.reference + (f" (cache {summary.reference_cache.cache})"
                                                        if summary.reference_cache else "")])
         rows.append(["precision", summary.precision or "not recorded"])
         rows.append(["training time", f"{summary.wall_seconds:.1f} s (model loading included)"
@@ -274,9 +274,9 @@ def training_rows(run: RunDir) -> list[list[str]]:
             rows.append(["final train loss", f"{summary.metrics['train_loss']:.4f} (mean over every step)"])
         check = summary.step0_check
         if check:
-            rows.append(["step-0 check", (f"passed: loss {check['sigmoid_loss']:.6f} = ln 2, the reference equals the "
-                                          "initial policy") if check["policy_equals_reference"] else
-                         f"differs: loss {check['sigmoid_loss']:.6f} vs ln 2 {check['ln2']:.6f}"])
+            rows.append(["step-0 check", (f"passed: loss {check.sigmoid_loss:.6f} = ln 2, the reference equals the "
+                                          "initial policy") if check.policy_equals_reference else
+                         f"differs: loss {check.sigmoid_loss:.6f} vs ln 2 {check.ln2:.6f}"])
         else:
             rows.append(["step-0 check", "not run (reference-free loss or other engine)"])
     else:

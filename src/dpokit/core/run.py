@@ -84,26 +84,65 @@ class MetricsRow(Model):
     loss: float | None = None
 
 
+class ReferenceForwards(Model):
+    precompute: int = Field(description="reference forward passes of the precompute (0 on a cache hit)")
+    training: int | None = Field(description="reference forward passes during training (0 with precomputed "
+                                 "log-probs; None: another engine)")
+
+
+class ReferenceCache(Model):
+    cache: Literal["hit", "miss"] = Field(description="whether the precomputed log-probs came from the cache")
+    forwards: int = Field(description="reference forward passes this process did")
+    processes: int | None = Field(None, description="processes that split the precompute (on a miss)")
+    path: str = Field(description="the cache file (<dpokit cache>/reference_logps/<key>.json)")
+
+
+class Step0Check(Model):
+    sigmoid_loss: float = Field(description="the sigmoid DPO loss of the first batch")
+    ln2: float = Field(description="ln 2: that loss when the policy equals the reference")
+    tolerance: float
+    policy_equals_reference: bool
+
+
+class AttentionChoice(Model):
+    backend: str = Field(description="the attention of training batches: varlen, flex, dense or padded")
+    passed_over: dict[str, str] = Field(description="each backend tried first and why it was not used")
+
+
+class ParameterCounts(Model):
+    full: int = Field(description="parameters of the whole model")
+    per_rank: list[int | None] = Field(description="parameter elements each rank held")
+
+
+class DistributedSummary(Model):
+    type: Literal["none", "ddp", "fsdp", "deepspeed"]
+    processes: int
+    machines: int
+    sharded: bool = Field(description="parameters, gradients or optimizer state split over the processes")
+    parameters: ParameterCounts
+    zero_stage: int | None = Field(None, description="DeepSpeed's ZeRO stage")
+
+
 class TrainSummary(Artifact):
-    metrics: dict[str, Any] = Field(description="final training metrics from transformers.Trainer")
+    metrics: dict[str, float | int | None] = Field(description="final training metrics from transformers.Trainer")
     wall_seconds: float = Field(description="training wall time, model loading included")
     global_step: int = Field(description="optimizer steps taken")
     reference: str = Field(description="the reference actually used: model, adapter, precomputed or none")
     engine: str = Field(description="native or trl")
-    reference_forwards: dict[str, Any] = Field(description="reference forward passes: `precompute`, `training`")
-    reference_cache: dict[str, Any] | None = Field(None, description="precomputed reference log-probs: cache hit "
-                                                   "or miss, key")
-    step0_check: dict[str, Any] | None = Field(None, description="at step 0 the DPO loss must be ln 2 (policy equals "
-                                               "reference)")
+    reference_forwards: ReferenceForwards = Field(description="reference forward passes: `precompute`, `training`")
+    reference_cache: ReferenceCache | None = Field(None, description="precomputed reference log-probs: cache hit "
+                                                   "or miss, file")
+    step0_check: Step0Check | None = Field(None, description="at step 0 the DPO loss must be ln 2 (policy equals "
+                                           "reference)")
     pairs_trained: int | None = Field(None, description="pairs in the training set after truncation")
     precision: str | None = Field(None, description="fp32, bf16 or fp16: what training ran in")
-    attention: dict[str, Any] | None = Field(None, description="`backend`: the attention of training batches after "
-                                             "the start-up self-check (varlen, flex, dense, or padded); "
-                                             "`passed_over`: each backend tried first and why it was not used")
+    attention: AttentionChoice | None = Field(None, description="`backend`: the attention of training batches "
+                                              "after the start-up self-check (varlen, flex, dense, or padded); "
+                                              "`passed_over`: each backend tried first and why it was not used")
     versions: dict[str, str] | None = Field(None, description="dpokit, torch, transformers, peft, python versions")
     finished: float | None = Field(None, description="unix time training finished")
     resumed_from: str | None = Field(None, description="the checkpoint a --resume continued from (its folder name)")
-    distributed: dict[str, Any] | None = Field(
+    distributed: DistributedSummary | None = Field(
         None, description="the strategy training actually used: `type` (none, ddp, fsdp, deepspeed), `processes`, "
         "`machines`, `sharded` (parameters, gradients or optimizer state split over the processes), `parameters` "
         "(`full`, and `per_rank`: the elements each rank held), `zero_stage` (DeepSpeed)")
