@@ -83,20 +83,20 @@ def test_shape_to_canonical_rows(name):
 
 
 def test_drop_reasons_are_counted():
-    report = load_preferences(cfg("ultrafeedback_raw.jsonl")).report["train_counts"]
-    assert report["rows_in"] == 4 and report["rows_out"] == 2
-    dropped = report["dropped_by_format"]
-    assert dropped["tied_scores"]["count"] == 1 and dropped["tied_scores"]["examples"][0]["where"].endswith(":2")
-    assert dropped["fewer_than_two_completions"]["count"] == 1
-    uf = load_preferences(cfg("ultrafeedback_binarized.jsonl")).report["train_counts"]
-    assert uf["dropped_by_format"]["tied_scores"]["count"] == 1
+    report = load_preferences(cfg("ultrafeedback_raw.jsonl")).report.train_counts
+    assert report.rows_in == 4 and report.rows_out == 2
+    dropped = report.dropped_by_format
+    assert dropped["tied_scores"].count == 1 and dropped["tied_scores"].examples[0]["where"].endswith(":2")
+    assert dropped["fewer_than_two_completions"].count == 1
+    uf = load_preferences(cfg("ultrafeedback_binarized.jsonl")).report.train_counts
+    assert uf.dropped_by_format["tied_scores"].count == 1
 
 
 def test_scored_pairing_options():
     # min_score_gap 1.0 drops "Add 1 and 1." (8.0 vs 7.5) and the UF-binarized 8.0 vs 7.5 row.
     gap = load_preferences(cfg("ultrafeedback_raw.jsonl", min_score_gap=1.0))
     assert [r["prompt"] for r in gap.train] == [U("Name a colour.")]
-    assert gap.report["train_counts"]["dropped_by_format"]["score_gap_below_min"]["count"] == 1
+    assert gap.report.train_counts.dropped_by_format["score_gap_below_min"].count == 1
     assert len(load_preferences(cfg("ultrafeedback_binarized.jsonl", min_score_gap=1.0)).train) == 1
     # best_random: chosen is the best; rejected is one of the lower-scored, the same for the same seed.
     runs = [load_preferences(cfg("ultrafeedback_raw.jsonl", pairing="best_random", seed=s)).train for s in range(6)]
@@ -109,7 +109,7 @@ def test_scored_pairing_options():
 def test_seed_notebook_recipe():
     data = load_preferences(cfg("ultrafeedback_binarized.jsonl", format="ultrafeedback_last_turn"))
     assert data.train[0] == {"prompt": "Say hi.", "chosen": "Hi there!", "rejected": "Go away."}
-    assert data.report["kind"] == "text"
+    assert data.report.kind == "text"
 
 
 def test_system_prompt_and_rendering_on_two_tokenizers(tiny_llama, tiny_gpt2):
@@ -137,7 +137,7 @@ def test_every_shape_encodes_on_two_tokenizers(name, tiny_llama, tiny_gpt2):
         data_cfg = cfg(name, chat_template=template, **keys)
         encoded, report = encode_rows(load_preferences(data_cfg).train, tok, data_cfg)
         assert len(encoded) == len(expected)
-        assert report["template_checks"]["rows_checked"] == len(expected)
+        assert report.template_checks.rows_checked == len(expected)
         for pair in encoded:
             for key in ("chosen_ids", "rejected_ids"):
                 assert pair[key].count(tok.eos_token_id) == 1
@@ -176,15 +176,15 @@ def test_split_keeps_each_prompt_on_one_side():
     eval_prompts = {prompt_key(r["prompt"]) for r in data.eval}
     assert len(train_prompts) == 3 and len(eval_prompts) == 2 and not train_prompts & eval_prompts
     assert len(data.train) == 12 and len(data.eval) == 8  # all four pairs of a prompt stay together
-    assert data.report["checks"]["prompts_shared_train_eval"]["eval_pairs"] == 0
+    assert data.report.checks.prompts_shared_train_eval.eval_pairs == 0
     # Same seed, same split; another seed, another split.
     again = load_preferences(DataConfig(source=str(DATA / "repeated_prompts.jsonl"), eval_fraction=0.4, seed=7))
     assert again.eval == data.eval
     # A separate eval source that repeats training prompts is reported, not hidden.
     leaky = load_preferences(DataConfig(source=str(DATA / "repeated_prompts.jsonl"),
                                         eval_source=str(DATA / "repeated_prompts.jsonl")))
-    shared = leaky.report["checks"]["prompts_shared_train_eval"]
-    assert shared["eval_pairs"] == 20 and shared["distinct_prompts"] == 5 and len(shared["examples"]) == 3
+    shared = leaky.report.checks.prompts_shared_train_eval
+    assert shared.eval_pairs == 20 and shared.distinct_prompts == 5 and len(shared.examples) == 3
 
 
 # ---- the CLI, as a user runs it -------------------------------------------------------------------------------
@@ -258,9 +258,9 @@ def test_on_error_skip_counts_rows(tmp_path, name, where):
     from dpokit.data.prepare import prepare
 
     result = prepare(cfg(name, on_error="skip"), tmp_path / "out", "dpokit-tiny-gpt2")
-    malformed = result.report["train_counts"]["malformed"]
-    assert malformed["count"] == 1 and malformed["examples"][0]["where"].endswith(where)
-    assert len(_rows(tmp_path / "out" / "train.jsonl")) == result.report["train_counts"]["rows_in"] - 1
+    malformed = result.report.train_counts.malformed
+    assert malformed.count == 1 and malformed.examples[0]["where"].endswith(where)
+    assert len(_rows(tmp_path / "out" / "train.jsonl")) == result.report.train_counts.rows_in - 1
 
 
 def test_on_error_skip_cli(cli, tmp_path):
@@ -299,8 +299,8 @@ def test_report_numbers_match_hand_count(cli, tmp_path):
     assert res.returncode == 0, res.stderr[-1500:]
     report = json.loads((out / "report.json").read_text())
     tok_report = report["train_tokenization"]
-    assert tok_report["length_bias"] == {"chosen_mean_tokens": 3.5, "rejected_mean_tokens": 3.1667,
-                                         "chosen_longer_fraction": 0.5}
+    given = {k: v for k, v in tok_report["length_bias"].items() if v is not None}  # other kinds' fields are null
+    assert given == {"chosen_mean_tokens": 3.5, "rejected_mean_tokens": 3.1667, "chosen_longer_fraction": 0.5}
     over = tok_report["over_max_length"]
     assert over["count"] == 1 and over["examples"][0]["where"].endswith("checks.jsonl:4")
     assert over["examples"][0]["tokens"] == "prompt 21 + longest response 3"
@@ -315,7 +315,7 @@ def test_report_numbers_match_hand_count(cli, tmp_path):
     from dpokit.data.prepare import prepare
 
     drop = prepare(cfg("checks.jsonl", max_length=16, truncation="drop"), tmp_path / "drop", "dpokit-tiny-gpt2")
-    assert drop.report["n_train"] == 5 and drop.report["train_tokenization"]["dropped_over_max_length"] == 1
+    assert drop.report.n_train == 5 and drop.report.train_tokenization.dropped_over_max_length == 1
     assert len(_rows(tmp_path / "drop" / "train.jsonl")) == 5
     with pytest.raises(UserError, match=r"checks.jsonl:4: prompt \+ response is 24 tokens"):
         prepare(cfg("checks.jsonl", max_length=16, truncation="error"), tmp_path / "err", "dpokit-tiny-gpt2")

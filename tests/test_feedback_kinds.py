@@ -107,7 +107,7 @@ def test_ultrafeedback_raw_to_ranked_keeps_every_completion(tmp_path):
     row = data.train[0]
     assert [m[0]["content"] for m in row["responses"]] == ["best 0", "good 0", "mid 0", "worst 0"]
     assert row["scores"] == [9.0, 8.0, 6.5, 2.0]
-    assert data.report["checks"]["train"]["responses_per_row"] == {"4": 3}
+    assert data.report.checks.train.responses_per_row == {"4": 3}
     # the same file without data.kind stays best-vs-worst pairs, as before
     pairs = _load(tmp_path, ULTRAFEEDBACK_RAW)
     assert pairs.kind == "pair" and pairs.train[0]["chosen"][0]["content"] == "best 0"
@@ -125,7 +125,7 @@ def test_pairs_split_into_unpaired_rows_on_the_same_side_of_the_split(tmp_path):
     assert sum(r["label"] for r in data.train) == 8
     train_prompts = {r["prompt"] for r in data.train}
     assert not train_prompts & {r["prompt"] for r in data.eval}
-    assert data.report["checks"]["train"]["labels"] == {"desirable": 8, "undesirable": 8}
+    assert data.report.checks.train.labels.model_dump() == {"desirable": 8, "undesirable": 8}
     assert data.train_locations[0] == data.train_locations[1] == f"{src}:1"
 
 
@@ -135,10 +135,10 @@ def test_ranked_checks_count_ties_and_duplicates(tmp_path):
             {"prompt": "R?", "responses": [" x", " x"], "scores": [2, 1]},
             {"prompt": "S?", "responses": [" u", " v"], "scores": [3, 3]}]  # all tied: dropped, says nothing
     data = _load(tmp_path, rows)
-    checks = data.report["checks"]["train"]
-    assert checks["tied_scores"]["count"] == 2 and checks["duplicate_rows"]["count"] == 1
-    assert checks["repeated_responses"]["count"] == 1
-    assert data.report["train_counts"]["dropped_by_format"]["tied_scores"]["count"] == 1
+    checks = data.report.checks.train
+    assert checks.tied_scores.count == 2 and checks.duplicate_rows.count == 1
+    assert checks.repeated_responses.count == 1
+    assert data.report.train_counts.dropped_by_format["tied_scores"].count == 1
 
 
 def test_unpaired_rows_cannot_become_pairs(tmp_path):

@@ -64,11 +64,11 @@ def test_every_artifact_round_trips_through_its_model(finished_run):
 def test_train_jsonl_holds_exactly_the_pairs_trained_on(finished_run):
     run, _ = finished_run
     report = run.read_data_report()
-    dropped = report.train_tokenization["dropped_over_max_length"]
+    dropped = report.train_tokenization.dropped_over_max_length
     assert dropped > 0, "the fixture's max_length must drop some pairs for this test to mean anything"
     trained = run.read_train_pairs()
     assert len(trained) == report.n_train == run.read_train_summary().pairs_trained
-    assert report.train_tokenization["pairs"] == len(trained) + dropped
+    assert report.train_tokenization.pairs == len(trained) + dropped
 
 
 def test_eval_settings_change_with_set_and_are_recorded(finished_run, tmp_path):

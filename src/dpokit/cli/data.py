@@ -70,7 +70,6 @@ def register(data_app: typer.Typer) -> None:
                 eval_fraction: EvalFraction = 0.0, seed: Seed = 42, set_: Sets = None,
                 json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
         """Read, normalise and check preference data; print the report (nothing is written)."""
-        import json
 
         from dpokit.data.prepare import print_report, run_checks
 
@@ -79,7 +78,7 @@ def register(data_app: typer.Typer) -> None:
                        eval_fraction, seed, set_)
             report = run_checks(cfg, model).report
         if json_out:
-            typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+            typer.echo(report.model_dump_json(indent=2))
         else:
             print_report(report)
 
@@ -100,8 +99,8 @@ def register(data_app: typer.Typer) -> None:
                        eval_fraction, seed, set_)
             result = run_prepare(cfg, out, model, overwrite)
         r = result.report
-        typer.echo(f"{r['format']} ({r['kind']}): {r['n_train']} train / {r['n_eval']} eval pairs -> {out} "
-                   f"({', '.join(r['files'])})")
+        typer.echo(f"{r.format} ({r.kind}): {r.n_train} train / {r.n_eval} eval pairs -> {out} "
+                   f"({', '.join(r.files or [])})")
 
     @data_app.command("formats")
     def formats() -> None:

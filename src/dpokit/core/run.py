@@ -50,19 +50,118 @@ class Metric(Model):
 
 # --- data --------------------------------------------------------------------------------------------------------
 
+# A row's fields as the user wrote them (shortened), with `where` (file:line): user data, so no fixed shape.
+Preview = dict[str, Any]
+
+
+class Examples(Model):
+    """A count plus the first few examples (`dpokit.data.checks.MAX_EXAMPLES`)."""
+
+    count: int
+    examples: list[Preview] = Field(default_factory=list)
+
+
+class Malformed(Examples):
+    by_kind: dict[str, int] = Field(description="malformed rows by kind: invalid_json, missing fields, ...")
+
+
+class ReadCounts(Model):
+    rows_in: int = Field(description="rows read")
+    malformed: Malformed = Field(description="rows that could not be read as the format (skipped or an error)")
+    dropped_by_format: dict[str, Examples] = Field(description="rows the format drops, by reason")
+    identical_pairs_dropped: Examples = Field(description="pairs whose chosen equals rejected")
+    rows_out: int = Field(description="rows kept")
+
+
+class Split(Model):
+    how: Literal["by_prompt", "none", "eval_source", "eval_split"]
+    eval_fraction: float | None = None
+    seed: int | None = None
+
+
+class LabelCounts(Model):
+    desirable: int
+    undesirable: int
+
+
+class RowChecks(Model):
+    """Reported, not dropped. Pairs have `duplicate_pairs`; ranked and unpaired rows `duplicate_rows`; ranked
+    rows also `tied_scores`, `repeated_responses`, `responses_per_row`; unpaired rows `labels`."""
+
+    empty_fields: dict[str, Examples]
+    duplicate_pairs: Examples | None = None
+    duplicate_rows: Examples | None = None
+    tied_scores: Examples | None = None
+    repeated_responses: Examples | None = None
+    responses_per_row: dict[str, int] | None = None
+    labels: LabelCounts | None = None
+
+
+class SharedPrompts(Model):
+    eval_pairs: int = Field(description="held-out rows whose prompt is also a training prompt")
+    distinct_prompts: int
+    examples: list[Preview]
+
+
+class DataChecks(Model):
+    train: RowChecks
+    eval: RowChecks
+    prompts_shared_train_eval: SharedPrompts
+
+
+class OverMaxLength(Examples):
+    max_length: int
+    max_prompt_length: int | None
+    truncation: str = Field(description="`data.truncation`: prompt_left, drop or error")
+    action: str | None = Field(None, description="what that truncation does, in words")
+
+
+class LengthBias(Model):
+    """Mean token lengths (templated, EOS included): chosen vs rejected for pairs, by rank for lists, by label for
+    unpaired rows."""
+
+    chosen_mean_tokens: float | None = None
+    rejected_mean_tokens: float | None = None
+    chosen_longer_fraction: float | None = None
+    mean_tokens_by_rank: dict[str, float | None] | None = None
+    best_longer_than_worst_fraction: float | None = None
+    desirable_mean_tokens: float | None = None
+    undesirable_mean_tokens: float | None = None
+
+
+class TemplateChecks(Model):
+    rows_checked: int
+    double_bos: int
+    eos_per_response: int
+    boundary_merges_handled: int = Field(description="prompt/response boundaries whose tokens merge (handled)")
+
+
+class Tokenization(Model):
+    pairs: int | None = Field(None, description="pairs encoded (pair data)")
+    rows: int | None = Field(None, description="rows encoded (ranked or unpaired data)")
+    dropped_over_max_length: int
+    truncated: int
+    over_max_length: OverMaxLength
+    length_bias: LengthBias
+    template_checks: TemplateChecks
+
+
 class DataReport(Artifact):
     source: str = Field(description="where the pairs came from (file, folder or hub id)")
     format: str = Field(description="the detected or forced row shape (`data.format`)")
     kind: Literal["text", "conversational"] = Field(description="plain-text or message rows")
+    feedback: Literal["pair", "ranked", "unpaired"] = Field("pair", description="the feedback kind of the rows")
     n_train: int = Field(description="pairs in `data/train.jsonl`: exactly the pairs trained on")
     n_eval: int = Field(description="held-out pairs in `data/eval.jsonl`")
-    train_counts: dict[str, Any] = Field(description="rows read, malformed, dropped by the format and why, kept")
-    eval_counts: dict[str, Any] | None = None
-    split: dict[str, Any] = Field(description="how the held-out pairs were chosen")
-    checks: dict[str, Any] = Field(description="empty fields, duplicates, prompts shared by train and eval")
-    train_tokenization: dict[str, Any] | None = Field(None, description="token lengths, truncation, pairs dropped "
-                                                      "over data.max_length, length bias, template checks")
-    eval_tokenization: dict[str, Any] | None = None
+    train_counts: ReadCounts = Field(description="rows read, malformed, dropped by the format and why, kept")
+    eval_counts: ReadCounts | None = None
+    split: Split = Field(description="how the held-out pairs were chosen")
+    checks: DataChecks = Field(description="empty fields, duplicates, prompts shared by train and eval")
+    train_tokenization: Tokenization | None = Field(None, description="token lengths, truncation, pairs dropped "
+                                                    "over data.max_length, length bias, template checks")
+    eval_tokenization: Tokenization | None = None
+    tokenizer: str | None = Field(None, description="`dpokit data prepare`: the tokenizer that counted tokens")
+    files: list[str] | None = Field(None, description="`dpokit data prepare`: the files written")
 
 
 # --- training ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass, field
 
 from dpokit.core.errors import UserError
+from dpokit.core.run import DataChecks, DataReport, Malformed, ReadCounts, Split
 from dpokit.data.checks import MAX_EXAMPLES, Tally, preview, row_checks, shared_prompts
 from dpokit.data.formats import (
     FORMATS,
@@ -29,7 +30,7 @@ class PreferenceData:
     train: list[dict]
     eval: list[dict]
     format: str
-    report: dict = field(default_factory=dict)
+    report: DataReport
     # Where each row came from ("file.jsonl:12"), parallel to train / eval, for messages and report examples.
     train_locations: list[str] = field(default_factory=list)
     eval_locations: list[str] = field(default_factory=list)
@@ -45,7 +46,7 @@ class Normalised:
     rows: list[dict]
     locations: list[str]
     format: str
-    counts: dict
+    counts: ReadCounts
 
 
 def normalise_located(items, fmt: str, columns: dict, on_error: str, origin: str,
@@ -88,14 +89,14 @@ def normalise_located(items, fmt: str, columns: dict, on_error: str, origin: str
             locations.append(where)
     for item in bad:
         malformed_kinds[item["kind"]] = malformed_kinds.get(item["kind"], 0) + 1
-    counts = {
-        "rows_in": len(items) + sum(1 for b in bad if b["kind"] == "invalid_json"),
-        "malformed": {"count": len(bad), "by_kind": malformed_kinds,
-                      "examples": [{**b, "error": preview(b["error"])} for b in bad[:MAX_EXAMPLES]]},
-        "dropped_by_format": {reason: t.as_dict() for reason, t in dropped.items()},
-        "identical_pairs_dropped": identical.as_dict(),
-        "rows_out": len(out),
-    }
+    counts = ReadCounts(
+        rows_in=len(items) + sum(1 for b in bad if b["kind"] == "invalid_json"),
+        malformed=Malformed(count=len(bad), by_kind=malformed_kinds,
+                            examples=[{**b, "error": preview(b["error"])} for b in bad[:MAX_EXAMPLES]]),
+        dropped_by_format={reason: t.as_model() for reason, t in dropped.items()},
+        identical_pairs_dropped=identical.as_model(),
+        rows_out=len(out),
+    )
     return Normalised(out, locations, fmt, counts)
 
 
@@ -132,37 +133,37 @@ def load_preferences(data_cfg) -> PreferenceData:
     fmt = train_part.format
     conversational = bool(train_part.rows) and isinstance(train_part.rows[0]["prompt"], list)
     feedback = row_kind(train_part.rows[0]) if train_part.rows else "pair"
-    report = {"source": source, "format": fmt, "kind": "conversational" if conversational else "text",
-              "feedback": feedback, "train_counts": train_part.counts}
+    eval_counts = None
     if data_cfg.eval_source or data_cfg.eval_split:
         eval_src = data_cfg.eval_source or source
         eval_part = _read_normalised(eval_src, data_cfg.eval_split or "train", data_cfg, fmt, seed_offset=1)
-        report["eval_counts"] = eval_part.counts
+        eval_counts = eval_part.counts
         train, train_loc = train_part.rows, train_part.locations
         evals, eval_loc = eval_part.rows, eval_part.locations
-        report["split"] = {"how": "eval_source" if data_cfg.eval_source else "eval_split"}
+        split = Split(how="eval_source" if data_cfg.eval_source else "eval_split")
     else:
         train_idx, eval_idx = split_indices_by_prompt(train_part.rows, data_cfg.eval_fraction, data_cfg.seed)
         train = [train_part.rows[i] for i in train_idx]
         train_loc = [train_part.locations[i] for i in train_idx]
         evals = [train_part.rows[i] for i in eval_idx]
         eval_loc = [train_part.locations[i] for i in eval_idx]
-        report["split"] = {"how": "by_prompt" if evals else "none", "eval_fraction": data_cfg.eval_fraction,
-                           "seed": data_cfg.seed}
+        split = Split(how="by_prompt" if evals else "none", eval_fraction=data_cfg.eval_fraction, seed=data_cfg.seed)
     if data_cfg.max_rows:
         train, train_loc = train[: data_cfg.max_rows], train_loc[: data_cfg.max_rows]
     if data_cfg.max_eval_rows:
         evals, eval_loc = evals[: data_cfg.max_eval_rows], eval_loc[: data_cfg.max_eval_rows]
     if not train:
         counts = train_part.counts
-        reasons = {"malformed": counts["malformed"]["count"],
-                   "with chosen == rejected": counts["identical_pairs_dropped"]["count"],
-                   **{k: v["count"] for k, v in counts["dropped_by_format"].items()}}
+        reasons = {"malformed": counts.malformed.count,
+                   "with chosen == rejected": counts.identical_pairs_dropped.count,
+                   **{k: v.count for k, v in counts.dropped_by_format.items()}}
         why = ", ".join(f"{v} {k}" for k, v in reasons.items() if v) or "no usable rows"
-        raise UserError(f"{source}: every row was dropped ({counts['rows_in']} read; {why}); check the data "
+        raise UserError(f"{source}: every row was dropped ({counts.rows_in} read; {why}); check the data "
                         "format, data.columns and that chosen differs from rejected")
-    report["checks"] = {"train": row_checks(train, train_loc), "eval": row_checks(evals, eval_loc),
-                        "prompts_shared_train_eval": shared_prompts(train, evals, prompt_key)}
-    report.update(n_train=len(train), n_eval=len(evals))
+    report = DataReport(
+        source=str(source), format=fmt, kind="conversational" if conversational else "text", feedback=feedback,
+        n_train=len(train), n_eval=len(evals), train_counts=train_part.counts, eval_counts=eval_counts, split=split,
+        checks=DataChecks(train=row_checks(train, train_loc), eval=row_checks(evals, eval_loc),
+                          prompts_shared_train_eval=shared_prompts(train, evals, prompt_key)))
     return PreferenceData(train=train, eval=evals, format=fmt, report=report,
                           train_locations=train_loc, eval_locations=eval_loc, kind=feedback)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from dpokit.core.run import Examples, LabelCounts, RowChecks, SharedPrompts
+
 MAX_EXAMPLES = 3
 
 
@@ -29,8 +31,8 @@ class Tally:
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append({"where": where, **{k: preview(v) for k, v in details.items()}})
 
-    def as_dict(self) -> dict:
-        return {"count": self.count, "examples": self.examples}
+    def as_model(self) -> Examples:
+        return Examples(count=self.count, examples=self.examples)
 
 
 def text_of(value) -> str:
@@ -44,7 +46,7 @@ def _is_empty(value) -> bool:
     return not text_of(value).strip() or (isinstance(value, list) and any(not m["content"].strip() for m in value))
 
 
-def row_checks(rows: list[dict], locations: list[str]) -> dict:
+def row_checks(rows: list[dict], locations: list[str]) -> RowChecks:
     """Empty fields and exact duplicate rows (both kept, reported). Ranked rows also count tied scores and
     repeated responses within a list; unpaired rows count desirable and undesirable labels."""
     if rows and "responses" in rows[0]:
@@ -62,15 +64,15 @@ def row_checks(rows: list[dict], locations: list[str]) -> dict:
             duplicates.add(where, first_seen=seen[key], prompt=row["prompt"])
         else:
             seen[key] = where
-    out = {"empty_fields": {name: t.as_dict() for name, t in empty.items()}}
+    empty_fields = {name: t.as_model() for name, t in empty.items()}
     if "completion" in fields:
         desirable = sum(bool(r["label"]) for r in rows)
-        return {**out, "duplicate_rows": duplicates.as_dict(),
-                "labels": {"desirable": desirable, "undesirable": len(rows) - desirable}}
-    return {**out, "duplicate_pairs": duplicates.as_dict()}
+        return RowChecks(empty_fields=empty_fields, duplicate_rows=duplicates.as_model(),
+                         labels=LabelCounts(desirable=desirable, undesirable=len(rows) - desirable))
+    return RowChecks(empty_fields=empty_fields, duplicate_pairs=duplicates.as_model())
 
 
-def _ranked_checks(rows: list[dict], locations: list[str]) -> dict:
+def _ranked_checks(rows: list[dict], locations: list[str]) -> RowChecks:
     empty = {"prompt": Tally(), "responses": Tally()}
     duplicates, ties, repeated = Tally(), Tally(), Tally()
     seen: dict[str, str] = {}
@@ -91,14 +93,14 @@ def _ranked_checks(rows: list[dict], locations: list[str]) -> dict:
             duplicates.add(where, first_seen=seen[key], prompt=row["prompt"])
         else:
             seen[key] = where
-    return {"empty_fields": {name: t.as_dict() for name, t in empty.items()},
-            "duplicate_rows": duplicates.as_dict(),
-            "tied_scores": ties.as_dict(),  # kept: listwise_pairs skips tied pairs, listwise_pl keeps the given order
-            "repeated_responses": repeated.as_dict(),
-            "responses_per_row": {str(k): v for k, v in sorted(sizes.items())}}
+    return RowChecks(empty_fields={name: t.as_model() for name, t in empty.items()},
+                     duplicate_rows=duplicates.as_model(),
+                     tied_scores=ties.as_model(),  # kept: listwise_pairs skips tied pairs, listwise_pl keeps the order
+                     repeated_responses=repeated.as_model(),
+                     responses_per_row={str(k): v for k, v in sorted(sizes.items())})
 
 
-def shared_prompts(train: list[dict], evals: list[dict], key) -> dict:
+def shared_prompts(train: list[dict], evals: list[dict], key) -> SharedPrompts:
     """Eval pairs whose prompt also appears in train (a split by prompt gives 0)."""
     train_keys = {key(r["prompt"]) for r in train}
     tally, distinct = Tally(), set()
@@ -107,4 +109,4 @@ def shared_prompts(train: list[dict], evals: list[dict], key) -> dict:
         if k in train_keys:
             distinct.add(k)
             tally.add(f"eval row {i}", prompt=row["prompt"])
-    return {"eval_pairs": tally.count, "distinct_prompts": len(distinct), "examples": tally.examples}
+    return SharedPrompts(eval_pairs=tally.count, distinct_prompts=len(distinct), examples=tally.examples)

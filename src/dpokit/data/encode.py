@@ -8,6 +8,7 @@ the prompt can be shared by both responses (prefix sharing, packing).
 from __future__ import annotations
 
 from dpokit.core.errors import UserError
+from dpokit.core.run import LengthBias, OverMaxLength, TemplateChecks, Tokenization
 from dpokit.core.templates import is_conversational, render, render_responses
 from dpokit.data.checks import Tally
 
@@ -213,21 +214,23 @@ def encode_rows(rows: list[dict], tokenizer, data_cfg, origin: str = "data",
     n = len(rows)
     action = {"prompt_left": "prompt cut from the left, then responses from the right if still too long",
               "drop": "pair dropped", "error": "stop with an error"}[data_cfg.truncation]
-    return encoded, {
-        "pairs": n,
-        "dropped_over_max_length": dropped,
-        "truncated": truncated,
-        "over_max_length": {**over.as_dict(), "max_length": data_cfg.max_length,
-                            "max_prompt_length": data_cfg.max_prompt_length,
-                            "truncation": data_cfg.truncation, "action": action},
-        "length_bias": {
-            "chosen_mean_tokens": round(chosen_len / n, 4) if n else None,
-            "rejected_mean_tokens": round(rejected_len / n, 4) if n else None,
-            "chosen_longer_fraction": round(chosen_longer / n, 4) if n else None,
-        },
-        "template_checks": {"rows_checked": min(n, TEMPLATE_CHECK_ROWS), "double_bos": 0, "eos_per_response": 1,
-                            "boundary_merges_handled": merged},
-    }
+    return encoded, Tokenization(
+        pairs=n, dropped_over_max_length=dropped, truncated=truncated,
+        over_max_length=_over_max_length(over, data_cfg, action),
+        length_bias=LengthBias(chosen_mean_tokens=round(chosen_len / n, 4) if n else None,
+                               rejected_mean_tokens=round(rejected_len / n, 4) if n else None,
+                               chosen_longer_fraction=round(chosen_longer / n, 4) if n else None),
+        template_checks=_template_checks(n, merged))
+
+
+def _over_max_length(over: Tally, data_cfg, action: str | None = None) -> OverMaxLength:
+    return OverMaxLength(count=over.count, examples=over.examples, max_length=data_cfg.max_length,
+                         max_prompt_length=data_cfg.max_prompt_length, truncation=data_cfg.truncation, action=action)
+
+
+def _template_checks(n: int, merged: int) -> TemplateChecks:
+    return TemplateChecks(rows_checked=min(n, TEMPLATE_CHECK_ROWS), double_bos=0, eos_per_response=1,
+                          boundary_merges_handled=merged)
 
 
 def encode_feedback_rows(rows: list[dict], tokenizer, data_cfg, origin: str = "data",
@@ -272,17 +275,10 @@ def encode_feedback_rows(rows: list[dict], tokenizer, data_cfg, origin: str = "d
     n = len(rows)
     mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
     if by_rank:
-        bias = {"mean_tokens_by_rank": {str(k): mean(v) for k, v in sorted(by_rank.items())},
-                "best_longer_than_worst_fraction": round(best_longer / n, 4) if n else None}
+        bias = LengthBias(mean_tokens_by_rank={str(k): mean(v) for k, v in sorted(by_rank.items())},
+                          best_longer_than_worst_fraction=round(best_longer / n, 4) if n else None)
     else:
-        bias = {f"{k}_mean_tokens": mean(v) for k, v in by_label.items()}
-    return encoded, {
-        "rows": n,
-        "dropped_over_max_length": dropped,
-        "truncated": truncated,
-        "over_max_length": {**over.as_dict(), "max_length": data_cfg.max_length,
-                            "max_prompt_length": data_cfg.max_prompt_length, "truncation": data_cfg.truncation},
-        "length_bias": bias,
-        "template_checks": {"rows_checked": min(n, TEMPLATE_CHECK_ROWS), "double_bos": 0, "eos_per_response": 1,
-                            "boundary_merges_handled": merged},
-    }
+        bias = LengthBias(**{f"{k}_mean_tokens": mean(v) for k, v in by_label.items()})
+    return encoded, Tokenization(rows=n, dropped_over_max_length=dropped, truncated=truncated,
+                                 over_max_length=_over_max_length(over, data_cfg), length_bias=bias,
+                                 template_checks=_template_checks(n, merged))

@@ -3,7 +3,6 @@ report (rich table) or as canonical JSONL files plus report.json."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from dpokit.core.config import DataConfig, RunConfig, _format_validation_error, 
 from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text, write_jsonl
 from dpokit.core.models import load_tokenizer
+from dpokit.core.run import DataReport, Examples, LengthBias
 from dpokit.core.templates import setup_chat_template
 from dpokit.data import PreferenceData, load_preferences
 from dpokit.data.encode import encode_rows
@@ -23,8 +23,8 @@ OUTPUT_FILES = ("train.jsonl", "eval.jsonl", "report.json")
 
 @dataclass
 class Prepared:
-    data: object  # PreferenceData
-    report: dict
+    data: PreferenceData
+    report: DataReport
 
 
 def prepare_data(cfg: RunConfig, tokenizer) -> tuple[PreferenceData, list[dict], list[dict]]:
@@ -45,8 +45,8 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[PreferenceData, list[dict],
         )
     data.train = [data.train[i] for i in kept_train]
     data.eval = [data.eval[i] for i in kept_eval]
-    data.report.update(train_tokenization=train_counts, eval_tokenization=eval_counts,
-                       n_train=len(data.train), n_eval=len(data.eval))
+    data.report = data.report.model_copy(update={"train_tokenization": train_counts, "eval_tokenization": eval_counts,
+                                                 "n_train": len(data.train), "n_eval": len(data.eval)})
     return data, train_enc, eval_enc
 
 
@@ -76,8 +76,9 @@ def run_checks(data_cfg, model: str | None = None) -> Prepared:
     if data_cfg.truncation == "drop":  # the written files hold exactly the pairs training will use
         data.train = [data.train[i] for i in kept_train]
         data.eval = [data.eval[i] for i in kept_eval]
-    report = dict(data.report, tokenizer=model or DEFAULT_TOKENIZER, n_train=len(data.train), n_eval=len(data.eval),
-                  train_tokenization=train_tok, eval_tokenization=eval_tok)
+    report = data.report.model_copy(update={"tokenizer": model or DEFAULT_TOKENIZER, "n_train": len(data.train),
+                                            "n_eval": len(data.eval), "train_tokenization": train_tok,
+                                            "eval_tokenization": eval_tok})
     return Prepared(data, report)
 
 
@@ -90,76 +91,76 @@ def prepare(data_cfg, out_dir: str, model: str | None = None, overwrite: bool = 
         raise UserError(f"--out {out}: is a file; give a folder")
     result = run_checks(data_cfg, model)  # everything that can fail happens before the first write
     written = ["train.jsonl", "report.json"] + (["eval.jsonl"] if result.data.eval else [])
-    result.report["files"] = sorted(written)
+    result.report.files = sorted(written)
     write_jsonl(out / "train.jsonl", result.data.train)
     if result.data.eval:
         write_jsonl(out / "eval.jsonl", result.data.eval)
     elif (out / "eval.jsonl").exists():  # --overwrite without a split: a stale eval file would mislead
         (out / "eval.jsonl").unlink()
-    atomic_write_text(out / "report.json", json.dumps(result.report, indent=2, ensure_ascii=False))
+    atomic_write_text(out / "report.json", result.report.model_dump_json(indent=2))
     return result
 
 
-def print_report(report: dict) -> None:
+def print_report(report: DataReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]{report['source']}[/]  format: [cyan]{report['format']}[/] ({report['kind']})  "
-                  f"tokenizer: {report['tokenizer']}")
-    counts = report["train_counts"]
+    console.print(f"[bold]{report.source}[/]  format: [cyan]{report.format}[/] ({report.kind})  "
+                  f"tokenizer: {report.tokenizer}")
+    counts = report.train_counts
     table = Table(title="Rows", show_header=True)
     table.add_column("check")
     table.add_column("count", justify="right")
     table.add_column("examples (where)")
 
-    def row(name, tally, note=""):
-        wheres = ", ".join(Path(e["where"]).name for e in tally.get("examples", []))  # file:line, short
-        table.add_row(name + (f" [dim]{note}[/]" if note else ""), str(tally["count"]), wheres)
+    def row(name, tally: Examples | None, note=""):
+        if tally is None:
+            return
+        wheres = ", ".join(Path(e["where"]).name for e in tally.examples)  # file:line, short
+        table.add_row(name + (f" [dim]{note}[/]" if note else ""), str(tally.count), wheres)
 
-    table.add_row("rows read", str(counts["rows_in"]), "")
-    row("malformed (skipped)", counts["malformed"])
-    for reason, tally in counts["dropped_by_format"].items():
+    table.add_row("rows read", str(counts.rows_in), "")
+    row("malformed (skipped)", counts.malformed)
+    for reason, tally in counts.dropped_by_format.items():
         row(f"dropped: {reason}", tally)
-    row("chosen == rejected (dropped)", counts["identical_pairs_dropped"])
-    checks = report["checks"]["train"]
-    for name, tally in checks["empty_fields"].items():
+    row("chosen == rejected (dropped)", counts.identical_pairs_dropped)
+    checks = report.checks.train
+    for name, tally in checks.empty_fields.items():
         row(f"empty {name}", tally, "(kept)")
-    if "duplicate_pairs" in checks:
-        row("duplicate pairs", checks["duplicate_pairs"], "(kept)")
-    else:  # ranked and unpaired rows
-        row("duplicate rows", checks["duplicate_rows"], "(kept)")
-    if "tied_scores" in checks:
-        row("rows with tied scores", checks["tied_scores"], "(kept)")
-    if "repeated_responses" in checks:
-        row("a response repeated in its list", checks["repeated_responses"], "(kept)")
-    if "labels" in checks:
-        table.add_row("desirable / undesirable rows",
-                      f"{checks['labels']['desirable']} / {checks['labels']['undesirable']}", "")
-    tok = report["train_tokenization"]
-    over = tok["over_max_length"]
-    row("over max_length", over, f"({over.get('action', 'data.truncation: ' + str(over.get('truncation')))})")
-    shared = report["checks"]["prompts_shared_train_eval"]
-    table.add_row("eval pairs with a train prompt", str(shared["eval_pairs"]),
-                  ", ".join(e["where"] for e in shared["examples"]))
-    table.add_row("pairs: train / eval", f"{report['n_train']} / {report['n_eval']}", report["split"]["how"])
+    row("duplicate pairs", checks.duplicate_pairs, "(kept)")
+    row("duplicate rows", checks.duplicate_rows, "(kept)")  # ranked and unpaired rows
+    row("rows with tied scores", checks.tied_scores, "(kept)")
+    row("a response repeated in its list", checks.repeated_responses, "(kept)")
+    if checks.labels:
+        table.add_row("desirable / undesirable rows", f"{checks.labels.desirable} / {checks.labels.undesirable}", "")
+    tok = report.train_tokenization
+    over = tok.over_max_length
+    row("over max_length", over, f"({over.action or 'data.truncation: ' + over.truncation})")
+    shared = report.checks.prompts_shared_train_eval
+    table.add_row("eval pairs with a train prompt", str(shared.eval_pairs),
+                  ", ".join(e["where"] for e in shared.examples))
+    table.add_row("pairs: train / eval", f"{report.n_train} / {report.n_eval}", report.split.how)
     console.print(table)
-    bias = tok["length_bias"]
-    if "mean_tokens_by_rank" in bias:  # ranked lists
-        by_rank = ", ".join(f"{rank}: {mean}" for rank, mean in bias["mean_tokens_by_rank"].items())
-        longer = bias["best_longer_than_worst_fraction"]
+    _print_length_bias(console, tok.length_bias)
+    checks_t = tok.template_checks
+    console.print(f"template checks on the first {checks_t.rows_checked} pairs: no double BOS, one EOS per "
+                  f"response; {checks_t.boundary_merges_handled} prompt/response boundaries merge tokens "
+                  "(handled: parts are tokenized apart)")
+
+
+def _print_length_bias(console, bias: LengthBias) -> None:
+    if bias.mean_tokens_by_rank is not None:  # ranked lists
+        by_rank = ", ".join(f"{rank}: {mean}" for rank, mean in bias.mean_tokens_by_rank.items())
+        longer = bias.best_longer_than_worst_fraction
         console.print(f"length (tokens, templated, EOS included) by rank: {by_rank or 'no lists to measure'}"
                       + (f"; best longer than worst in {longer:.0%} of lists" if longer is not None else ""))
-    elif "desirable_mean_tokens" in bias:  # unpaired rows
-        console.print(f"length (tokens, templated, EOS included): desirable mean {bias['desirable_mean_tokens']}, "
-                      f"undesirable mean {bias['undesirable_mean_tokens']}")
+    elif bias.desirable_mean_tokens is not None or bias.undesirable_mean_tokens is not None:  # unpaired rows
+        console.print(f"length (tokens, templated, EOS included): desirable mean {bias.desirable_mean_tokens}, "
+                      f"undesirable mean {bias.undesirable_mean_tokens}")
     else:
-        console.print(f"length (tokens, templated, EOS included): chosen mean {bias['chosen_mean_tokens']}, rejected "
-                      f"mean {bias['rejected_mean_tokens']}; chosen longer in {bias['chosen_longer_fraction']:.0%} "
-                      "of pairs" if bias["chosen_mean_tokens"] is not None else "no pairs to measure")
-        if bias["chosen_longer_fraction"] is not None and bias["chosen_longer_fraction"] >= 0.8:
+        console.print(f"length (tokens, templated, EOS included): chosen mean {bias.chosen_mean_tokens}, rejected "
+                      f"mean {bias.rejected_mean_tokens}; chosen longer in {bias.chosen_longer_fraction:.0%} "
+                      "of pairs" if bias.chosen_mean_tokens is not None else "no pairs to measure")
+        if bias.chosen_longer_fraction is not None and bias.chosen_longer_fraction >= 0.8:
             console.print("[yellow]warning:[/] chosen is usually the longer answer; DPO may learn length, not quality")
-    checks_t = tok["template_checks"]
-    console.print(f"template checks on the first {checks_t['rows_checked']} pairs: no double BOS, one EOS per "
-                  f"response; {checks_t['boundary_merges_handled']} prompt/response boundaries merge tokens "
-                  "(handled: parts are tokenized apart)")

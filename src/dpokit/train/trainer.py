@@ -35,7 +35,7 @@ from dpokit.core.io import chmod_tree_as_created
 from dpokit.core.models import load_model, load_model_and_tokenizer, load_tokenizer, quiet_hf
 from dpokit.core.packing import batch_logps, is_list_batch, list_logps
 from dpokit.core.processes import is_main_process, join_process_group, no_accelerator
-from dpokit.core.run import DataReport, ReferenceEvalLogps, TrainSummary
+from dpokit.core.run import ReferenceEvalLogps, TrainSummary
 from dpokit.core.scoring import pairs_fingerprint
 from dpokit.core.secrets import apply_token_env
 from dpokit.core.threads import apply_num_threads, cpu_load_of_others, oversubscription_warning
@@ -428,7 +428,7 @@ def write_run_start(plan: TrainPlan, s: Setup) -> None:
     else:
         plan.run_dir.create(plan.cfg, replace=plan.replace_run_dir)  # --overwrite deletes only now, after setup
         plan.run_dir.metrics.unlink(missing_ok=True)
-    plan.run_dir.write_data(s.data.train, s.data.eval, DataReport.model_validate(s.data.report))
+    plan.run_dir.write_data(s.data.train, s.data.eval, s.data.report)
     held_out = held_out_reference_logps(s.eval_enc)
     if held_out is not None:
         plan.run_dir.write_reference_eval_logps(held_out)
