@@ -281,3 +281,24 @@ def test_lc_win_rate_is_in_eval_json_and_flags_a_length_only_gain(tmp_path):
     assert raw.ci[0] > 0.5 and lc.value < raw.value and lc.ci[0] < 0.5
     said = verdict(diagnose(run), RunDir(run).read_eval())
     assert said.startswith("Better:") and "the gain may be length, not quality" in said
+
+
+# --- in a real browser -------------------------------------------------------------------------------------------
+
+def test_report_first_visible_line_in_chromium(lost, improved, browser):
+    """Headless Chromium renders each report; the first line of visible text on the page is the verdict, above the
+    title and inside the first screen: "Worse: ..." (red) for the run that lost, "Better: ..." (green) for the one
+    that improved."""
+    from selenium.webdriver.common.by import By
+
+    from dpokit.report import write_report
+
+    for run, word, colour in ((lost, "Worse:", "rgba(253, 232, 232, 1)"), (improved, "Better:", "rgba(230, 244, 234, 1)")):
+        browser.get(write_report(run).as_uri())
+        first = browser.find_element(By.TAG_NAME, "body").text.splitlines()[0]  # visible text only
+        assert first.startswith(word), first
+        box = browser.find_element(By.ID, "verdict")
+        assert box.is_displayed() and box.text.splitlines()[0] == first
+        title = browser.find_element(By.TAG_NAME, "h1")
+        assert box.location["y"] < title.location["y"] and box.location["y"] + box.size["height"] < 800
+        assert box.value_of_css_property("background-color") == colour
