@@ -104,4 +104,5 @@ def test_bad_flags_and_paths_write_nothing(trained, tmp_path, capfd):
     one_line_exit_2(run_main(capfd, "eval", trained, "--export", "arena_hard", out, "--prompts", bad),
                     "bad.jsonl", "row 1", "instruction")
     one_line_exit_2(run_main(capfd, "eval", trained, "--prompts", bad), "--export")
+    one_line_exit_2(run_main(capfd, "eval", trained, "--export", "alpaca_eval"), "--export", "2 arguments")
     assert not out.exists() and not (tmp_path / "nowhere").exists()
