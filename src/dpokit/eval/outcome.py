@@ -119,6 +119,8 @@ def judge_outcome(result: EvalResult | None, causes: list[str] | None = None) ->
         line += (" Also look at: " if direction == "better" else " Causes: ") + "; ".join(causes) + "."
     elif direction == "better":
         line += " No rule flagged a problem."
+    else:
+        line += " No rule names a cause: read the samples in the report."
     return Outcome(direction=direction, line=line, win_rate=wr, score_change=delta, lc_win_rate=lc, reasons=reasons,
                    numbers=numbers)
 
