@@ -78,9 +78,11 @@ def ids(findings, severity="warning"):
 
 def test_healthy_curves_flag_nothing():
     answers = [f"the sea was calm and bright on day {i}" for i in range(6)]
-    findings = run_rules(artifacts(rows(**HEALTHY), evaluation(), _samples(answers, answers)))
+    won = evaluation(outcomes=[1] * 10 + [0, -1])
+    findings = run_rules(artifacts(rows(**HEALTHY), won, _samples(answers, answers)))
     assert findings == []
-    assert verdict(findings, evaluation()).startswith("DPO worked: held-out implicit-reward accuracy 0.83")
+    assert verdict(findings, won).startswith("Better: the tuned model beat the base by the judge python on 12 "
+                                             "answers: win rate 0.88")
 
 
 def test_loss_stuck_at_ln2():
@@ -191,14 +193,15 @@ def test_eval_train_gap():
 def test_without_eval_only_curve_rules_run_and_say_so():
     findings = run_rules(artifacts(rows(**HEALTHY)))
     assert [f.id for f in findings] == ["rules_skipped"] and findings[0].severity == "info"
-    assert set(findings[0].numbers["skipped"]) == {"kl_large", "length_exploitation", "repetition"}
+    assert set(findings[0].numbers["skipped"]) == {"lost_to_base", "no_measurable_gain", "length_collapse",
+                                                   "kl_large", "length_exploitation", "repetition"}
     assert "no eval.json" in findings[0].evidence
-    assert verdict(findings, None).startswith("The training curves look normal; there is no eval.json")
+    assert verdict(findings, None).startswith("Not measured: no eval.json")
 
 
 def test_verdict_does_not_claim_success_at_chance():
-    said = verdict([], evaluation(accuracy=(25, 48)))
-    assert said.startswith("No rule flagged a problem, but DPO has not shown a preference gain")
+    said = verdict([], evaluation(accuracy=(25, 48)))  # win rate 0.62 [0.35, 0.84] of 12 answers
+    assert said.startswith("No measurable change: ")
 
 
 def test_every_rule_is_documented_with_its_threshold_and_source():
@@ -208,7 +211,7 @@ def test_every_rule_is_documented_with_its_threshold_and_source():
     for rule, _ in doctor.RULES:
         assert f"`{rule.__name__}`" in text, rule.__name__
     for name in ("STUCK_LOSS_TOLERANCE", "SATURATED_MARGIN", "CHOSEN_FALL_NATS", "KL_PER_TOKEN_LARGE",
-                 "REPETITION_DROP", "GAP_ACCURACY", "LONGER_WIN_RATE"):
+                 "REPETITION_DROP", "GAP_ACCURACY", "LONGER_WIN_RATE", "LENGTH_COLLAPSE_RATIO", "MIN_COLLAPSE_BASE_TOKENS"):
         assert f"`{name}` = {getattr(doctor, name)}" in text, name
     for source in ("#1311", "#1627", "#800", "#7643", "#7734", "Park et al. 2024", "Azar et al. 2023",
                    "Rafailov et al. 2023"):
@@ -274,8 +277,10 @@ def test_too_many_epochs_is_reward_accuracy_saturated(too_many_epochs):
 
 def test_healthy_run_flags_none(healthy):
     findings = diagnose(healthy)
-    assert ids(findings) == set(), [f.evidence for f in findings]
-    assert verdict(findings, RunDir(healthy).read_eval()).startswith("DPO worked:")
+    # No curve or drift rule fires. The tiny model's answers all score 0 by the sentiment judge (8 ties), so the
+    # outcome is honestly "no measurable change", not a gain.
+    assert ids(findings) == {"no_measurable_gain"}, [f.evidence for f in findings]
+    assert verdict(findings, RunDir(healthy).read_eval()).startswith("No measurable change: ")
 
 
 # --- the CLI -----------------------------------------------------------------------------------------------------
@@ -301,12 +306,15 @@ def test_cli_json(lr_too_low, capsys, monkeypatch):
     out = json.loads(stdout)
     stuck = next(f for f in out["findings"] if f["id"] == "loss_stuck_at_ln2")
     assert {"evidence", "numbers", "meaning", "what_to_try", "source", "severity"} <= set(stuck)
-    assert out["verdict"].startswith("Look at: loss_stuck_at_ln2")
+    assert out["verdict"].startswith(("No measurable change:", "Worse:", "Better:"))
+    assert "loss_stuck_at_ln2" in out["verdict"].split("Causes: ")[-1]
 
 
 def test_cli_text(lr_too_high, capsys, monkeypatch):
     code, stdout, _ = doctor_cli(capsys, monkeypatch, lr_too_high)
-    assert code == 0 and stdout.startswith("Look at: reward_accuracy_saturated")
+    first = stdout.splitlines()[0]
+    assert code == 0 and first.startswith(("No measurable change:", "Worse:", "Better:"))
+    assert "reward_accuracy_saturated" in first
     assert "train.learning_rate" in stdout and "docs/doctor.md" in stdout
 
 
@@ -362,21 +370,22 @@ document.body.appendChild(out);
     assert res.returncode == 0 and found, res.stderr[-2000:]
     box = json.loads(html.unescape(found.group(1)))
     assert box["display"] != "none" and box["visibility"] == "visible"
-    assert box["width"] > 500 and box["height"] > 20 and box["y"] < 200, box  # right under the title
-    assert box["text"].startswith("Look at: reward_accuracy_saturated") and "kl_large" in box["text"]
-    assert box["background"] == "rgb(255, 244, 224)"  # the warning colour (.verdict.warn)
+    assert box["width"] > 500 and box["height"] > 20 and box["y"] < 200, box  # the page's first line
+    assert "reward_accuracy_saturated" in box["text"] and "kl_large" in box["text"]
+    assert box["background"] in ("rgb(255, 244, 224)", "rgb(253, 232, 232)")  # .verdict.warn or .verdict.bad
 
     shot = tmp_path / "verdict.png"
     res = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
                           f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
     image = Image.open(shot).convert("RGB")
+    colour = tuple(int(c) for c in re.findall(r"\d+", box["background"]))
     # The verdict box's background, found in the screenshot: a wide band near the top.
     width, height = image.size
     top = image.crop((0, 0, width, 300))
     xs, ys = [], []
     for i, pixel in enumerate(top.getdata()):
-        if pixel == (255, 244, 224):
+        if pixel == colour:
             xs.append(i % width)
             ys.append(i // width)
     assert xs, "no verdict box in the screenshot"

@@ -93,6 +93,13 @@ def test_iterate_rounds_resume_and_offline_arm(tmp_path):
     config, out = _config(tmp_path), tmp_path / "out"
     first = run_iterate(out, config=config)
     assert [r["round"] for r in first["rounds"]] == [1, 2]
+    # The outcome of the last round against pi0 leads the summary, its table and iterate.html.
+    from dpokit.iterate import format_table
+
+    assert first["outcome"] in ("better", "no_change", "worse")
+    assert first["verdict"].startswith("Last round vs pi0: ") and format_table(first).splitlines()[0] == first["verdict"]
+    assert "lc_win_rate_vs_initial" in first["rounds"][1]
+    assert (out / "iterate.html").read_text().split("<body>", 1)[1].startswith('<p id="verdict"')
 
     # Disjoint prompts: every round's training prompts, and the held-out prompts, share none.
     held = _prompts(out / "pairs" / "eval.jsonl")

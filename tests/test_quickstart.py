@@ -63,6 +63,15 @@ eval: {{num_prompts: 16, max_new_tokens: 16}}
     report = out / "run" / "report.html"
     assert summary["report"] == str(report) and report.stat().st_size > 1000
     assert "win rate" in res.stdout
+    # The outcome leads: summary.json's verdict, and the first line of the printed summary.
+    assert summary["outcome"] in ("better", "no_change", "worse") and summary["verdict"].split(":")[0] in (
+        "Better", "No measurable change", "Worse")
+    assert summary["verdict"][:40] in res.stdout and "length-controlled win rate" in res.stdout
+    printed = res.stdout.splitlines()
+    assert any(line.startswith(summary["verdict"][:40]) for line in printed)
+    assert printed.index(next(line for line in printed if line.startswith(summary["verdict"][:40]))) < \
+        printed.index(next(line for line in printed if "win rate, tuned vs base" in line))
+    assert summary["lc_win_rate_ci"] is None or summary["lc_win_rate_ci"][0] <= summary["lc_win_rate"]
     pairs = [json.loads(line) for line in (out / "pairs" / "train.jsonl").read_text().splitlines()]
     assert all(p["score_chosen"] >= p["score_rejected"] + 0.05 for p in pairs)
     # Held-out prompts never appear in training pairs.

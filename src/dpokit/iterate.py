@@ -60,7 +60,7 @@ from dpokit.data.generate import (
     split_prompts,
 )
 from dpokit.eval import evaluate_run
-from dpokit.eval.doctor import answer_units, distinct_n
+from dpokit.eval.doctor import answer_units, distinct_n, run_verdict
 from dpokit.eval.metrics import outcome_summary
 from dpokit.report import write_iterate_report
 from dpokit.train.plan import plan_training
@@ -295,9 +295,11 @@ def run_record(run: RunDir, judge, previous: RunDir | None, *, label, seconds: f
     gen, kl = ev.generation, ev.kl
     vs_prev = win_rate_against(judge, run, previous) if label != "offline" else None
     score = gen.scores["tuned"] if gen.scores else None
+    lc = gen.length_controlled.win_rate
     return {
         "round": label if label != "offline" else None,
         "win_rate_vs_initial": gen.outcomes.win_rate.value, "win_rate_vs_initial_ci": gen.outcomes.win_rate.ci,
+        "lc_win_rate_vs_initial": lc.value if lc else None, "lc_win_rate_vs_initial_ci": lc.ci if lc else None,
         "win_rate_vs_previous": vs_prev["value"] if vs_prev else None,
         "win_rate_vs_previous_ci": vs_prev["ci"] if vs_prev else None,
         "kl_from_initial": kl.sequence.value, "kl_from_initial_ci": kl.sequence.ci,
@@ -438,6 +440,9 @@ def run_iterate(out: str | Path = "runs/iterate", *, config: str | Path | None =
     run_rounds(iteration, summary, judge, progress, callbacks or {}, console)
     if cfg.iterate.compare_offline:
         run_offline(iteration, summary, judge, progress, callbacks or {}, console)
+    last = iteration.round_dir(len(iteration.chunks))
+    said, direction = run_verdict(last.path)  # the last round vs pi0, by the judge: what the summary leads with
+    summary["verdict"], summary["outcome"] = f"Last round vs pi0: {said}", direction
     summary["wall_seconds"] = round(time.time() - start, 1)
     write_summary(iteration, summary)
     summary["report"] = str(write_iterate_report(out, summary))
@@ -452,20 +457,23 @@ def format_table(summary: dict) -> str:
             return "-"
         return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
-    header = ["", "win rate vs pi0 [95% CI]", "vs previous", "mean score", "KL from pi0", "length", "distinct-2",
-              "pairs", "steps"]
+    header = ["", "win rate vs pi0 [95% CI]", "length-controlled", "vs previous", "mean score", "KL from pi0",
+              "length", "distinct-2", "pairs", "steps"]
     init = summary.get("initial") or {}
-    body = [["pi0", "0.500", "-", cell(init.get("mean_score")), "0", cell(init.get("mean_length"), digits=1),
+    body = [["pi0", "0.500", "0.500", "-", cell(init.get("mean_score")), "0", cell(init.get("mean_length"), digits=1),
              cell(init.get("distinct_2")), "-", "-"]] if init else []
     rows = [(f"round {r['round']}", r) for r in summary["rounds"]]
     if summary.get("offline"):
         rows.append(("offline", summary["offline"]))
     for label, r in rows:
         body.append([label, cell(r["win_rate_vs_initial"], r["win_rate_vs_initial_ci"]),
+                     cell(r.get("lc_win_rate_vs_initial"), r.get("lc_win_rate_vs_initial_ci")),
                      cell(r["win_rate_vs_previous"]), cell(r["mean_score"]), cell(r["kl_from_initial"], digits=2),
                      cell(r["mean_length"], digits=1), cell(r["distinct_2"]), str(r["pairs"]), str(r["steps"])])
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
+    if summary.get("verdict"):
+        lines.insert(0, summary["verdict"])  # the outcome first
     vs = summary.get("last_round_vs_offline")
     if vs:
         lines.append(f"last round vs offline arm, win rate: {cell(vs['win_rate'], vs['win_rate_ci'])}")

@@ -27,6 +27,8 @@ from dpokit.core.judges import check_judge
 from dpokit.core.run import EvalResult, RunDir, TrainSummary
 from dpokit.data.generate import model_identity, pair_settings, read_prompts, split_prompts
 from dpokit.eval import evaluate_run
+from dpokit.eval.doctor import run_verdict
+from dpokit.eval.outcome import score_change
 from dpokit.report import write_report
 from dpokit.train.plan import plan_training
 from dpokit.train.trainer import run_training
@@ -137,13 +139,19 @@ def summarize(ev: EvalResult, stats: dict, train_summary: TrainSummary, stage_se
     gen, kl, pref = ev.generation, ev.kl, ev.preference
     outcomes = gen.outcomes if gen else None
     scores = gen.scores if gen else None
+    lc = gen.length_controlled.win_rate if gen else None
+    delta = score_change(ev)
     return {
         "win_rate": outcomes.win_rate.value if outcomes else None,
         "win_rate_ci": outcomes.win_rate.ci if outcomes else None,
         "wins": outcomes.wins if outcomes else None,
         "ties": outcomes.ties if outcomes else None,
         "losses": outcomes.losses if outcomes else None,
+        "lc_win_rate": lc.value if lc else None,
+        "lc_win_rate_ci": lc.ci if lc else None,
         "n_eval_prompts": gen.n_prompts if gen else None,
+        "score_change": delta.value if delta else None,
+        "score_change_ci": delta.ci if delta else None,
         "mean_score_base": scores["base"]["value"] if scores else None,
         "mean_score_tuned": scores["tuned"]["value"] if scores else None,
         "implicit_reward_accuracy": pref.implicit_reward_accuracy.value,
@@ -165,6 +173,7 @@ def print_summary(summary: dict, console) -> None:
     def num(v, fmt="{:.3f}"):
         return "n/a" if v is None else fmt.format(v)
 
+    console.print(summary["verdict"], markup=False, highlight=False, soft_wrap=True)  # the outcome first
     table = Table(title=f"dpokit quickstart: {summary['model']}, DPO toward the judge's preference")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -173,6 +182,9 @@ def print_summary(summary: dict, console) -> None:
     if summary.get("wins") is not None:
         wr += f"  ({summary['wins']} won, {summary['ties']} tied, {summary['losses']} lost)"
     table.add_row("win rate, tuned vs base (95% CI)", wr)
+    lc = summary.get("lc_win_rate_ci")
+    table.add_row("length-controlled win rate (equal length)",
+                  num(summary.get("lc_win_rate")) + (f"  [{lc[0]:.2f}, {lc[1]:.2f}]" if lc else ""))
     table.add_row("mean sentiment, base -> tuned",
                   f"{num(summary['mean_score_base'])} -> {num(summary['mean_score_tuned'])}")
     table.add_row("implicit-reward accuracy (held-out pairs)", num(summary["implicit_reward_accuracy"]))
@@ -222,7 +234,8 @@ def run_quickstart(out: str = "runs/quickstart", *, config: str | None = None, f
     report = stage_report(out_dir / "run")
     seconds["report"] = time.time() - t
 
-    summary = summarize(ev, stats, train_summary, seconds, report)
+    said, direction = run_verdict(out_dir / "run")
+    summary = {"verdict": said, "outcome": direction, **summarize(ev, stats, train_summary, seconds, report)}
     summary["wall_seconds"] = time.time() - start
     summary["out"] = str(out_dir)
     summary["model"] = cfg.model.name_or_path

@@ -17,6 +17,7 @@ from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text
 from dpokit.core.run import RunDir
 from dpokit.eval.doctor import NORMAL_SHAPES, diagnose, verdict
+from dpokit.eval.outcome import judge_outcome
 
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -31,6 +32,7 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
 .verdict { font-size: 17px; padding: 0.7em 1em; border-radius: 4px; margin: 0.8em 0; }
 .verdict.ok { background: #e6f4ea; border-left: 6px solid #3a9d5d; }
 .verdict.warn { background: #fff4e0; border-left: 6px solid #d9822b; }
+.verdict.bad { background: #fde8e8; border-left: 6px solid #c0392b; }
 .finding { border-left: 3px solid #ccd; padding: 0 1em; margin: 0.8em 0; }
 .finding.warning { border-left-color: #d9822b; }
 """
@@ -192,6 +194,9 @@ def metric_rows(result: dict) -> list[tuple[str, str, str]]:
         for key, label in (("win", "wins"), ("tie", "ties"), ("loss", "losses")):
             rows.append(("generation", f"tuned {label} ({out[label]} of {out['n']})", _ci(out[key])))
         rows.append(("generation", "win rate, tie = 1/2", _ci(out["win_rate"])))
+        lc = gen["length_controlled"].get("win_rate")
+        if lc:
+            rows.append(("generation", "length-controlled win rate (at equal length, logistic)", _ci(lc)))
         rows.append(("generation", "unparseable judge answers (pairs)", str(out["unparseable"])))
         if gen["scores"]:
             for who in ("base", "tuned"):
@@ -302,15 +307,23 @@ SAMPLE_HEADER = ["prompt", "base", "tuned", "judge prefers", "score base / tuned
 
 # --- the doctor's verdict ---------------------------------------------------------------------------------------
 
+def _verdict_html(said: str, cls: str) -> str:
+    return f'<p id="verdict" class="verdict {cls}">{html.escape(said)}</p>'
+
+
 def doctor_sections(run: RunDir) -> tuple[str, str, list[str]]:
-    """(verdict HTML, "What your curves mean" HTML, both as report.md lines), from dpokit.eval.doctor."""
+    """(verdict HTML, "What your curves mean" HTML, report.md lines: the verdict first), from dpokit.eval.doctor.
+    The verdict leads with the outcome (better / no measurable change / worse by the judge)."""
+    result = run.read_eval()
     try:
         findings = diagnose(run.path)
     except UserError as err:  # e.g. metrics.jsonl removed: the report still shows the evaluation
-        note = f"The doctor did not run: {err}"
-        return f'<p id="verdict" class="verdict warn">{html.escape(note)}</p>', "", [note, ""]
-    said = verdict(findings, run.read_eval())
-    ok = not any(f.severity == "warning" for f in findings)
+        said = f"{judge_outcome(result).line} The doctor did not run: {err}"
+        return _verdict_html(said, "warn"), "", [f"**{said}**", ""]
+    said = verdict(findings, result)
+    direction = judge_outcome(result).direction
+    warned = any(f.severity == "warning" for f in findings)
+    cls = "bad" if direction == "worse" else "ok" if direction == "better" and not warned else "warn"
     parts = ['<h2 id="curves-meaning">What your curves mean</h2>']
     md = [f"**{said}**", "", "## What your curves mean", ""]
     if not findings:
@@ -328,7 +341,7 @@ def doctor_sections(run: RunDir) -> tuple[str, str, list[str]]:
               '<p class="note">Rules, thresholds and sources: docs/doctor.md; the numbers: dpokit doctor RUN_DIR '
               "--json.</p>"]
     md += ["### Normal shapes", "", *[f"- **{curve}**: {text}" for curve, text in NORMAL_SHAPES], ""]
-    return f'<p id="verdict" class="verdict {"ok" if ok else "warn"}">{html.escape(said)}</p>', "\n".join(parts), md
+    return _verdict_html(said, cls), "\n".join(parts), md
 
 
 # --- documents ---------------------------------------------------------------------------------------------------
@@ -370,7 +383,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples
                                    f"{d['temperature']}, top_p {d['top_p']}, max_new_tokens {d['max_new_tokens']}, "
                                    f"seed {d['seed']}"]]
     table_rows = [list(r) for r in metric_rows(result)]
-    parts = [f"<h1>{html.escape(title)}</h1>", doctor_verdict,
+    parts = [doctor_verdict, f"<h1>{html.escape(title)}</h1>",  # the outcome is the page's first line
              '<h2 id="how-trained">How it was trained</h2>',
              _html_table(TRAINING_HEADER, trained, cls="training"),
              "<h2>How it was evaluated</h2>",
@@ -389,9 +402,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples
 
     # report.md: the same tables; plots as PNG files next to it (Markdown viewers rarely show data URIs).
     plot_dir = out.parent / "report_plots"
-    md = [f"# {title}", "", "## How it was trained", "", _md_table(TRAINING_HEADER, trained), "",
+    md = [*doctor_md[:2], f"# {title}", "", "## How it was trained", "", _md_table(TRAINING_HEADER, trained), "",
           "## How it was evaluated", "", _md_table(["setting", "value"], [[str(a), str(b)] for a, b in summary]), "",
-          *doctor_md,
+          *doctor_md[2:],
           "## Evaluation (95% confidence intervals)", "", _md_table(["section", "metric", "value [95% CI]"], table_rows)]
     for key, (caption, png) in plots.items():
         plot_dir.mkdir(exist_ok=True)
@@ -477,7 +490,10 @@ def write_iterate_report(out_dir: str | Path, summary: dict) -> Path:
                _num(r.get("seconds"), 0)] for label, r in arms]
     title = f"dpokit iterate: {out_dir.name}"
     vs = summary.get("last_round_vs_offline")
-    parts = [f"<h1>{html.escape(title)}</h1>",
+    said, direction = summary.get("verdict"), summary.get("outcome")
+    cls = "bad" if direction == "worse" else "ok" if direction == "better" else "warn"
+    parts = ([_verdict_html(said, cls)] if said else []) + [
+             f"<h1>{html.escape(title)}</h1>",
              f'<p class="note">{html.escape(str(summary.get("model")))}, judge {html.escape(str(summary.get("judge")))}'
              f", reference {html.escape(str(summary.get('reference')))}, {len(rounds)} of "
              f"{summary.get('rounds_planned', len(rounds))} rounds, {summary.get('held_out_prompts')} held-out "

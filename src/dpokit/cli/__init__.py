@@ -139,8 +139,25 @@ def eval_(
         "--set", help="Override an eval setting for this evaluation: --set eval.KEY=VALUE (repeatable), e.g. "
         "--set eval.judge=python --set eval.num_prompts=32. The settings used are recorded in eval.json.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass (eval.batch_size).")] = None,
+    export: Annotated[tuple[str, str] | None, typer.Option(
+        "--export", metavar="FORMAT FILE", help="Instead of evaluating, write the tuned model's answers for an "
+        "external leaderboard tool: alpaca_eval (model_outputs.json) or arena_hard (answer JSONL).")] = None,
+    prompts: Annotated[str | None, typer.Option(
+        help="With --export: the prompts to answer (.txt, .jsonl with 'prompt', AlpacaEval's 'instruction' rows, "
+        "Arena-Hard's question.jsonl); default: the run's held-out prompts.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="With --export: replace FILE if it exists.")] = False,
 ) -> None:
-    """Evaluate a trained run on its held-out pairs; writes RUN_DIR/eval.json."""
+    """Evaluate a trained run on its held-out pairs; writes RUN_DIR/eval.json. With --export FORMAT FILE, write the
+    tuned model's answers for alpaca_eval or arena_hard instead."""
+    if export is not None:
+        from dpokit.eval.answers import export_answers
+
+        if set_ or batch_size is not None:
+            raise UserError("--export writes answers only; drop --set and --batch-size (they change an evaluation)")
+        typer.echo(f"wrote {export_answers(run_dir, export[0], export[1], prompts=prompts, overwrite=overwrite)}")
+        return
+    if prompts is not None or overwrite:
+        raise UserError("--prompts and --overwrite go with --export FORMAT FILE; add it, or drop them")
     from dpokit.eval import evaluate_run
 
     overrides = list(set_ or [])

@@ -20,15 +20,17 @@ def doctor(
 
     from dpokit.core.run import RunDir
     from dpokit.eval.doctor import diagnose, verdict
+    from dpokit.eval.outcome import judge_outcome
 
     findings = diagnose(run_dir)
-    said = verdict(findings, RunDir(run_dir).read_eval())
+    result = RunDir(run_dir).read_eval()
+    said = verdict(findings, result)  # leads with the outcome: better / no measurable change / worse
     if as_json:
-        typer.echo(json.dumps({"run_dir": str(run_dir), "verdict": said,
+        typer.echo(json.dumps({"run_dir": str(run_dir), "verdict": said, "outcome": judge_outcome(result).direction,
                                "findings": [f.model_dump(mode="json") for f in findings]}, indent=2))
         return
     console = Console()
-    console.print(said, markup=False)
+    console.print(said, markup=False, highlight=False, soft_wrap=True)
     if not findings:
         return
     table = Table(show_lines=True)

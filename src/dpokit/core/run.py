@@ -287,8 +287,27 @@ class LengthBucket(Model):
     win_rate: Metric
 
 
+class LengthControlledWinRate(Model):
+    """The win rate at equal answer length: logistic regression of the judge's preference on the length difference
+    (AlpacaEval 2's length-controlled win rate, length term only; dpokit.eval.metrics.length_controlled_win_rate)."""
+
+    value: float = Field(description="predicted win rate of tuned over base at zero length difference")
+    ci: list[float] = Field(description="95% interval: delta method on the intercept, on the logit scale")
+    n: int = Field(description="judged pairs fitted (ties count 1/2, unparseable left out)")
+    method: str = Field(description="`logistic regression on the standardized length difference`, or `every "
+                        "outcome equal: the raw win rate` (the fit diverges; raw win rate and its Wilson interval)")
+    intercept: float | None = Field(description="a in logit P(tuned preferred) = a + b z")
+    slope: float | None = Field(description="b: log-odds per standard deviation of the length difference")
+    length_diff_sd: float = Field(description="sd of tuned - base length (tokens), the unit of z")
+    ridge: float = Field(description="penalty ridge * b^2 / 2 on the slope (keeps the fit finite under separation)")
+
+
 class LengthControlled(Model):
     tolerance: float
+    win_rate: LengthControlledWinRate | None = Field(
+        None, description="length-controlled win rate: the judge's preference fitted on the standardized length "
+        "difference (logistic), predicted at equal length, with its 95% interval; `null` when the length "
+        "differences are all equal but not zero")
     buckets: list[LengthBucket] = Field(
         description="win/tie/loss and `win_rate` within `tuned_shorter`, `length_matched` (lengths within "
         "`eval.length_tolerance` of the longer answer), `tuned_longer`: a win rate that holds among length-matched "

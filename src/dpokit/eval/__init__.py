@@ -27,6 +27,7 @@ from dpokit.eval.likelihood import feedback_pairs, preference_metrics, ranking_m
 from dpokit.eval.metrics import (
     kl_summary,
     length_buckets,
+    length_controlled_win_rate,
     length_summary,
     outcome_summary,
     score_length_regression,
@@ -179,6 +180,31 @@ class _as_base:
         return False
 
 
+def generation_summary(e: EvalConfig, judge: dict, n_prompts: int, outcomes: list[int | None], len_t: list[int],
+                       len_b: list[int], scores_t: list[float] | None = None,
+                       scores_b: list[float] | None = None) -> dict:
+    """eval.json's `generation` from the judged outcomes (tuned's side: +1 = tuned better), the answers' token
+    lengths and (pointwise judges) the scores, tuned and base, answer by answer."""
+    generation = {
+        "n_prompts": n_prompts, "samples_per_prompt": e.samples_per_prompt, "n_samples": len(outcomes),
+        "decoding": {"temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
+                     "seed": e.seed, "engine": e.engine},
+        "judge": judge,
+        "outcomes": outcome_summary(outcomes),
+        "scores": None,
+        "lengths": length_summary({"base": len_b, "tuned": len_t}),
+        "length_controlled": {"tolerance": e.length_tolerance,
+                              "buckets": length_buckets(outcomes, len_t, len_b, e.length_tolerance),
+                              "win_rate": length_controlled_win_rate(outcomes, len_t, len_b),
+                              "regression": None},
+    }
+    if scores_t is not None:
+        generation["scores"] = {"tuned": interval(scores_t), "base": interval(scores_b),
+                                "tuned_values": scores_t, "base_values": scores_b}
+        generation["length_controlled"]["regression"] = score_length_regression(scores_t, scores_b, len_t, len_b)
+    return generation
+
+
 def generation_metrics(cfg, judge, prompts: list, tuned, base, tokenizer, batch_size: int):
     """Sample base and tuned answers with identical seeds and decoding; judge tuned vs base; KL on tuned samples.
 
@@ -195,23 +221,9 @@ def generation_metrics(cfg, judge, prompts: list, tuned, base, tokenizer, batch_
     cmp = judge_pairs(judge, flat_prompts, [s.text for s in tuned_s], [s.text for s in base_s])
     len_t = [len(s.response_ids) for s in tuned_s]
     len_b = [len(s.response_ids) for s in base_s]
-    generation = {
-        "n_prompts": len(prompts), "samples_per_prompt": e.samples_per_prompt, "n_samples": len(tuned_s),
-        "decoding": {"temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
-                     "seed": e.seed, "engine": e.engine},
-        "judge": {"name": e.judge, "kind": getattr(judge, "kind", "pointwise"), "details": cmp.details},
-        "outcomes": outcome_summary(cmp.outcomes),
-        "scores": None,
-        "lengths": length_summary({"base": len_b, "tuned": len_t}),
-        "length_controlled": {"tolerance": e.length_tolerance,
-                              "buckets": length_buckets(cmp.outcomes, len_t, len_b, e.length_tolerance),
-                              "regression": None},
-    }
-    if cmp.scores_a is not None:
-        generation["scores"] = {"tuned": interval(cmp.scores_a), "base": interval(cmp.scores_b),
-                                "tuned_values": cmp.scores_a, "base_values": cmp.scores_b}
-        generation["length_controlled"]["regression"] = score_length_regression(cmp.scores_a, cmp.scores_b,
-                                                                                len_t, len_b)
+    generation = generation_summary(e, {"name": e.judge, "kind": getattr(judge, "kind", "pointwise"),
+                                        "details": cmp.details}, len(prompts), cmp.outcomes, len_t, len_b,
+                                    cmp.scores_a, cmp.scores_b)
     # KL(tuned || base) on the tuned model's own samples, scored by both models at temperature 1.
     # The fast sampler already recorded log pi_tuned of each sampled token (equal to a teacher-forced forward within
     # 1e-4 in fp32, tests/test_sampling.py): only the base model needs a forward.
@@ -271,6 +283,8 @@ def print_eval_table(result: dict) -> None:
     for name, key in (("wins", "win"), ("ties", "tie"), ("losses", "loss")):
         table.add_row(f"tuned {name} ({out[name]})", _fmt(out[key]))
     table.add_row("win rate (tie = 1/2)", _fmt(out["win_rate"]))
+    if gen["length_controlled"].get("win_rate"):
+        table.add_row("length-controlled win rate (equal length)", _fmt(gen["length_controlled"]["win_rate"]))
     if gen["scores"]:
         for who in ("base", "tuned"):
             table.add_row(f"mean judge score, {who}", _fmt(gen["scores"][who]))

@@ -20,8 +20,13 @@ from pydantic import BaseModel, Field, field_validator
 
 from dpokit.core.errors import UserError
 from dpokit.core.run import EvalResult, EvalSample, MetricsRow, RunDir
+from dpokit.eval.outcome import judge_outcome
 
 LN2 = math.log(2)
+
+# length_collapse: the tuned answers are much shorter than the base's.
+LENGTH_COLLAPSE_RATIO = 0.5   # mean tuned length / mean base length below this, with the two intervals apart
+MIN_COLLAPSE_BASE_TOKENS = 4  # base answers shorter than this have no room to collapse
 
 # Curve rules judge the end of training: the last TAIL_FRACTION of the logged training rows, at least MIN_TAIL_ROWS.
 TAIL_FRACTION = 0.25
@@ -281,6 +286,89 @@ def reward_accuracy_saturated(a: RunArtifacts) -> Finding | None:
         source="Azar et al. 2023 (IPO: DPO overfits deterministic preferences); Rafailov et al. 2023 (DPO)")
 
 
+# --- rules: the outcome (first: they say whether the model got better) ---------------------------------------
+
+def _outcome_numbers(a: RunArtifacts) -> dict:
+    out = judge_outcome(a.eval)
+    return {"win_rate": out.win_rate.value, "win_rate_ci": out.win_rate.ci, "n": out.win_rate.n,
+            "score_change": out.score_change.value if out.score_change else None,
+            "score_change_ci": out.score_change.ci if out.score_change else None,
+            "lc_win_rate": out.lc_win_rate.value if out.lc_win_rate else None,
+            "lc_win_rate_ci": out.lc_win_rate.ci if out.lc_win_rate else None}
+
+
+def lost_to_base(a: RunArtifacts) -> Finding | None:
+    """The tuned model lost to the base by the run's own judge: the win rate's interval is entirely below 0.5, or
+    the mean judge score change's interval entirely below 0 (dpokit.eval.outcome)."""
+    out = judge_outcome(a.eval)
+    if out.direction != "worse":
+        return None
+    return Finding(
+        id="lost_to_base", severity="warning", title="the tuned model lost to the base by your judge",
+        evidence="; ".join(out.reasons) + ": " + out.numbers + ".", numbers=_outcome_numbers(a),
+        meaning="Training made the answers worse by the measure you asked for. With the implicit-reward accuracy "
+                "high at the same time, the model learned the pairs and overshot what the judge rewards (reward "
+                "over-optimisation): the answers drifted (see KL) to a style the judge does not prefer, often much "
+                "shorter or longer ones.",
+        what_to_try=["lower train.learning_rate (e.g. 3-10x) or train fewer steps (train.max_steps, train.epochs)",
+                     "raise train.beta (a stronger pull toward the base)",
+                     "read the samples in the report: what did the tuned answers become?",
+                     "check the pairs agree with the judge (chosen = the answer the judge scores higher)"],
+        source="Gao et al. 2023 (Scaling laws for reward model overoptimization); Rafailov et al. 2024 (Scaling "
+               "laws for reward model overoptimization in direct alignment algorithms); tracker issue 26")
+
+
+def no_measurable_gain(a: RunArtifacts) -> Finding | None:
+    """Neither the win rate's interval nor the score change's lies above its null value (0.5, 0), and neither
+    below: the evaluation cannot tell the tuned model from the base."""
+    out = judge_outcome(a.eval)
+    if out.direction != "no_change":
+        return None
+    wr = out.win_rate
+    return Finding(
+        id="no_measurable_gain", severity="warning", title="no measurable gain over the base",
+        evidence="; ".join(out.reasons) + ": " + out.numbers + ".", numbers=_outcome_numbers(a),
+        meaning="The tuned model may be a little better or a little worse; with these answers the evaluation "
+                "cannot tell. Either training moved the model too little, or too few prompts were judged to see "
+                f"a difference (the interval is {_f(wr.ci[1] - wr.ci[0]) if _finite(wr.ci[0]) else 'n/a'} wide).",
+        what_to_try=["judge more answers: eval.num_prompts (and eval.samples_per_prompt) up",
+                     "if KL is near 0, the model barely moved: raise train.learning_rate or train longer",
+                     "check the pairs agree with the judge (chosen = the answer the judge scores higher)"],
+        source="Wilson 1927 (the interval); tracker issue 26")
+
+
+def length_collapse(a: RunArtifacts) -> Finding | None:
+    """The tuned answers are much shorter than the base's: mean length under LENGTH_COLLAPSE_RATIO of the base's,
+    and the two means' 95% intervals do not overlap."""
+    if a.eval is None or a.eval.generation is None:
+        return None
+    lengths = a.eval.generation.lengths
+    base, tuned = lengths["base"]["mean"], lengths["tuned"]["mean"]
+    b, t = base["value"], tuned["value"]
+    if not (_finite(b) and _finite(t)) or b < MIN_COLLAPSE_BASE_TOKENS or t >= LENGTH_COLLAPSE_RATIO * b:
+        return None
+    apart = _finite(tuned["ci"][1]) and _finite(base["ci"][0]) and tuned["ci"][1] < base["ci"][0]
+    if not apart:
+        return None
+    short = min(a.samples, key=lambda s: s.tuned_tokens) if a.samples else None
+    return Finding(
+        id="length_collapse", severity="warning", title="the tuned answers collapsed in length",
+        evidence=f"mean answer length {b:.1f} [{_f(base['ci'][0])}, {_f(base['ci'][1])}] (base) -> {t:.1f} "
+                 f"[{_f(tuned['ci'][0])}, {_f(tuned['ci'][1])}] (tuned) tokens, {t / b:.2f}x; flagged under "
+                 f"{LENGTH_COLLAPSE_RATIO}x with the intervals apart"
+                 + (f"; the shortest tuned answer: {short.tuned[:80]!r}" if short else "") + ".",
+        numbers={"mean_length_base": _r(b), "mean_length_tuned": _r(t), "ratio": _r(t / b),
+                 "base_ci": base["ci"], "tuned_ci": tuned["ci"]},
+        meaning="DPO found that shorter answers win the training pairs and kept going past the length the judge "
+                "rewards: the answers stop early, or degenerate into a stock phrase. Common when the chosen "
+                "answers are shorter than the rejected in most pairs and the learning rate is high.",
+        what_to_try=["lower train.learning_rate or train fewer steps", "raise train.beta",
+                     "balance lengths in the pairs (dpokit data inspect shows the chosen/rejected length bias)",
+                     "a length-normalised loss (train.loss: ipo or simpo) or an NLL term: train.sft_weight: 0.2"],
+        source="Park et al. 2024 (Disentangling length from quality in DPO; the same shortcut, shortening); "
+               "tracker issue 26 (41 -> 8 tokens, win rate 0.17)")
+
+
 # --- rules: evaluation -------------------------------------------------------------------------------------------
 
 def kl_large(a: RunArtifacts) -> Finding | None:
@@ -452,6 +540,9 @@ Rule = Callable[[RunArtifacts], "Finding | None"]
 
 # (rule, what it needs: "metrics" always runs; "eval" needs eval.json; "samples" needs eval_samples.jsonl).
 RULES: list[tuple[Rule, str]] = [
+    (lost_to_base, "eval"),              # the outcome first: did the model get better by the judge?
+    (no_measurable_gain, "eval"),
+    (length_collapse, "eval"),
     (nonfinite, "metrics"),
     (loss_stuck_at_ln2, "metrics"),
     (chosen_logps_falling, "metrics"),   # reads the evaluation too, when there is one
@@ -506,21 +597,32 @@ def diagnose(run_dir: str | Path) -> list[Finding]:
     return run_rules(read_artifacts(run_dir))
 
 
+# The outcome rules' findings are the decision itself; the verdict names the other warnings as its causes.
+OUTCOME_RULES = ("lost_to_base", "no_measurable_gain")
+
+
 def verdict(findings: list[Finding], result: EvalResult | None) -> str:
-    """One line: "DPO worked: ..." when no rule warns and held-out accuracy beats chance, else "Look at: ..."."""
-    warnings = [f for f in findings if f.severity == "warning"]
-    if warnings:
-        return "Look at: " + "; ".join(f"{f.id} ({f.title})" for f in warnings) + "."
-    if result is None:
-        return "The training curves look normal; there is no eval.json, so the model itself was not checked."
+    """One line that leads with the outcome: "Better: ...", "No measurable change: ...", "Worse: ..." by the
+    judge (dpokit.eval.outcome.judge_outcome), then the causes: the other warnings. Without judged answers,
+    "Not measured: ..." and the held-out implicit-reward accuracy."""
+    causes = [f"{f.id} ({f.title})" for f in findings if f.severity == "warning" and f.id not in OUTCOME_RULES]
+    outcome = judge_outcome(result, causes)
+    if outcome.direction != "not_measured" or result is None:
+        return outcome.line
     acc = result.preference.implicit_reward_accuracy
     said = f"held-out implicit-reward accuracy {_f(acc.value)} [{_f(acc.ci[0])}, {_f(acc.ci[1])}] (chance 0.5)"
-    if result.generation is not None:
-        wr = result.generation.outcomes.win_rate
-        said += f", tuned vs base win rate {_f(wr.value)} [{_f(wr.ci[0])}, {_f(wr.ci[1])}]"
-    if not (_finite(acc.ci[0]) and acc.ci[0] > 0.5):
-        return f"No rule flagged a problem, but DPO has not shown a preference gain yet: {said}."
-    return f"DPO worked: {said}; no rule flagged a problem."
+    head = outcome.line.split(" Look at: ")[0]
+    return f"{head} {said[0].upper()}{said[1:]}." + (" Look at: " + "; ".join(causes) + "." if causes else "")
+
+
+def run_verdict(run_dir: str | Path) -> tuple[str, str]:
+    """(verdict line, outcome direction) of a finished, evaluated run folder: what the summaries print first."""
+    result = RunDir(run_dir).read_eval()
+    try:
+        findings = diagnose(run_dir)
+    except UserError:  # no metrics: the outcome alone
+        findings = []
+    return verdict(findings, result), judge_outcome(result).direction
 
 
 # The shapes of healthy curves, for the report's "What your curves mean" section and docs/doctor.md.

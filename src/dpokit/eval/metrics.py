@@ -126,6 +126,79 @@ def score_length_regression(scores_tuned: list[float], scores_base: list[float],
             "per_token": coef(1), "tuned_effect": coef(2)}
 
 
+# Length-controlled win rate: the slope's Gaussian prior (a ridge penalty of LC_RIDGE * slope^2 / 2 on the
+# log-likelihood). Without it the fit diverges when the few losses are all the longest (or shortest) answers
+# (complete separation), which a run with a win rate near 0.99 often has. 1.0 on the standardized length
+# difference is weak: 100 judged pairs carry ~25x more information about the slope.
+LC_RIDGE = 1.0
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _fit_logistic(y: list[float], z: list[float], ridge: float) -> tuple[float, float, list[list[float]]] | None:
+    """Newton's method for logit p_i = a + b z_i on fractional targets y_i in [0, 1] (a tie is 1/2), maximising
+    sum y log p + (1 - y) log(1 - p) - ridge b^2 / 2. Returns (a, b, covariance = inverse negative Hessian), or None
+    when it does not converge (separation with ridge 0)."""
+    a = b = 0.0
+    for _ in range(100):
+        p = [_sigmoid(a + b * zi) for zi in z]
+        w = [pi * (1 - pi) for pi in p]
+        g_a = sum(yi - pi for yi, pi in zip(y, p, strict=True))
+        g_b = sum((yi - pi) * zi for yi, pi, zi in zip(y, p, z, strict=True)) - ridge * b
+        h_aa, h_ab = sum(w), sum(wi * zi for wi, zi in zip(w, z, strict=True))
+        h_bb = sum(wi * zi * zi for wi, zi in zip(w, z, strict=True)) + ridge
+        det = h_aa * h_bb - h_ab * h_ab
+        if det <= 1e-300:
+            return None
+        step_a, step_b = (h_bb * g_a - h_ab * g_b) / det, (h_aa * g_b - h_ab * g_a) / det
+        a, b = a + step_a, b + step_b
+        if abs(a) > 50 or abs(b) > 50:
+            return None
+        if abs(step_a) < 1e-12 and abs(step_b) < 1e-12:
+            return a, b, [[h_bb / det, -h_ab / det], [-h_ab / det, h_aa / det]]
+    return None
+
+
+def length_controlled_win_rate(outcomes: list[int | None], len_tuned: list[int], len_base: list[int],
+                               ridge: float = LC_RIDGE, z95: float = Z95) -> dict | None:
+    """The win rate the judge would give at equal answer length (AlpacaEval 2's length-controlled win rate, with
+    the length term only).
+
+    Fit logit P(tuned preferred) = a + b * z over the judged pairs, where y = 1 (win), 1/2 (tie), 0 (loss) and
+    z = (len_tuned - len_base) / sd, sd the population standard deviation of the length differences (not centred:
+    z = 0 is equal length). The length-controlled win rate is the prediction at z = 0, sigmoid(a); its 95% interval
+    is the delta method on the logit scale, sigmoid(a -+ 1.96 se(a)), se(a) from the inverse negative Hessian
+    (observed information) of the penalised log-likelihood (`ridge` on b only). Unparseable outcomes are left out.
+    When every outcome is the same (a diverges) the raw win rate and its Wilson interval are returned; when the
+    length differences do not vary, the length effect cannot be separated: intercept only if they are all zero,
+    else None."""
+    pairs = [(o, lt - lb) for o, lt, lb in zip(outcomes, len_tuned, len_base, strict=False) if o is not None]
+    n = len(pairs)
+    if n == 0:
+        return None
+    y = [(o + 1) / 2 for o, _ in pairs]
+    d = [float(x) for _, x in pairs]
+    centre = sum(d) / n
+    sd = math.sqrt(sum((x - centre) ** 2 for x in d) / n)
+    raw = _win_rate(sum(o == 1 for o, _ in pairs), sum(o == 0 for o, _ in pairs), n)
+    base = {"n": n, "ridge": ridge, "length_diff_sd": sd, "intercept": None, "slope": None}
+    if len(set(y)) == 1:
+        return {**base, "value": raw["value"], "ci": raw["ci"], "method": "every outcome equal: the raw win rate"}
+    if sd == 0 and any(d):
+        return None
+    z = [x / sd for x in d] if sd > 0 else [0.0] * n
+    fit = _fit_logistic(y, z, ridge if sd > 0 else 1.0)
+    if fit is None:
+        return None
+    a, b, cov = fit
+    se = math.sqrt(max(cov[0][0], 0.0))
+    return {**base, "value": _sigmoid(a), "ci": [_sigmoid(a - z95 * se), _sigmoid(a + z95 * se)],
+            "method": "logistic regression on the standardized length difference", "intercept": a,
+            "slope": b if sd > 0 else None}
+
+
 def ratio_interval(numerators: list[float], denominators: list[float], z: float = Z95) -> dict:
     """sum(y) / sum(x) with a delta-method interval (the usual ratio-estimator variance)."""
     n = len(numerators)
@@ -151,5 +224,5 @@ def kl_summary(logp_tuned: list[float], logp_base: list[float], n_tokens: list[i
             "per_token": ratio_interval(diffs, [float(n) for n in n_tokens])}
 
 
-__all__ = ["kl_summary", "length_buckets", "length_summary", "outcome_summary", "ratio_interval",
-           "score_length_regression", "wilson_interval"]
+__all__ = ["kl_summary", "length_buckets", "length_controlled_win_rate", "length_summary", "outcome_summary",
+           "ratio_interval", "score_length_regression", "wilson_interval"]
