@@ -34,57 +34,49 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from functools import cached_property
 from pathlib import Path
 
-from peft import PeftModel
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dpokit.core.config import RunConfig, config_from_dict, load_config, read_config_file
+from dpokit.core.config import RunConfig, config_from_dict
 from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text, read_jsonl, write_jsonl
 from dpokit.core.judges import build_judge, check_judge
 from dpokit.core.judges import compare as judge_pairs
-from dpokit.core.models import load_model_and_tokenizer
-from dpokit.core.run import RunDir
-from dpokit.core.templates import setup_chat_template
+from dpokit.core.run import SCHEMA_VERSION, RunDir, format_interval
 from dpokit.data.generate import (
-    generate_pairs,
     model_identity,
     pair_settings,
     read_prompts,
     settings_key,
     split_prompts,
 )
-from dpokit.eval import evaluate_run
 from dpokit.eval.doctor import answer_units, distinct_n, run_verdict
 from dpokit.eval.metrics import outcome_summary
+from dpokit.pipeline import (
+    bundled_config_path,
+    claim_out_dir,
+    evaluate_unless_done,
+    load_generating_config,
+    render_table,
+    sample_best_vs_worst,
+    train_unless_finished,
+)
 from dpokit.report import write_iterate_report
 from dpokit.train.plan import plan_training
-from dpokit.train.resilience import last_complete_checkpoint
-from dpokit.train.trainer import run_training
 
-MARKER = ".dpokit-iterate"
 PLACEHOLDER_SOURCE = "iterate-generated-pairs"
-SCHEMA_VERSION = 1
 
 
 def default_config_path() -> Path:
-    """configs/iterate.yaml of a source checkout, else the copy shipped in the package."""
-    repo_copy = Path(__file__).resolve().parents[2] / "configs" / "iterate.yaml"
-    return repo_copy if repo_copy.is_file() else Path(__file__).resolve().parent / "assets" / "iterate.yaml"
+    return bundled_config_path("iterate.yaml")
 
 
 def load_iterate_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """The run config; data.source is left to iterate (its pairs are generated every round)."""
-    path = Path(path) if path else default_config_path()
-    if path.is_file() and (read_config_file(path).get("data") or {}).get("source"):
-        raise UserError(f"{path}: data.source: dpokit iterate samples its own pairs every round; remove "
-                        "data.source (the prompts are pairs.prompts)")
-    return load_config(path, [f"data.source={PLACEHOLDER_SOURCE}", *(overrides or [])])
+    return load_generating_config(path, "iterate.yaml", "iterate", PLACEHOLDER_SOURCE, overrides)
 
 
 def _hash(obj) -> str:
@@ -164,11 +156,7 @@ def plan_iterate(cfg: RunConfig, out: Path) -> Iteration:
 
 def check_out_dir(out: Path, rounds: int) -> None:
     """DIR is iterate's own: refuse a non-empty folder without the marker, and round folders no dpokit run wrote."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise UserError(f"--out: {out} exists and was not written by dpokit iterate; choose another --out or "
-                        "empty it")
+    claim_out_dir(out, "iterate", fresh=False, check_only=True)
     for name in [f"round-{k}" for k in range(1, rounds + 1)] + ["offline"]:
         run = RunDir(out / name)
         if run.exists_nonempty() and not (run.config.is_file() and run.manifest.is_file()):
@@ -224,17 +212,7 @@ def sample_pairs(iteration: Iteration, prompts: list, adapter: Path | None, name
         if meta.get("key") == key:
             console.print(f"    pairs: reusing {path}")
             return meta["stats"]
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
-    setup_chat_template(tokenizer, cfg.data.chat_template)
-    if adapter is not None:  # merged for sampling only: the same policy, without the adapter's extra matmuls
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(f"    sampling ({settings['dtype']})", total=len(prompts) * cfg.pairs.num_samples)
-        pairs, stats = generate_pairs(model, tokenizer, prompts, cfg.pairs, **settings,
-                                      progress=lambda n: bar.advance(task, n))
-    del model
+    pairs, stats = sample_best_vs_worst(cfg, prompts, console, "    sampling", adapter=adapter, transient=True)
     if not pairs:
         raise UserError(f"pairs: no pairs from {len(prompts)} prompts ({name}): every prompt's answers tied or "
                         f"differed by less than pairs.min_gap={cfg.pairs.min_gap}; lower pairs.min_gap or raise "
@@ -247,19 +225,13 @@ def sample_pairs(iteration: Iteration, prompts: list, adapter: Path | None, name
 # --- one round ---------------------------------------------------------------------------------------------------
 
 def train_and_evaluate(cfg: RunConfig, progress: bool, callbacks: list | None, console) -> RunDir:
-    """Train into cfg.output.dir unless it already holds this config's finished run; resume from its checkpoint
-    when it has one; then evaluate (kept when eval.json is already there for this very training)."""
-    run = RunDir(cfg.output.dir)
-    # The iterate section is a record there (dpokit train ignores it); iterate.rounds may grow between runs.
-    same = run.config.is_file() and run.read_config().model_copy(update={"iterate": cfg.iterate}) == cfg
-    finished = same and run.has_model() and run.read_train_summary() is not None
-    if not finished:
-        resume = same and last_complete_checkpoint(run.checkpoints) is not None
-        console.print(f"    training{' (resuming ' + run.path.name + ' from its checkpoint)' if resume else ''}")
-        run_training(plan_training(cfg, resume=resume, evaluate=True), callbacks=callbacks, progress=progress)
-    if not finished or run.read_eval() is None:
+    """Train into cfg.output.dir unless it already holds this config's finished run on these pairs (resuming
+    from its checkpoint when it has one), then evaluate unless eval.json is there for this very training."""
+    run, trained = train_unless_finished(cfg, progress=progress, callbacks=callbacks,
+                                         say=lambda text: console.print(f"    {text}"))
+    if trained or run.read_eval() is None:
         console.print("    evaluating on the held-out prompts")
-        evaluate_run(run.path)
+    evaluate_unless_done(run, trained_now=trained, quiet=False)
     return run
 
 
@@ -400,13 +372,6 @@ def run_offline(iteration: Iteration, summary: dict, judge, progress: bool, call
     write_summary(iteration, summary)
 
 
-def prepare_out_dir(out: Path, fresh: bool) -> None:
-    if fresh and out.is_dir() and (out / MARKER).is_file():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).touch()
-
-
 def held_out_pairs(iteration: Iteration, console) -> None:
     console.print(f"held-out pairs: {len(iteration.held)} prompts x {iteration.cfg.pairs.num_samples} answers "
                   "from pi0 (once, for every round)")
@@ -426,9 +391,9 @@ def run_iterate(out: str | Path = "runs/iterate", *, config: str | Path | None =
     out = Path(out).expanduser()
     cfg = load_iterate_config(config, overrides)
     iteration = plan_iterate(cfg, out)  # every input is checked before anything is written
-    if fresh and out.is_dir() and (out / MARKER).is_file():
+    if fresh and out.is_dir():
         console.print(f"--fresh: removing {out}")
-    prepare_out_dir(out, fresh)
+    claim_out_dir(out, "iterate", fresh=fresh)
     summary = read_summary(iteration)
     summary.update(schema_version=SCHEMA_VERSION, model=cfg.model.name_or_path, judge=cfg.eval.judge,
                    reference=cfg.iterate.reference, rounds_planned=len(iteration.chunks),
@@ -452,10 +417,7 @@ def run_iterate(out: str | Path = "runs/iterate", *, config: str | Path | None =
 
 def format_table(summary: dict) -> str:
     """The closing table: pi0, each round and the offline arm, with the 95% intervals."""
-    def cell(value, ci=None, digits=3):
-        if value is None:
-            return "-"
-        return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+    cell = format_interval
 
     header = ["", "win rate vs pi0 [95% CI]", "length-controlled", "vs previous", "mean score", "KL from pi0",
               "length", "distinct-2", "pairs", "steps"]
@@ -470,8 +432,7 @@ def format_table(summary: dict) -> str:
                      cell(r.get("lc_win_rate_vs_initial"), r.get("lc_win_rate_vs_initial_ci")),
                      cell(r["win_rate_vs_previous"]), cell(r["mean_score"]), cell(r["kl_from_initial"], digits=2),
                      cell(r["mean_length"], digits=1), cell(r["distinct_2"]), str(r["pairs"]), str(r["steps"])])
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
+    lines = render_table(header, body).splitlines()
     if summary.get("verdict"):
         lines.insert(0, summary["verdict"])  # the outcome first
     vs = summary.get("last_round_vs_offline")

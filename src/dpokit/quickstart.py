@@ -16,80 +16,54 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from dpokit.core.config import load_config
 from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text, write_jsonl
 from dpokit.core.judges import check_judge
-from dpokit.core.run import EvalResult, RunDir, TrainSummary
+from dpokit.core.run import EvalResult, TrainSummary, format_interval
 from dpokit.data.generate import model_identity, pair_settings, read_prompts, split_prompts
 from dpokit.eval import evaluate_run
 from dpokit.eval.doctor import run_verdict
 from dpokit.eval.outcome import score_change
+from dpokit.pipeline import (
+    bundled_config_path,
+    claim_out_dir,
+    load_generating_config,
+    sample_best_vs_worst,
+    train_unless_finished,
+)
 from dpokit.report import write_report
 from dpokit.train.plan import plan_training
-from dpokit.train.trainer import run_training
 
-MARKER = ".dpokit-quickstart"
 PLACEHOLDER_SOURCE = "quickstart-generated-pairs"
 
 
 def default_config_path() -> Path:
-    """configs/quickstart.yaml of a source checkout, else the copy shipped in the package."""
-    repo_copy = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
-    return repo_copy if repo_copy.is_file() else Path(__file__).resolve().parent / "assets" / "quickstart.yaml"
+    return bundled_config_path("quickstart.yaml")
 
 
 def load_quickstart_config(path: str | Path | None, overrides: list[str] | None = None):
     """A run config whose data.source is filled in later with the generated pairs."""
-    path = Path(path) if path else default_config_path()
-    if path.is_file():
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if isinstance(raw, dict) and isinstance(raw.get("data"), dict) and raw["data"].get("source"):
-            raise UserError(f"{path}: data.source: quickstart generates its own pairs; remove data.source (to train "
-                            "on your own pairs use `dpokit train CONFIG`)")
-    return load_config(path, [f"data.source={PLACEHOLDER_SOURCE}", *(overrides or [])])
-
-
-def prepare_out_dir(out: Path, fresh: bool) -> None:
-    """OUT is quickstart's own folder: refuse a non-empty folder that quickstart did not create."""
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise UserError(f"--out: {out} exists and was not written by dpokit quickstart; choose another --out or "
-                        "empty it")
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).touch()
+    return load_generating_config(path, "quickstart.yaml", "quickstart", PLACEHOLDER_SOURCE, overrides)
 
 
 def stage_pairs(cfg, train_prompts: list, held_prompts: list, out: Path, fresh: bool, console) -> dict:
     """Generated pairs in OUT/pairs/{train,eval}.jsonl, from the cache when the same settings were run before."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from dpokit.core.models import cache_dir, load_model_and_tokenizer
+    from dpokit.core.models import cache_dir, load_tokenizer
     from dpokit.core.templates import setup_chat_template
-    from dpokit.data.generate import as_chat, generate_pairs, settings_key
+    from dpokit.data.generate import as_chat, settings_key
 
     settings = pair_settings(cfg)
     key = settings_key(json.dumps(model_identity(cfg), sort_keys=True), [train_prompts, held_prompts], cfg.pairs,
                        **settings)
     cached = cache_dir() / "pairs" / key
     if fresh or not (cached / "stats.json").is_file():
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        pairs, stats = sample_best_vs_worst(cfg, train_prompts + held_prompts, console, "1/4 sampling answers")
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
+                                   trust_remote_code=cfg.model.trust_remote_code)
         setup_chat_template(tokenizer, cfg.data.chat_template)
-        prompts = train_prompts + held_prompts
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn()]
-        with Progress(*columns, console=console) as bar:
-            task = bar.add_task(f"1/4 sampling answers ({settings['dtype']})",
-                                total=len(prompts) * cfg.pairs.num_samples)
-            # generate_pairs casts the model to the sampling dtype: no gradients, so bf16 is safe where it is fast.
-            pairs, stats = generate_pairs(model, tokenizer, prompts, cfg.pairs, **settings,
-                                          progress=lambda n: bar.advance(task, n))
-        del model
         held_chat = {json.dumps(as_chat(p, tokenizer), sort_keys=True) for p in held_prompts}
         train_pairs = [p for p in pairs if json.dumps(p["prompt"], sort_keys=True) not in held_chat]
         eval_pairs = [p for p in pairs if json.dumps(p["prompt"], sort_keys=True) in held_chat]
@@ -111,23 +85,13 @@ def stage_pairs(cfg, train_prompts: list, held_prompts: list, out: Path, fresh: 
     return stats
 
 
-def stage_train(cfg, out: Path, pairs_key: str, fresh: bool, console) -> TrainSummary:
+def stage_train(cfg, out: Path, fresh: bool, console) -> TrainSummary:
     """Train unless OUT/run already holds a finished run of this exact config and these pairs."""
-    run = RunDir(out / "run")
     cfg.data.source = str((out / "pairs" / "train.jsonl").resolve())
     cfg.data.eval_source = str((out / "pairs" / "eval.jsonl").resolve())
-    cfg.output.dir = str(run.path)
+    cfg.output.dir = str(out / "run")
     cfg.output.overwrite = True
-    stamp = run.path / ".quickstart_pairs_key"
-    summary = run.read_train_summary() if not fresh and run.has_model() else None
-    same = (summary is not None and stamp.is_file() and stamp.read_text() == pairs_key
-            and run.read_config() == cfg)
-    if same:
-        console.print(f"2/4 training: reusing the finished run in {run.path}")
-        return summary
-    console.print("2/4 training DPO with LoRA")
-    run_training(plan_training(cfg, evaluate=True), refresh_reference=fresh)
-    atomic_write_text(stamp, pairs_key)
+    run, _ = train_unless_finished(cfg, refresh_reference=fresh, say=lambda text: console.print(f"2/4 {text}"))
     return run.read_train_summary()
 
 
@@ -170,27 +134,27 @@ def summarize(ev: EvalResult, stats: dict, train_summary: TrainSummary, stage_se
 
 
 def print_summary(summary: dict, console) -> None:
-    def num(v, fmt="{:.3f}"):
-        return "n/a" if v is None else fmt.format(v)
+    def num(v, digits=3):
+        return format_interval(v, digits=digits)
 
     console.print(summary["verdict"], markup=False, highlight=False, soft_wrap=True)  # the outcome first
     table = Table(title=f"dpokit quickstart: {summary['model']}, DPO toward the judge's preference")
     table.add_column("metric")
     table.add_column("value", justify="right")
     ci = summary.get("win_rate_ci")
-    wr = num(summary["win_rate"]) + (f"  [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    wr = format_interval(summary["win_rate"], ci)
     if summary.get("wins") is not None:
         wr += f"  ({summary['wins']} won, {summary['ties']} tied, {summary['losses']} lost)"
     table.add_row("win rate, tuned vs base (95% CI)", wr)
     lc = summary.get("lc_win_rate_ci")
     table.add_row("length-controlled win rate (equal length)",
-                  num(summary.get("lc_win_rate")) + (f"  [{lc[0]:.2f}, {lc[1]:.2f}]" if lc else ""))
+                  format_interval(summary.get("lc_win_rate"), lc))
     table.add_row("mean sentiment, base -> tuned",
                   f"{num(summary['mean_score_base'])} -> {num(summary['mean_score_tuned'])}")
     table.add_row("implicit-reward accuracy (held-out pairs)", num(summary["implicit_reward_accuracy"]))
     table.add_row("KL(tuned || base) per answer, nats", num(summary["kl"]))
     table.add_row("mean answer length, base -> tuned (tokens)",
-                  f"{num(summary['mean_length_base'], '{:.1f}')} -> {num(summary['mean_length_tuned'], '{:.1f}')}")
+                  f"{num(summary['mean_length_base'], 1)} -> {num(summary['mean_length_tuned'], 1)}")
     table.add_row("pairs (train / held-out)", f"{summary['train_pairs']} / {summary['eval_pairs']}")
     table.add_row("wall time", f"{summary['wall_seconds']:.0f} s  (" + ", ".join(
         f"{k} {v:.0f} s" for k, v in summary["stage_seconds"].items()) + ")")
@@ -212,7 +176,7 @@ def run_quickstart(out: str = "runs/quickstart", *, config: str | None = None, f
     prompts = read_prompts(cfg.pairs.prompts)
     train_prompts, held_prompts = split_prompts(prompts, cfg.pairs)
     out_dir = Path(out)
-    prepare_out_dir(out_dir, fresh)
+    claim_out_dir(out_dir, "quickstart", fresh=fresh)
     seconds = {}
 
     t = time.time()
@@ -222,7 +186,7 @@ def run_quickstart(out: str = "runs/quickstart", *, config: str | None = None, f
                   f"{stats['prompts']} prompts x {cfg.pairs.num_samples} samples")
 
     t = time.time()
-    train_summary = stage_train(cfg, out_dir, stats["key"], fresh, console)
+    train_summary = stage_train(cfg, out_dir, fresh, console)
     seconds["train"] = time.time() - t
 
     t = time.time()

@@ -13,8 +13,9 @@ from pathlib import Path
 from dpokit.core.config import load_config, parse_override
 from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text
-from dpokit.core.run import RunDir
+from dpokit.core.run import RunDir, format_interval
 from dpokit.eval import evaluate_run
+from dpokit.pipeline import render_table
 from dpokit.report import write_sweep_report
 from dpokit.train.plan import plan_training
 from dpokit.train.trainer import run_training
@@ -42,18 +43,13 @@ def sweep_points(swept: list[tuple[str, list[str]]]) -> list[list[str]]:
 
 def format_sweep_table(rows: list[dict]) -> str:
     """The closing table: one line per run, the frontier's numbers with their intervals."""
-    def cell(value, ci=None, digits=3):
-        if value is None:
-            return "-"
-        return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+    cell = format_interval
 
     header = ["run", "KL per answer [95% CI]", (rows[0].get("reward_kind") or "reward") if rows else "reward",
               "implicit-reward accuracy"]
     body = [[r["label"], cell(r["kl"], r["kl_ci"]), cell(r["reward"], r["reward_ci"]), cell(r["accuracy"])]
             for r in rows]
-    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-                     for line in [header, *body])
+    return render_table(header, body)
 
 
 def summarize_run(run_dir: Path, label: str) -> dict:

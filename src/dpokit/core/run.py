@@ -48,6 +48,17 @@ class Metric(Model):
     n: int | None = None
 
 
+def format_interval(value: float | None, ci: list | None = None, digits: int = 3) -> str:
+    """"0.912 [0.851, 0.953]": a value with its interval, the one spelling every summary and table uses; "-" for
+    a value that was not measured."""
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}"
+    if ci and ci[0] is not None and ci[1] is not None:
+        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return text
+
+
 # --- data --------------------------------------------------------------------------------------------------------
 
 # A row's fields as the user wrote them (shortened), with `where` (file:line): user data, so no fixed shape.
