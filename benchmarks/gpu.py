@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput.py's data
 import throughput as tp  # noqa: E402
 import torch  # noqa: E402
 
-from dpokit.core.attention import flex_unavailable, register_varlen, varlen_unavailable  # noqa: E402
+from dpokit.core.attention import flex_unavailable, varlen_unavailable  # noqa: E402
 from dpokit.core.packing import (  # noqa: E402
     PackedPairCollator,
     pack_pairs,
@@ -180,8 +180,6 @@ def self_checks(base, pairs, opts) -> dict:
     autocast = torch.bfloat16 if opts.device == "cuda" else None  # the arms' precision (bf16 autocast on CUDA)
     for attention, unavailable in (("varlen", varlen_unavailable), ("flex", flex_unavailable), ("dense", None)):
         reason = unavailable() if unavailable else None
-        if reason is None and attention == "varlen":
-            register_varlen()
         if reason is None:
             reason = packing_self_check(base, pairs[0], tp.PAD, attention=attention, autocast=autocast)
         checks[attention] = {"passes": reason is None, "reason": reason}
