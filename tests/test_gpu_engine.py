@@ -476,3 +476,85 @@ def test_two_gloo_processes_with_varlen_equal_one_padded_process(tiny_llama, tmp
     assert grads.keys() == two["grads"].keys()
     worst = max((grads[n] - two["grads"][n]).abs().max().item() for n in grads)
     assert worst < TOL, worst
+
+
+# --------------------------------------------------------------------------------- mixed precision (issue 32)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """The input dtype of every matmul (aten mm / addmm / bmm, after autocast's casts) per region: the forward of
+    a module given to `watch`, or "head" for a [tokens x vocab] product outside them (the chunked head)."""
+
+    MATMULS = {"mm": 0, "addmm": 1, "bmm": 0}  # which argument is the left operand
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.regions, self.seen = vocab, [], {}
+
+    def watch(self, module, name):
+        module.register_forward_pre_hook(lambda m, args: self.regions.append(name))
+        module.register_forward_hook(lambda m, args, out: self.regions.pop() and None)  # None: output unchanged
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        arg = self.MATMULS.get(func._overloadpacket.__name__)
+        if arg is not None:
+            region = self.regions[-1] if self.regions else (
+                "head" if out.shape[-1] == self.vocab and out.numel() else None)
+            if region:
+                self.seen.setdefault(region, set()).add(args[arg].dtype)
+        return out
+
+
+def test_bf16_autocast_reaches_decoder_head_and_reference(tiny_llama, tmp_path):
+    """train.precision bf16 with fp32 master weights (Trainer's bf16 on the CPU): one training step's matmuls in
+    the policy's decoder, the chunked head and the reference model all run in bf16, and the loss stays finite."""
+    from transformers import TrainingArguments
+
+    from dpokit.core.config import TrainConfig
+    from dpokit.train.trainer import DPOTrainer
+
+    model, tok = tiny_llama
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, bf16=True,
+                             remove_unused_columns=False, logging_nan_inf_filter=False)
+    policy, ref = perturbed(model), copy.deepcopy(model).eval().requires_grad_(False)
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=make_pairs(MIXED[:4], model.config.vocab_size),
+                         data_collator=PackedPairCollator(tok.pad_token_id), dpo_cfg=TrainConfig(), ref_model=ref)
+    recorder = MatmulDtypes(model.config.vocab_size)
+    recorder.watch(policy.model, "decoder")
+    recorder.watch(ref.model, "reference")
+    with recorder:
+        out = trainer.train()
+    assert all(p.dtype == torch.float32 for p in policy.parameters())  # fp32 master weights
+    assert recorder.seen == {"decoder": {torch.bfloat16}, "head": {torch.bfloat16}, "reference": {torch.bfloat16}}
+    assert torch.isfinite(torch.tensor(out.training_loss))
+
+
+@pytest.mark.parametrize("layout", ["varlen", "flex"])
+def test_qkv_reach_the_attention_kernels_in_one_dtype_under_autocast(tiny_llama, layout, monkeypatch):
+    """LLaMA's rotary embedding leaves q and k in fp32 while v is bf16 under autocast (fp32 weights); the varlen
+    and flex wrappers hand the kernel (here the CPU emulation) all three in bf16, and the chunked head's
+    log-probs stay fp32."""
+    from dpokit.core import attention
+    from dpokit.core.packing import packed_sequence_logps
+
+    monkeypatch.setenv(EMULATE_ENV, "1")
+    seen = []
+
+    def recording(kernel, at):
+        def wrapper(*args, **kwargs):
+            seen.append(tuple(a.dtype for a in args[at:at + 3]))
+            return kernel(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(attention, "varlen_reference", recording(attention.varlen_reference, 0))
+    monkeypatch.setattr(attention, "_flex_kernel", recording(attention._flex_kernel, 1))
+    model, tok = tiny_llama
+    policy = perturbed(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packed_sequence_logps(policy, pack_pairs(make_pairs(MIXED, model.config.vocab_size), tok.pad_token_id,
+                                                       attention=layout))
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}, seen
+    assert out["chosen"].dtype == torch.float32 and torch.isfinite(out["chosen"]).all()

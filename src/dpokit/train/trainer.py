@@ -109,6 +109,16 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
                     out = batch_logps(model, batch)
         return out["chosen"], out["rejected"]
 
+    # Workaround: transformers 5.x Trainer leaves autocast to accelerate (`autocast_smart_context_manager` is a
+    # nullcontext), and accelerate wraps only the prepared model's own `forward`; the chunked head runs after that
+    # forward and the reference model is never prepared, so under train.precision bf16 with fp32 master weights both
+    # ran fp32. The whole loss computation runs under the accelerator's autocast instead (a no-op without mixed
+    # precision); remove if Trainer's compute_loss_context_manager enters accelerate's autocast itself.
+    def compute_loss_context_manager(self):
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(self.accelerator.autocast())
+        return stack
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if is_list_batch(inputs):
             return self._feedback_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -203,7 +213,7 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
