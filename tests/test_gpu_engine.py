@@ -558,3 +558,25 @@ def test_qkv_reach_the_attention_kernels_in_one_dtype_under_autocast(tiny_llama,
                                                        attention=layout))
     assert seen and set(seen) == {(torch.bfloat16,) * 3}, seen
     assert out["chosen"].dtype == torch.float32 and torch.isfinite(out["chosen"]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the training device differs from the loading one on CUDA")
+def test_self_check_runs_on_the_training_device(tmp_path, monkeypatch):
+    """The start-up self-check tests the policy where training runs (the Trainer placed it on CUDA first), with
+    LoRA too; before, only the reference was moved and the policy was checked on the CPU."""
+    from conftest import tiny_config
+    from dpokit.core.config import config_from_dict
+    from dpokit.train import packing as train_packing
+    from dpokit.train.trainer import run_training
+
+    devices = []
+    real = train_packing.packing_self_check
+
+    def recording(model, *args, **kwargs):
+        devices.append(next(model.parameters()).device.type)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_packing, "packing_self_check", recording)
+    cfg = config_from_dict(tiny_config(tmp_path, train={"max_steps": 1, "lora": {"r": 4}}, eval={"enabled": False}))
+    run_training(cfg)
+    assert devices and set(devices) == {"cuda"}, devices

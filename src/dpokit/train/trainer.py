@@ -473,16 +473,18 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
     args = training_arguments(plan, has_eval=bool(s.eval_enc))
     if s.ref_model is not None:
         s.ref_model.to(args.device)
-    autocast = torch.bfloat16 if plan.bf16 else torch.float16 if plan.fp16 else None  # the self-check's precision
-    collator, budget_sampler = choose_collator(cfg.train, s.model, s.ref_model, s.train_enc, s.tokenizer.pad_token_id,
-                                               autocast=autocast)
     if cfg.train.engine == "trl":
         trainer = build_trl_trainer(cfg, s.model, s.tokenizer, args, s.train_enc, s.eval_enc, s.ref_model,
                                     plan.reference)
     else:
+        # The Trainer first: it places the policy on the training device (FSDP and DeepSpeed place it when they
+        # wrap it), so the collator's start-up self-check tests the kernels training will run (CUDA with LoRA too).
         trainer = DPOTrainer(model=s.model, args=args, train_dataset=s.train_enc, eval_dataset=s.eval_enc or None,
-                             data_collator=collator, processing_class=s.tokenizer, dpo_cfg=cfg.train,
-                             ref_model=s.ref_model)
+                             processing_class=s.tokenizer, dpo_cfg=cfg.train, ref_model=s.ref_model)
+        autocast = torch.bfloat16 if plan.bf16 else torch.float16 if plan.fp16 else None  # the training's precision
+        collator, budget_sampler = choose_collator(cfg.train, trainer.model, s.ref_model, s.train_enc,
+                                                   s.tokenizer.pad_token_id, autocast=autocast)
+        trainer.data_collator = collator
         trainer.token_budget_sampler = budget_sampler
         trainer.attention_choice = {"backend": collator.attention, "passed_over": collator.passed_over}
     # Printing is ConsoleCallback's (added by run_training when asked): a library call prints nothing.
