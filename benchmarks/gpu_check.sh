@@ -2,7 +2,7 @@
 # One prepared GPU command (docs/gpu-engine.md): installs the carried wheels, runs the engine benchmark
 # (benchmarks/gpu.py: both shapes, TRL vs each dpokit backend, one JSON per shape), the throughput benchmark on CUDA
 # in bf16 (SmolLM2-135M-shaped LLaMA and 16M LLaMA) and a short bf16 training run end to end.
-#   bash benchmarks/gpu_check.sh                 # on the device machine; results under $OUT (default /tmp/out)
+#   bash benchmarks/gpu_check.sh                 # on the device machine (carry .whl and .whl_pa); results under $OUT
 #   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh   # CPU smoke mode: the same steps, tiny and on the CPU
 # Budget: on the GPU the timeouts sum to 370 s (installs 2 x 40, gpu.py 180, throughput 40 + 25, training 45), so
 # one 10-minute command holds it with room for a rerun in a 15-minute device lease; the smoke mode's CPU timeouts

@@ -6,10 +6,11 @@
 # .whl_pa/ is installed by gpu_check.sh only where the image's pyarrow is older than 24; .whl_ds/ by zero_check.sh.
 # DeepSpeed publishes no wheel on PyPI: its source is built here into a pure-Python wheel (no ops compiled; they
 # build at run time) with `pip wheel --no-deps --no-build-isolation`, which needs torch installed here.
-# Everything that travels with the working tree must fit 64 MiB: the script fails when the wheels alone exceed
-# LIMIT_MIB (default 56, room for the repository itself).
+# The wheel folders are git-ignored and travel only when a device command names them in `carry`, all within 64 MiB
+# with the working tree (1.6 MB): gpu_check.sh carries .whl and .whl_pa (pyarrow's wheel alone is about 52 MiB),
+# zero_check.sh .whl and .whl_ds. The script fails when either set exceeds LIMIT_MIB (default 60).
 set -euo pipefail
-LIMIT_MIB=${LIMIT_MIB:-56}
+LIMIT_MIB=${LIMIT_MIB:-60}
 TARGET=(--only-binary=:all: --no-deps --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 # trl and datasets, pydantic, and what they need that torch/transformers/accelerate do not bring.
@@ -28,8 +29,10 @@ else
   echo "deepspeed: could not build a wheel here (zero_check.sh will skip)"; rm -rf .whl_ds/*
 fi
 du -b -c .whl/*.whl .whl_pa/*.whl .whl_ds/*.whl 2> /dev/null | awk '{printf "%10.1f MiB  %s\n", $1 / 2^20, $2}'
-total=$(du -b -c .whl .whl_pa .whl_ds | tail -1 | cut -f1)
-if (( total > LIMIT_MIB * 2**20 )); then
-  echo "wheels: $(( total / 2**20 )) MiB, over LIMIT_MIB=$LIMIT_MIB (the working tree travels in 64 MiB)"; exit 1
-fi
-echo "wheels: $(( total / 2**20 )) MiB in .whl .whl_pa .whl_ds (limit $LIMIT_MIB MiB)"
+status=0
+for set in ".whl .whl_pa" ".whl .whl_ds"; do  # gpu_check.sh's carry, zero_check.sh's carry
+  total=$(du -b -c $set | tail -1 | cut -f1)
+  echo "carry [$set]: $(( total / 2**20 )) MiB (limit $LIMIT_MIB MiB)"
+  (( total <= LIMIT_MIB * 2**20 )) || { echo "  over the limit (the working tree travels in 64 MiB)"; status=1; }
+done
+exit $status

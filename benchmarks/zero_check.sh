@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DeepSpeed ZeRO-2 and ZeRO-3 on one GPU (--num_processes 1) through the shipped launcher configs, and a ZeRO-3
 # model save that gathers the full weights (docs/distributed.md). Its own device command, after gpu_check.sh:
-#   bash benchmarks/zero_check.sh        # results appended to $OUT/gpu.txt, logs and summaries in $OUT/zero.tar.gz
+#   bash benchmarks/zero_check.sh        # (carry .whl and .whl_ds) results appended to $OUT/gpu.txt, logs and summaries in $OUT/zero.tar.gz
 # Budget: the timeouts sum to 320 s (two runs of 8 steps and the save check), one 10-minute command with room for a
 # rerun; at most 2 files under $OUT. DeepSpeed has no wheel on PyPI: benchmarks/gpu_wheels.sh builds one into
 # .whl_ds/ (with its dependencies); without it the check is skipped with a line saying so.
