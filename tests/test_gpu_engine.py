@@ -580,3 +580,18 @@ def test_self_check_runs_on_the_training_device(tmp_path, monkeypatch):
     cfg = config_from_dict(tiny_config(tmp_path, train={"max_steps": 1, "lora": {"r": 4}}, eval={"enabled": False}))
     run_training(cfg)
     assert devices and set(devices) == {"cuda"}, devices
+
+
+def test_eager_model_with_gradient_checkpointing_refuses_the_varlen_layout(tiny_llama):
+    """An eager model is switched to dpokit's attention for the packed forward only, which checkpointing's
+    recomputation would not see: refused with the reason instead of training on wrong gradients."""
+    from dpokit.core.packing import packed_sequence_logps
+
+    model, tok = tiny_llama
+    eager = perturbed(model)
+    eager.config._attn_implementation_internal = "eager"
+    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = pack_pairs(make_pairs(MIXED, model.config.vocab_size), tok.pad_token_id, attention="varlen")
+    with pytest.raises(ValueError, match="gradient checkpointing needs model.attn_implementation sdpa"):
+        packed_sequence_logps(eager, batch)
+    assert eager.config._attn_implementation == "eager"
