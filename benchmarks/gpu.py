@@ -18,7 +18,12 @@ reference model in the step except `dpokit_cached_ref`. Arms:
 - dpokit_varlen, dpokit_flex: the new backends (skipped with the reason where they cannot run);
 - dpokit_cached_ref: the best backend that ran, reference log-probs computed once before training (not in the step).
 
-Per arm: pairs/s and unique tokens/s over the timed steps, MFU, peak allocated memory, median and p90 step time.
+Every arm reads the pairs in order (a sequential sampler: the counted tokens are the step's own) and times steps
+from Trainer's on_step_begin to on_step_end (collation happens before, outside the timed step). Per arm: pairs/s
+and unique tokens/s over the timed steps, MFU, peak allocated memory raw and minus the allocation at the arm's start
+(`peak_above_start_mb`: without the resident fp32 base model every arm shares; `memory_vs_trl` compares these),
+median and p90 step time, and the torch.compile graphs built in the arm and during its timed steps (flex compiles
+per shape; it gets --flex-warmup extra untimed steps first).
 MFU = (6 N + 2 N) x T / t / peak for arms with the reference in the step (policy forward + backward = 6 N T, reference
 forward = 2 N T), 6 N T / t / peak for the cached arm; N = parameters without the input embedding (a tied LM head is
 counted once, as a matmul), T = unique tokens of the step (prompt once plus both responses), t = the step's seconds,
@@ -43,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput.py's data
 import throughput as tp  # noqa: E402
 import torch  # noqa: E402
 
-from dpokit.core.attention import flex_unavailable, register_varlen, varlen_unavailable  # noqa: E402
+from dpokit.core.attention import flex_unavailable, varlen_unavailable  # noqa: E402
 from dpokit.core.packing import (  # noqa: E402
     PackedPairCollator,
     pack_pairs,
@@ -106,17 +111,38 @@ class StepTimer:
             def on_step_end(self, args, state, control, **kwargs):
                 timer.sync()
                 timer.steps.append(time.perf_counter() - timer.start)
+                timer.graphs.append(dynamo_graphs())
 
-        self.device, self.steps, self.start, self.callback = device, [], 0.0, _Callback()
+        self.device, self.steps, self.graphs, self.start, self.callback = device, [], [], 0.0, _Callback()
 
     def sync(self):
         if self.device == "cuda":
             torch.cuda.synchronize()
 
 
-def training_args(opts, out_dir: str, trl: bool = False):
+def sequential(trainer_cls):
+    """`trainer_cls` reading its training set in order: with Trainer's random sampler the counted tokens of a step
+    (taken in order from the pairs) would belong to other pairs (about +-10% on tokens/s and MFU)."""
+    from torch.utils.data import SequentialSampler
+
+    class Sequential(trainer_cls):
+        def _get_train_sampler(self, *args, **kwargs):  # Trainer's private hook (transformers 5.x)
+            return SequentialSampler(self.train_dataset)
+
+    Sequential.__name__ = f"Sequential{trainer_cls.__name__}"
+    return Sequential
+
+
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has built so far in this process (a recompilation adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def training_args(opts, out_dir: str, trl: bool = False, warmup: int | None = None):
     kwargs = dict(output_dir=out_dir, per_device_train_batch_size=opts.pairs_per_step, learning_rate=1e-6,
-                  max_steps=opts.warmup + opts.steps, bf16=opts.device == "cuda", gradient_checkpointing=opts.grad_ckpt,
+                  max_steps=(opts.warmup if warmup is None else warmup) + opts.steps, bf16=opts.device == "cuda", gradient_checkpointing=opts.grad_ckpt,
                   logging_steps=10**6, save_strategy="no", report_to=[], seed=0, data_seed=0,
                   use_cpu=opts.device == "cpu", dataloader_pin_memory=opts.device == "cuda", disable_tqdm=True,
                   logging_nan_inf_filter=False)
@@ -136,7 +162,7 @@ def arm_trl(base, pairs, opts, tmp, timer):
     rows = [{"prompt": tp.as_text(p["prompt_ids"]), "chosen": " " + tp.as_text(p["chosen_ids"]),
              "rejected": " " + tp.as_text(p["rejected_ids"])} for p in pairs]
     model, ref = copy.deepcopy(base), copy.deepcopy(base).eval().requires_grad_(False)
-    trainer = TRLTrainer(model=model, ref_model=ref, args=training_args(opts, tmp, trl=True),
+    trainer = sequential(TRLTrainer)(model=model, ref_model=ref, args=training_args(opts, tmp, trl=True),
                          train_dataset=Dataset.from_list(rows), processing_class=tp.word_tokenizer(base.config.vocab_size),
                          callbacks=[timer.callback])
     trainer.train()
@@ -144,14 +170,14 @@ def arm_trl(base, pairs, opts, tmp, timer):
                         "the step; padding_free and use_liger_kernel off (they need flash-attn / liger-kernel)"}
 
 
-def arm_dpokit(base, pairs, opts, tmp, timer, attention: str, cached: bool = False):
+def arm_dpokit(base, pairs, opts, tmp, timer, attention: str, cached: bool = False, warmup: int | None = None):
     from dpokit.core.config import TrainConfig
     from dpokit.train.trainer import DPOTrainer, disable_dropout
 
     model = copy.deepcopy(base)
     disable_dropout(model)
     ref = None if cached else copy.deepcopy(base).eval().requires_grad_(False)
-    trainer = DPOTrainer(model=model, args=training_args(opts, tmp), train_dataset=pairs,
+    trainer = sequential(DPOTrainer)(model=model, args=training_args(opts, tmp, warmup=warmup), train_dataset=pairs,
                          data_collator=PackedPairCollator(tp.PAD, attention=attention), dpo_cfg=TrainConfig(),
                          ref_model=ref, callbacks=[timer.callback])
     trainer.train()
@@ -180,14 +206,16 @@ def self_checks(base, pairs, opts) -> dict:
     autocast = torch.bfloat16 if opts.device == "cuda" else None  # the arms' precision (bf16 autocast on CUDA)
     for attention, unavailable in (("varlen", varlen_unavailable), ("flex", flex_unavailable), ("dense", None)):
         reason = unavailable() if unavailable else None
-        if reason is None and attention == "varlen":
-            register_varlen()
         if reason is None:
             reason = packing_self_check(base, pairs[0], tp.PAD, attention=attention, autocast=autocast)
         checks[attention] = {"passes": reason is None, "reason": reason}
     collator, _ = choose_collator(TrainConfig(attention="auto"), base, None, pairs[:8], tp.PAD, autocast=autocast)
     checks["auto_picks"] = getattr(collator, "attention", "padded")
     return checks
+
+
+TIMING_NOTE = ("step times run from Trainer's on_step_begin to on_step_end: the batch is fetched and collated "
+               "before on_step_begin, so collation is outside the timed step (the same in every arm)")
 
 
 def run_shape(shape: str, opts) -> dict:
@@ -203,7 +231,7 @@ def run_shape(shape: str, opts) -> dict:
     print(f"{shape}: {n_matmul / 1e6:.0f}M matmul parameters, {opts.pairs_per_step} pairs per step, device "
           f"{device_name}; self-checks {checks}", flush=True)
     result = {"shape": shape, "device_name": device_name, "config": vars(opts), "matmul_params": n_matmul,
-              "peak_bf16_flops": peak, "self_checks": checks, "arms": {}, "skipped": {}}
+              "peak_bf16_flops": peak, "self_checks": checks, "timing_note": TIMING_NOTE, "arms": {}, "skipped": {}}
     best_backend = next((b for b in ("varlen", "flex", "dense") if checks[b]["passes"]), "dense")
     for arm in [a.strip() for a in opts.arms.split(",") if a.strip()]:
         backend = arm.removeprefix("dpokit_")
@@ -211,45 +239,61 @@ def run_shape(shape: str, opts) -> dict:
             result["skipped"][arm] = checks[backend]["reason"]
             print(f"  {arm:20s} skipped: {checks[backend]['reason']}", flush=True)
             continue
-        timer = StepTimer(opts.device)
-        gc.collect()
-        if opts.device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        wall = time.perf_counter()
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                if arm == "trl":
-                    info = arm_trl(base, pairs, opts, tmp, timer)
-                elif arm == "dpokit_cached_ref":
-                    cached, seconds = cached_reference(base, pairs, opts, best_backend)
-                    info = arm_dpokit(base, cached, opts, tmp, timer, best_backend, cached=True)
-                    info["reference_precompute_s"] = round(seconds, 3)
-                else:
-                    info = arm_dpokit(base, pairs, opts, tmp, timer, backend)
+            row = measure_arm(arm, base, pairs, opts, best_backend)
         except Exception as err:  # noqa: BLE001 - one arm failing must not lose the others' numbers
             result["skipped"][arm] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
             print(f"  {arm:20s} {result['skipped'][arm]}", flush=True)
             continue
-        timed = timer.steps[opts.warmup:]
-        seconds = sum(timed)
+        seconds = sum(row.pop("timed"))
         flops_per_token = (6 if arm == "dpokit_cached_ref" else 8) * n_matmul
-        row = {
-            "pairs_per_s": round(opts.pairs_per_step * len(timed) / seconds, 3),
-            "unique_tokens_per_s": round(sum(step_tokens) / seconds, 1),
-            "mfu": round(flops_per_token * sum(step_tokens) / seconds / peak, 4) if peak else None,
-            "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if opts.device == "cuda" else None,
-            "step_s_median": round(statistics.median(timed), 4),
-            "step_s_p90": round(sorted(timed)[min(len(timed) - 1, int(0.9 * len(timed)))], 4),
-            "steps_timed": len(timed), "reference_in_step": arm != "dpokit_cached_ref",
-            "wall_s": round(time.perf_counter() - wall, 1), **info,
-        }
+        row = {"pairs_per_s": round(opts.pairs_per_step * row["steps_timed"] / seconds, 3),
+               "unique_tokens_per_s": round(sum(step_tokens) / seconds, 1),
+               "mfu": round(flops_per_token * sum(step_tokens) / seconds / peak, 4) if peak else None, **row}
         result["arms"][arm] = row
         print(f"  {arm:20s} {row['pairs_per_s']:8.2f} pairs/s {row['unique_tokens_per_s']:10.0f} tok/s  mfu "
-              f"{row['mfu']}  peak {row['peak_memory_mb']} MB  step median {row['step_s_median']} s", flush=True)
+              f"{row['mfu']}  peak {row['peak_memory_mb']} MB (above start {row['peak_above_start_mb']} MB)  "
+              f"step median {row['step_s_median']} s  graphs in timed steps {row['dynamo_graphs_timed']}", flush=True)
     result["summary"] = summary(result)
     del base
     return result
+
+
+def measure_arm(arm: str, base, pairs, opts, best_backend: str) -> dict:
+    """One arm's timed steps and memory. Memory: the raw peak allocation and the peak minus the allocation at the
+    arm's start (the shared fp32 `base` and anything else every arm holds). flex first runs --flex-warmup extra
+    untimed steps (its kernels compile per shape; graphs built during the timed steps are counted)."""
+    timer = StepTimer(opts.device)
+    gc.collect()
+    start_mb = 0.0
+    if opts.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start_mb = torch.cuda.memory_allocated() / 2**20
+    backend = arm.removeprefix("dpokit_")
+    warmup = opts.warmup + (opts.flex_warmup if backend == "flex" else 0)
+    extra = pairs[:opts.pairs_per_step * (warmup - opts.warmup)] if warmup > opts.warmup else []
+    graphs_before, wall = dynamo_graphs(), time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if arm == "trl":
+            info = arm_trl(base, pairs, opts, tmp, timer)
+        elif arm == "dpokit_cached_ref":
+            cached, seconds = cached_reference(base, pairs, opts, best_backend)
+            info = arm_dpokit(base, cached, opts, tmp, timer, best_backend, cached=True)
+            info["reference_precompute_s"] = round(seconds, 3)
+        else:
+            info = arm_dpokit(base, extra + pairs, opts, tmp, timer, backend, warmup=warmup)
+    timed = timer.steps[warmup:]
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if opts.device == "cuda" else None
+    return {"timed": timed, "steps_timed": len(timed), "warmup_steps": warmup,
+            "peak_memory_mb": None if peak_mb is None else round(peak_mb, 1),
+            "peak_above_start_mb": None if peak_mb is None else round(peak_mb - start_mb, 1),
+            "start_memory_mb": round(start_mb, 1),
+            "step_s_median": round(statistics.median(timed), 4),
+            "step_s_p90": round(sorted(timed)[min(len(timed) - 1, int(0.9 * len(timed)))], 4),
+            "dynamo_graphs_arm": dynamo_graphs() - graphs_before,
+            "dynamo_graphs_timed": timer.graphs[-1] - timer.graphs[warmup - 1] if warmup else timer.graphs[-1] - graphs_before,
+            "reference_in_step": arm != "dpokit_cached_ref", "wall_s": round(time.perf_counter() - wall, 1), **info}
 
 
 def summary(result: dict) -> dict:
@@ -261,7 +305,7 @@ def summary(result: dict) -> dict:
                          if best and trl and arms[best][key] and trl[key] else None)
     return {"device_name": result["device_name"], "shape": result["shape"], "best_dpokit_arm": best,
             "dpokit_vs_trl": ratio("pairs_per_s"), "mfu": arms[best]["mfu"] if best else None,
-            "memory_vs_trl": ratio("peak_memory_mb")}
+            "memory_vs_trl": ratio("peak_above_start_mb"), "raw_peak_memory_vs_trl": ratio("peak_memory_mb")}
 
 
 def parse_args(argv=None):
@@ -270,6 +314,8 @@ def parse_args(argv=None):
     ap.add_argument("--pairs-per-step", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per arm")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernels, compile, allocator)")
+    ap.add_argument("--flex-warmup", type=int, default=6,
+                    help="extra untimed steps for the flex arm (its kernels compile per shape)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in every arm")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -277,7 +323,7 @@ def parse_args(argv=None):
     ap.add_argument("--out-dir", default="benchmarks/results")
     opts = ap.parse_args(argv)
     if opts.smoke:
-        opts.shape, opts.steps, opts.warmup, opts.pairs_per_step = "tiny", 2, 0, 2
+        opts.shape, opts.steps, opts.warmup, opts.pairs_per_step, opts.flex_warmup = "tiny", 2, 0, 2, 1
     return opts
 
 

@@ -119,7 +119,6 @@ def test_head_plan_names_why_a_model_keeps_full_logits():
 from dpokit.core.attention import (  # noqa: E402
     flex_block_mask,
     flex_mask_mod,
-    register_varlen,
     varlen_attention_forward,
     varlen_reference,
 )
@@ -192,7 +191,6 @@ def test_varlen_attention_function_takes_transformers_layout():
     want = varlen_reference(q[0].transpose(0, 1), k[0].transpose(0, 1)[idx], v[0].transpose(0, 1)[idx],
                             layout["cu_q_list"], layout["cu_k_list"], scale=0.3)
     assert weights is None and out.shape == (1, total, 4, 8) and torch.allclose(out[0], want)
-    assert register_varlen() is torch.cuda.is_available()  # registered only where CUDA is
 
 
 def test_packed_training_with_varlen_equals_padded(model_and_pad):
@@ -203,7 +201,6 @@ def test_packed_training_with_varlen_equals_padded(model_and_pad):
     from test_packing import dpo_loss
 
     model, pad_id = model_and_pad
-    register_varlen(force=True)
     policy, ref = perturbed(model), copy.deepcopy(model).eval()
     pairs = make_pairs(MIXED, model.config.vocab_size)
     results = {}
@@ -235,7 +232,7 @@ def test_flex_forward_equals_padded_on_llama(tiny_llama):
         flex = packed_sequence_logps(model, pack_pairs(pairs, tok.pad_token_id, attention="flex"))
     for key in ("chosen", "rejected"):
         assert torch.allclose(padded[key], flex[key], atol=TOL, rtol=1e-6), key
-    assert model.config._attn_implementation == "sdpa"  # switched for the packed forward only
+    assert model.config._attn_implementation == "dpokit"  # dpokit's function for good: sdpa for every other forward
 
 
 def test_flex_self_check_names_why_gpt2_cannot_use_it(tiny_gpt2):
@@ -244,7 +241,7 @@ def test_flex_self_check_names_why_gpt2_cannot_use_it(tiny_gpt2):
     gpt2, tok = tiny_gpt2
     reason = packing_self_check(gpt2, make_pairs([(4, 3, 2)], 50)[0], tok.pad_token_id, attention="flex")
     assert reason is not None and "BlockMask" in reason and "\n" not in reason
-    assert gpt2.config._attn_implementation == "sdpa"
+    assert gpt2.config._attn_implementation in ("sdpa", "dpokit")  # dpokit's: sdpa for every other forward
 
 
 # --------------------------------------------------------------------------------------------- backend choice, syncs
@@ -345,3 +342,256 @@ def test_non_finite_loss_stops_training_naming_the_step(tiny_llama, tmp_path):
         trainer.train()
     assert len(logged) == 1 and isinstance(logged[0]["rewards/accuracies"], float)
     assert logged[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # step 0: policy = reference, ln 2
+
+
+# ------------------------------------------------------------------ wrapped models, gradient checkpointing (issue 32)
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from dpokit.core.attention import EMULATE_ENV  # noqa: E402
+
+
+@pytest.fixture
+def gloo_group():
+    """A one-process gloo group, as DDP needs (world size 1 in this process)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class DeepSpeedShaped(torch.nn.Module):
+    """What dpokit sees of DeepSpeed's engine: the model as `.module`, the engine's own dict as `.config`, forward
+    through the module."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def padded_and_packed(policy, scored, ref, pairs, pad_id, layout):
+    """(loss, logps, grads) of the padded path on `policy` and of the packed `layout` on `scored` (the same
+    weights, maybe wrapped or checkpointed)."""
+    from dpokit.core.batching import PairCollator, sequence_logps
+    from dpokit.core.packing import packed_sequence_logps
+    from test_packing import dpo_loss
+
+    results = []
+    for model, batch, fn in ((policy, PairCollator(pad_id)(pairs), sequence_logps),
+                             (scored, pack_pairs(pairs, pad_id, attention=layout), packed_sequence_logps)):
+        model.zero_grad()
+        loss, logps = dpo_loss(model, ref, batch, fn)
+        loss.backward()
+        params = model.named_parameters()
+        results.append((loss.detach(), {k: v.detach() for k, v in logps.items()},
+                        {n.removeprefix("module."): p.grad.clone() for n, p in params if p.grad is not None}))
+    return results
+
+
+def assert_same(padded, packed, tol=TOL):
+    (loss_a, lp_a, g_a), (loss_b, lp_b, g_b) = padded, packed
+    for key in ("chosen", "rejected"):
+        assert torch.allclose(lp_a[key], lp_b[key], atol=tol, rtol=1e-6), (key, (lp_a[key] - lp_b[key]).abs().max())
+    assert abs(float(loss_a) - float(loss_b)) < tol, (float(loss_a), float(loss_b))
+    assert g_a.keys() == g_b.keys() and g_a
+    worst = max((g_a[n] - g_b[n]).abs().max().item() for n in g_a)
+    assert worst < tol, worst
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "deepspeed-shaped", "ddp-peft"])
+def test_wrapped_model_gets_the_varlen_attention_and_keeps_the_chunked_head(tiny_llama, gloo_group, wrapper):
+    """Behind DDP (a real torch DDP, gloo), an object shaped like DeepSpeed's engine (a dict `.config`) and DDP over
+    PEFT: the PretrainedConfig is found, the varlen layout gets dpokit's attention (log-probs, loss and gradients
+    equal the padded path's), the chunked head stays on (the LM head module computes no logits), and the forward
+    goes through the wrapper."""
+    from peft import LoraConfig, get_peft_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, tok = tiny_llama
+    policy, ref = perturbed(model), copy.deepcopy(model).eval()
+    if wrapper == "ddp-peft":
+        policy = get_peft_model(policy, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                                   init_lora_weights=False))
+    wrapped = DeepSpeedShaped(policy) if wrapper == "deepspeed-shaped" else DistributedDataParallel(policy)
+    plan = head_plan(wrapped)
+    assert isinstance(plan, HeadPlan), plan
+    through = []
+    wrapped.register_forward_pre_hook(lambda module, args: through.append(type(module).__name__))
+    logits_sizes = []
+    plan.head.register_forward_hook(lambda module, args, out: logits_sizes.append(out.shape[-2]))
+    padded, packed = padded_and_packed(policy, wrapped, ref, make_pairs(MIXED, model.config.vocab_size),
+                                       tok.pad_token_id, "varlen")
+    assert_same(padded, packed)
+    assert through == [type(wrapped).__name__]  # one forward, through the wrapper
+    assert logits_sizes[-1] == 0  # the packed forward: no position through the full LM head
+    assert policy.get_base_model().config._attn_implementation == "dpokit" if wrapper == "ddp-peft" else \
+        policy.config._attn_implementation == "dpokit"
+
+
+@pytest.mark.parametrize("layout", ["varlen", "flex"])
+def test_gradient_checkpointing_recomputes_with_the_packed_layout(tiny_llama, layout, monkeypatch):
+    """Non-reentrant gradient checkpointing recomputes every decoder layer in backward, after the packed forward
+    returned: dpokit's attention function (registered for good) must take the varlen / flex path there too. The
+    kernels are the CPU emulation (EMULATE_ENV); the gradients equal the padded path's without checkpointing."""
+    monkeypatch.setenv(EMULATE_ENV, "1")
+    model, tok = tiny_llama
+    policy, ref = perturbed(model), copy.deepcopy(model).eval()
+    checkpointed = perturbed(model)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointed.is_gradient_checkpointing
+    padded, packed = padded_and_packed(policy, checkpointed, ref, make_pairs(MIXED, model.config.vocab_size),
+                                       tok.pad_token_id, layout)
+    assert_same(padded, packed)
+
+
+def test_two_gloo_processes_with_varlen_equal_one_padded_process(tiny_llama, tmp_path):
+    """2 processes (torch.distributed.run, gloo, DDP; tests/ddp_varlen_worker.py), each scoring half of the pairs
+    with the varlen layout through the DDP wrapper, give the loss and the all-reduced gradients of one process
+    scoring every pair padded, within 1e-5."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny_llama
+    pairs = make_pairs(MIXED + [(3, 4, 2)], model.config.vocab_size)  # 8 pairs: 4 per rank
+    perturbed(model).save_pretrained(tmp_path / "models" / "policy")
+    model.save_pretrained(tmp_path / "models" / "ref")
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    worker = Path(__file__).parent / "ddp_varlen_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(tmp_path / "models"), str(tmp_path / "pairs.json"), str(tok.pad_token_id), str(tmp_path / "out.pt")]
+    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = torch.load(tmp_path / "out.pt")
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "policy", dtype=torch.float32).train()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "ref", dtype=torch.float32).eval()
+    (loss, _, grads), _ = padded_and_packed(policy, policy, ref, pairs, tok.pad_token_id, "varlen")
+    assert abs(float(loss) - float(two["loss"])) < TOL, (float(loss), float(two["loss"]))
+    assert grads.keys() == two["grads"].keys()
+    worst = max((grads[n] - two["grads"][n]).abs().max().item() for n in grads)
+    assert worst < TOL, worst
+
+
+# --------------------------------------------------------------------------------- mixed precision (issue 32)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """The input dtype of every matmul (aten mm / addmm / bmm, after autocast's casts) per region: the forward of
+    a module given to `watch`, or "head" for a [tokens x vocab] product outside them (the chunked head)."""
+
+    MATMULS = {"mm": 0, "addmm": 1, "bmm": 0}  # which argument is the left operand
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.regions, self.seen = vocab, [], {}
+
+    def watch(self, module, name):
+        module.register_forward_pre_hook(lambda m, args: self.regions.append(name))
+        module.register_forward_hook(lambda m, args, out: self.regions.pop() and None)  # None: output unchanged
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        arg = self.MATMULS.get(func._overloadpacket.__name__)
+        if arg is not None:
+            region = self.regions[-1] if self.regions else (
+                "head" if out.shape[-1] == self.vocab and out.numel() else None)
+            if region:
+                self.seen.setdefault(region, set()).add(args[arg].dtype)
+        return out
+
+
+def test_bf16_autocast_reaches_decoder_head_and_reference(tiny_llama, tmp_path):
+    """train.precision bf16 with fp32 master weights (Trainer's bf16 on the CPU): one training step's matmuls in
+    the policy's decoder, the chunked head and the reference model all run in bf16, and the loss stays finite."""
+    from transformers import TrainingArguments
+
+    from dpokit.core.config import TrainConfig
+    from dpokit.train.trainer import DPOTrainer
+
+    model, tok = tiny_llama
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, bf16=True,
+                             remove_unused_columns=False, logging_nan_inf_filter=False)
+    policy, ref = perturbed(model), copy.deepcopy(model).eval().requires_grad_(False)
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=make_pairs(MIXED[:4], model.config.vocab_size),
+                         data_collator=PackedPairCollator(tok.pad_token_id), dpo_cfg=TrainConfig(), ref_model=ref)
+    recorder = MatmulDtypes(model.config.vocab_size)
+    recorder.watch(policy.model, "decoder")
+    recorder.watch(ref.model, "reference")
+    with recorder:
+        out = trainer.train()
+    assert all(p.dtype == torch.float32 for p in policy.parameters())  # fp32 master weights
+    assert recorder.seen == {"decoder": {torch.bfloat16}, "head": {torch.bfloat16}, "reference": {torch.bfloat16}}
+    assert torch.isfinite(torch.tensor(out.training_loss))
+
+
+@pytest.mark.parametrize("layout", ["varlen", "flex"])
+def test_qkv_reach_the_attention_kernels_in_one_dtype_under_autocast(tiny_llama, layout, monkeypatch):
+    """LLaMA's rotary embedding leaves q and k in fp32 while v is bf16 under autocast (fp32 weights); the varlen
+    and flex wrappers hand the kernel (here the CPU emulation) all three in bf16, and the chunked head's
+    log-probs stay fp32."""
+    from dpokit.core import attention
+    from dpokit.core.packing import packed_sequence_logps
+
+    monkeypatch.setenv(EMULATE_ENV, "1")
+    seen = []
+
+    def recording(kernel, at):
+        def wrapper(*args, **kwargs):
+            seen.append(tuple(a.dtype for a in args[at:at + 3]))
+            return kernel(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(attention, "varlen_reference", recording(attention.varlen_reference, 0))
+    monkeypatch.setattr(attention, "_flex_kernel", recording(attention._flex_kernel, 1))
+    model, tok = tiny_llama
+    policy = perturbed(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packed_sequence_logps(policy, pack_pairs(make_pairs(MIXED, model.config.vocab_size), tok.pad_token_id,
+                                                       attention=layout))
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}, seen
+    assert out["chosen"].dtype == torch.float32 and torch.isfinite(out["chosen"]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the training device differs from the loading one on CUDA")
+def test_self_check_runs_on_the_training_device(tmp_path, monkeypatch):
+    """The start-up self-check tests the policy where training runs (the Trainer placed it on CUDA first), with
+    LoRA too; before, only the reference was moved and the policy was checked on the CPU."""
+    from conftest import tiny_config
+    from dpokit.core.config import config_from_dict
+    from dpokit.train import packing as train_packing
+    from dpokit.train.trainer import run_training
+
+    devices = []
+    real = train_packing.packing_self_check
+
+    def recording(model, *args, **kwargs):
+        devices.append(next(model.parameters()).device.type)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_packing, "packing_self_check", recording)
+    cfg = config_from_dict(tiny_config(tmp_path, train={"max_steps": 1, "lora": {"r": 4}}, eval={"enabled": False}))
+    run_training(cfg)
+    assert devices and set(devices) == {"cuda"}, devices
+
+
+def test_eager_model_with_gradient_checkpointing_refuses_the_varlen_layout(tiny_llama):
+    """An eager model is switched to dpokit's attention for the packed forward only, which checkpointing's
+    recomputation would not see: refused with the reason instead of training on wrong gradients."""
+    from dpokit.core.packing import packed_sequence_logps
+
+    model, tok = tiny_llama
+    eager = perturbed(model)
+    eager.config._attn_implementation_internal = "eager"
+    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = pack_pairs(make_pairs(MIXED, model.config.vocab_size), tok.pad_token_id, attention="varlen")
+    with pytest.raises(ValueError, match="gradient checkpointing needs model.attn_implementation sdpa"):
+        packed_sequence_logps(eager, batch)
+    assert eager.config._attn_implementation == "eager"

@@ -14,17 +14,28 @@ pair i's prompt and its own response up to itself, never another response or ano
   batch as one flattened row. Each pair is two query segments, [prompt, chosen] and [rejected], and two key
   segments, [prompt, chosen] and [prompt, rejected], gathered by a key/value index; FlashAttention aligns its causal
   mask bottom-right, so rejected query t sees the prompt and rejected tokens up to t.
+
+flex and varlen run through one attention function, `dpokit_attention_forward`, registered with transformers as
+`DPOKIT` for good and routed on the layout's own arguments (sdpa otherwise), so gradient checkpointing's
+recomputation in backward takes the forward's path (`layout_attention`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
+import os
 
 import torch
 
+from dpokit.core.wrapped import transformers_model
+
 BACKENDS = ("varlen", "flex", "dense")
-VARLEN = "dpokit_varlen"  # the transformers AttentionInterface name of the varlen backend
+VARLEN = "dpokit_varlen"  # the keyword that carries the varlen layout (and its stand-alone AttentionInterface name)
+DPOKIT = "dpokit"  # the AttentionInterface name of dpokit_attention_forward: varlen, flex or sdpa by the arguments
+EMULATE_ENV = "DPOKIT_EMULATE_KERNELS"  # test-only: "1" lets a CPU stand in for the varlen and flex kernels
+_VARLEN_FORWARD = contextvars.ContextVar("dpokit_varlen_forward", default=False)  # no mask built (dpokit_mask)
 FLEX_BUCKET = 128
 
 
@@ -117,12 +128,24 @@ def _varlen_kernel(q, k, v, layout: dict, scale):
     return varlen_attn(q, k, v, layout["cu_seq_q"], layout["cu_seq_k"], layout["max_q"], layout["max_k"], **kwargs)
 
 
+def _autocast_qkv(query, key, value):
+    """q, k, v in one dtype: autocast's when it is on (LLaMA/Qwen2 rotary embeddings leave q and k in fp32 while v
+    is bf16, and neither FlashAttention nor flex has an autocast rule), else unchanged. transformers' own flash
+    integration casts the same way."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return query.to(dtype), key.to(dtype), value.to(dtype)
+    return query, key, value
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers AttentionInterface function: query (1, Hq, T, D), key/value (1, Hkv, T, D) of one flattened
     row; the layout comes as the `dpokit_varlen` keyword the packed forward passes. Returns (1, T, Hq, D)."""
     layout = kwargs.get("dpokit_varlen")
     if layout is None:
         raise ValueError("dpokit_varlen attention needs the packed batch's varlen layout (a dpokit packed forward)")
+    query, key, value = _autocast_qkv(query, key, value)
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1).index_select(0, layout["kv_index"])
     v = value[0].transpose(0, 1).index_select(0, layout["kv_index"])
@@ -133,19 +156,75 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.unsqueeze(0), None
 
 
-def register_varlen(force: bool = False) -> bool:
-    """Register the varlen backend as a transformers AttentionInterface (where CUDA is available, or `force`:
-    the CPU tests). True when registered."""
-    if not (force or torch.cuda.is_available()):
-        return False
-    from transformers import AttentionInterface
+def flex_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """transformers' flex_attention with the packed batch's BlockMask, q/k/v in autocast's dtype."""
+    query, key, value = _autocast_qkv(query, key, value)
+    return _flex_kernel(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register(VARLEN, varlen_attention_forward)
-    return True
+
+def _flex_kernel(module, query, key, value, block_mask, **kwargs):
+    """transformers' flex_attention_forward; on a CPU under the test-only emulation (`emulating`) the BlockMask
+    expanded to a dense bool mask for sdpa instead (CPU flex has no backward and compiles for minutes)."""
+    from transformers.integrations.flex_attention import flex_attention_forward as hf_flex_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.device.type == "cpu" and emulating():
+        from torch.nn.attention.flex_attention import create_mask
+
+        rows, _, q_len, kv_len = block_mask.shape
+        dense = create_mask(block_mask.mask_mod, rows, None, q_len, kv_len, device=query.device)
+        return sdpa_attention_forward(module, query, key, value, dense, **kwargs)
+    return hf_flex_attention_forward(module, query, key, value, block_mask, **kwargs)
+
+
+def dpokit_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """The attention function every packed-capable model runs (`DPOKIT`), registered once and left in place: it
+    routes on the packed layout's own arguments, so a recomputation in backward (gradient checkpointing, where
+    nothing switched per forward is in effect any more) takes the forward's path. A varlen layout
+    (`dpokit_varlen` keyword): varlen; a BlockMask: flex; anything else: transformers' sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if kwargs.get("dpokit_varlen") is not None:
+        return varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if _is_block_mask(attention_mask):
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _is_block_mask(mask) -> bool:
+    return type(mask).__name__ == "BlockMask"
+
+
+def dpokit_mask(*args, **kwargs):
+    """The mask function of `DPOKIT`: sdpa's, except in a varlen forward, whose attention needs no mask (sdpa's
+    would be a (T, T) mask of the flattened row, built and ignored)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if _VARLEN_FORWARD.get():
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_attention() -> None:
+    """Register `DPOKIT` (and its mask function) with transformers; idempotent. Registered for good: a model whose
+    config names it must find it in every later forward and recomputation."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(DPOKIT, dpokit_attention_forward)
+    AttentionMaskInterface.register(DPOKIT, dpokit_mask)
+
+
+def emulating() -> bool:
+    """Test-only: the CPU stands in for the CUDA kernels (varlen: plain softmax per segment; flex: the BlockMask
+    expanded for sdpa), so varlen and flex can be chosen and trained through on a CPU. Set by EMULATE_ENV=1."""
+    return os.environ.get(EMULATE_ENV) == "1"
 
 
 def varlen_unavailable() -> str | None:
     """Why varlen cannot run here, or None."""
+    if emulating():
+        return None
     if not torch.cuda.is_available():
         return "varlen needs CUDA (FlashAttention kernels)"
     try:
@@ -156,6 +235,8 @@ def varlen_unavailable() -> str | None:
 
 
 def flex_unavailable() -> str | None:
+    if emulating():
+        return None
     if not torch.cuda.is_available():
         return "flex needs CUDA here (on a CPU it compiles slowly and runs slower than dense)"
     try:
@@ -166,17 +247,36 @@ def flex_unavailable() -> str | None:
 
 
 @contextlib.contextmanager
-def attention_implementation(model, name: str | None):
-    """Run the model's forward with another attention implementation (the packed forward only; every other forward
-    keeps the model's own). None: unchanged."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(inner, "config", None)
-    if name is None or config is None:
+def layout_attention(model, layout: str | None):
+    """The packed forward of a `layout` that needs dpokit's attention function ("varlen", "flex"; None: dense and
+    padded, nothing to do). The model's `PretrainedConfig` is found behind its wrappers (DDP, DeepSpeed, PEFT). A
+    model whose own implementation is sdpa is switched to `DPOKIT` for good: that does what sdpa does in every
+    other forward, and gradient checkpointing's recomputation in backward finds it. Another implementation
+    (eager) is switched for this forward only, which gradient checkpointing cannot recompute: refused."""
+    if layout is None:
         yield
         return
-    before = config._attn_implementation_internal
-    config._attn_implementation_internal = name
+    inner = _layout_model(model, layout)
+    config = inner.config
+    register_attention()
+    if config._attn_implementation == "sdpa":
+        config._attn_implementation_internal = DPOKIT
+    before = config._attn_implementation
+    if before != DPOKIT and inner.training and getattr(inner, "is_gradient_checkpointing", False):
+        raise ValueError(f"the {layout} layout with gradient checkpointing needs model.attn_implementation sdpa "
+                         f"(this model's is {before}: the recomputation in backward would not see the layout)")
+    token = _VARLEN_FORWARD.set(layout == "varlen")
+    config._attn_implementation_internal = DPOKIT
     try:
         yield
     finally:
         config._attn_implementation_internal = before
+        _VARLEN_FORWARD.reset(token)
+
+
+def _layout_model(model, layout: str):
+    inner = transformers_model(model)
+    if inner is None:
+        raise ValueError(f"the {layout} layout needs the model's transformers PretrainedConfig; none found behind "
+                         f"{type(model).__name__}")
+    return inner

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dpokit.core.wrapped import transformers_model
+
 # Architectures whose logits are `lm_head(decoder(...).last_hidden_state)`, optionally soft-capped
 # (`final_logit_softcapping`): for them the head runs on the scored positions only, in chunks.
 PLAIN_HEAD_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gpt2", "phi3", "olmo", "olmo2", "gemma2"}
@@ -35,11 +37,15 @@ class HeadPlan:
 
 
 def head_plan(model) -> HeadPlan | str:
-    """How to score `model` with the chunked head, or the reason it needs the full-logits forward."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    config = getattr(inner, "config", None)
+    """How to score `model` with the chunked head, or the reason it needs the full-logits forward. `model` may be
+    wrapped (DDP, DeepSpeed's engine, PEFT): the plan's modules are the transformers model's behind the wrappers,
+    while the forward still goes through them (`dpokit.core.packing`)."""
+    inner = transformers_model(model)
+    if inner is None:
+        return f"no transformers PretrainedConfig found behind {type(model).__name__}"
+    config = inner.config
     model_type = getattr(config, "model_type", None)
-    if config is None or model_type not in PLAIN_HEAD_TYPES:
+    if model_type not in PLAIN_HEAD_TYPES:
         return f"model type {model_type!r} is not one whose logits are a plain linear head"
     if getattr(config, "logit_scale", None):
         return "logit_scale is set"

@@ -21,14 +21,16 @@ import logging
 import torch
 
 from dpokit.core.attention import (
+    DPOKIT,
     FLEX_BUCKET,
     VARLEN,
-    attention_implementation,
     flex_block_mask,
+    layout_attention,
     varlen_layout,
 )
 from dpokit.core.batching import PairCollator, pad_pairs, sequence_logps, token_logps
 from dpokit.core.logp_head import HeadPlan, chunked_token_logps, head_plan
+from dpokit.core.wrapped import model_config
 
 log = logging.getLogger(__name__)
 
@@ -241,20 +243,19 @@ def _model_dtype(model) -> torch.dtype:
 
 
 def _attn_impl(model) -> str | None:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(inner, "config", None)
-    return getattr(config, "_attn_implementation", None)
+    return getattr(model_config(model), "_attn_implementation", None)
 
 
 def _attention_inputs(model, batch: dict) -> tuple[dict, str | None]:
-    """The packed forward's keyword arguments, and the attention implementation it needs (None: the model's)."""
+    """The packed forward's keyword arguments, and the layout that needs dpokit's attention function ("varlen",
+    "flex"; None: the model's own attention with the dense mask)."""
     kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     if "varlen" in batch:  # one flattened row; the layout reaches the attention function as a keyword
-        return dict(kwargs, dpokit_varlen=batch["varlen"]), VARLEN
+        return dict(kwargs, **{VARLEN: batch["varlen"]}), "varlen"
     if "attention_mask" not in batch:  # flex: a BlockMask, passed explicitly
-        return dict(kwargs, attention_mask=flex_block_mask(batch["document_ids"], batch["segment_ids"])), "flex_attention"
+        return dict(kwargs, attention_mask=flex_block_mask(batch["document_ids"], batch["segment_ids"])), "flex"
     allowed = batch["attention_mask"]
-    if _attn_impl(model) == "sdpa":
+    if _attn_impl(model) in ("sdpa", DPOKIT):
         mask = allowed  # sdpa takes the bool mask as is, whatever the compute dtype (autocast included)
     else:  # eager adds the mask to the scores: additive float mask
         dtype = _model_dtype(model)
@@ -262,15 +263,28 @@ def _attention_inputs(model, batch: dict) -> tuple[dict, str | None]:
     return dict(kwargs, attention_mask=mask), None
 
 
+def decoder_hidden_states(model, plan: HeadPlan, kwargs: dict) -> torch.Tensor:
+    """The decoder's last hidden states from a forward through `model` itself, wrappers included (DDP's gradient
+    hooks, accelerate's autocast): a forward hook on the decoder keeps them, and `logits_to_keep` with no
+    positions leaves the LM head nothing to compute (the chunked head scores the kept states)."""
+    kept = []
+    handle = plan.decoder.register_forward_hook(lambda module, args, out: kept.append(out.last_hidden_state))
+    try:
+        model(**kwargs, logits_to_keep=torch.zeros(0, dtype=torch.long, device=kwargs["input_ids"].device))
+    finally:
+        handle.remove()
+    return kept[-1]
+
+
 def packed_slot_logps(model, batch: dict[str, torch.Tensor], n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, token counts) per output slot of a packed batch, with the attention backend its layout
     was built for (`pack_groups(attention=...)`)."""
-    kwargs, implementation = _attention_inputs(model, batch)
+    kwargs, layout = _attention_inputs(model, batch)
     plan = head_plan(model)
     rows, pos = batch["score_row"], batch["score_pos"]
-    with attention_implementation(model, implementation):
+    with layout_attention(model, layout):
         if isinstance(plan, HeadPlan):  # only the scored positions go through the LM head, in chunks
-            hidden = plan.decoder(**kwargs).last_hidden_state
+            hidden = decoder_hidden_states(model, plan, kwargs)
             per_token = chunked_token_logps(hidden[rows, pos], plan.head, batch["score_target"], softcap=plan.softcap)
         else:
             per_token = token_logps(model(**kwargs).logits[rows, pos], batch["score_target"])

@@ -237,7 +237,7 @@ def _prefill(model, tokenizer, texts: list[str], cache: DynamicCache, cache_arg:
     shared = 0
     # Padding between the shared prefix and the rest is a mask with holes: eager and sdpa take any 4-D mask; other
     # kernels (flash, flex) are left to the plain left-padded prefill.
-    if len(ids) > 1 and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager"):
+    if len(ids) > 1 and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager", "dpokit"):
         shortest = min(len(x) for x in ids) - 1  # every prompt keeps at least one token of its own
         while shared < shortest and all(x[shared] == ids[0][shared] for x in ids):
             shared += 1

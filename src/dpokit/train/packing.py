@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from dpokit.core.attention import flex_unavailable, register_varlen, varlen_unavailable
+from dpokit.core.attention import flex_unavailable, varlen_unavailable
 from dpokit.core.batching import PairCollator
 from dpokit.core.packing import (
     ListCollator,
@@ -76,8 +76,6 @@ def _backend_problem(attention: str, models, probe: dict, pad_id: int, autocast=
     reason = unavailable() if unavailable else None
     if reason is not None:
         return reason
-    if attention == "varlen":
-        register_varlen()
     for name, m in models:
         reason = packing_self_check(m, probe, pad_id, attention=attention, autocast=autocast)
         if reason is not None:

@@ -105,6 +105,16 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
                     out = batch_logps(model, batch)
         return out["chosen"], out["rejected"]
 
+    # Workaround: transformers 5.x Trainer leaves autocast to accelerate (`autocast_smart_context_manager` is a
+    # nullcontext), and accelerate wraps only the prepared model's own `forward`; the chunked head runs after that
+    # forward and the reference model is never prepared, so under train.precision bf16 with fp32 master weights both
+    # ran fp32. The whole loss computation runs under the accelerator's autocast instead (a no-op without mixed
+    # precision); remove if Trainer's compute_loss_context_manager enters accelerate's autocast itself.
+    def compute_loss_context_manager(self):
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(self.accelerator.autocast())
+        return stack
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if is_list_batch(inputs):
             return self._feedback_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -199,7 +209,7 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
@@ -449,16 +459,18 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
     args = training_arguments(plan, has_eval=bool(s.eval_enc))
     if s.ref_model is not None:
         s.ref_model.to(args.device)
-    autocast = torch.bfloat16 if plan.bf16 else torch.float16 if plan.fp16 else None  # the self-check's precision
-    collator, budget_sampler = choose_collator(cfg.train, s.model, s.ref_model, s.train_enc, s.tokenizer.pad_token_id,
-                                               autocast=autocast)
     if cfg.train.engine == "trl":
         trainer = build_trl_trainer(cfg, s.model, s.tokenizer, args, s.train_enc, s.eval_enc, s.ref_model,
                                     plan.reference)
     else:
+        # The Trainer first: it places the policy on the training device (FSDP and DeepSpeed place it when they
+        # wrap it), so the collator's start-up self-check tests the kernels training will run (CUDA with LoRA too).
         trainer = DPOTrainer(model=s.model, args=args, train_dataset=s.train_enc, eval_dataset=s.eval_enc or None,
-                             data_collator=collator, processing_class=s.tokenizer, dpo_cfg=cfg.train,
-                             ref_model=s.ref_model)
+                             processing_class=s.tokenizer, dpo_cfg=cfg.train, ref_model=s.ref_model)
+        autocast = torch.bfloat16 if plan.bf16 else torch.float16 if plan.fp16 else None  # the training's precision
+        collator, budget_sampler = choose_collator(cfg.train, trainer.model, s.ref_model, s.train_enc,
+                                                   s.tokenizer.pad_token_id, autocast=autocast)
+        trainer.data_collator = collator
         trainer.token_budget_sampler = budget_sampler
         trainer.attention_choice = {"backend": collator.attention, "passed_over": collator.passed_over}
     # Printing is ConsoleCallback's (added by run_training when asked): a library call prints nothing.
