@@ -8,11 +8,10 @@ Two kinds, one comparison API:
 `compare(judge, prompts, a, b)` works with either kind and returns a `Comparison`, so win/tie/loss counting never
 needs to know which kind it got.
 
-Registry: JUDGES name -> `JudgeKind` (name, options model, builder), the one place a judge is registered; each
-options model (`SentimentOptions`, `RewardModelOptions`, `LLMOptions`, `PythonOptions`) holds its defaults, help and
-checks. `check_judge(name, options, key)` lists every problem without loading any model (the training plan runs it
-before training); `build_judge(name, options)` runs the same checks, then builds the judge. Judges: sentiment
-(VADER), reward-model (a sequence classifier), llm (a chat model, local or over HTTP, asked in both orders), python.
+Registry: JUDGES name -> `JudgeKind` (name, options model, builder), the one place a judge is registered; its
+pydantic options model (a `JudgeOptions`) holds defaults, help and checks. `check_judge(name, options, key)` lists
+every problem without loading any model (the training plan runs it before training); `build_judge` runs the same
+checks, then builds. Judges: sentiment, reward-model, llm (asked in both orders), python (`module:function`).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
+from typing import ClassVar, get_args
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -283,8 +282,7 @@ _LOADED_FILES: dict[tuple[str, int], object] = {}  # (resolved path, mtime_ns) -
 
 
 def load_function(spec: str, key: str = "eval"):
-    """`package.module:function` or `path/to/file.py:function` -> the callable; a `UserError` naming
-    `key`.judge_options.function and the fix when it cannot be had."""
+    """`package.module:function` or `path/to/file.py:function` -> the callable, or a UserError naming the fix."""
     try:
         return _import_function(spec)
     except ValueError as err:
@@ -363,8 +361,7 @@ _SECRET_PREFIXES = ("sk-", "sk_", "hf_", "ghp_", "gho_", "ghs_", "github_pat_", 
                     "Bearer ", "bearer ")
 
 
-def _key(info: ValidationInfo) -> str:
-    """The config section being checked (eval or pairs), passed by `check_judge` as the validation context."""
+def _key(info: ValidationInfo) -> str:  # the section checked (eval or pairs): check_judge's validation context
     return (info.context or {}).get("key", "eval")
 
 
@@ -390,18 +387,30 @@ def _tie_margin():
 
 
 class JudgeOptions(BaseModel):
-    """A judge's options: unknown keys refused, values taken as YAML typed them (no '5' -> 5, no true -> 1), every
-    field with a default and a help string. Checks are static: no weights, no network (a python judge's module is
-    imported, as building it would)."""
+    """A judge's options: unknown keys refused, values as YAML typed them (no '5' -> 5, no true -> 1), a default and
+    a help string each. Checks are static: no weights, no network (a python judge's module is imported)."""
 
     model_config = {"extra": "forbid", "strict": True, "frozen": True}
+    needs: ClassVar[str] = ""  # what a missing required option (model, function) means, and what to give
+
+    @field_validator("model", "function", mode="before", check_fields=False)
+    def _required(cls, value, info: ValidationInfo):
+        if value is None or value == "":
+            example = cls.model_fields[info.field_name].examples[0]
+            raise ValueError(f"{cls.needs}, e.g. --set {_key(info)}.judge_options.{info.field_name}={example}")
+        return value
 
 
 class SentimentOptions(JudgeOptions):
+    """sentiment: VADER's compound score of the answer, offline."""
+
     tie_margin: float = _tie_margin()
 
 
 class RewardModelOptions(JudgeOptions):
+    """reward-model: a sequence classifier scores prompt + answer."""
+
+    needs = "the reward-model judge needs a model; give a hub id or folder of a sequence classifier"
     model: str | None = Field(None, validate_default=True, examples=["OpenAssistant/reward-model-deberta-v3-large-v2"],
                               description="Hub id or folder of a sequence classifier with safetensors weights.")
     batch_size: int = Field(16, ge=1, description="Answers scored per forward pass.")
@@ -413,10 +422,7 @@ class RewardModelOptions(JudgeOptions):
     tie_margin: float = _tie_margin()
 
     @field_validator("model")
-    def _model(cls, model: str | None, info: ValidationInfo) -> str:
-        if not model:
-            raise ValueError(f"the reward-model judge needs a model; give a hub id or folder of a sequence classifier, "
-                             f"e.g. --set {_key(info)}.judge_options.model=OpenAssistant/reward-model-deberta-v3-large-v2")
+    def _model(cls, model: str) -> str:
         path = Path(model).expanduser()
         why = None if not _is_local(model) else "folder not found" if not path.exists() else \
             "not a folder" if not path.is_dir() else "no config.json in that folder" \
@@ -428,8 +434,11 @@ class RewardModelOptions(JudgeOptions):
 
 
 class LLMOptions(JudgeOptions):
-    model: str | None = Field(None, validate_default=True, examples=["my-judge"], description="A local HF chat "
-                              "model (hub id, folder or alias), or with base_url the model name at the endpoint.")
+    """llm: a chat model, local or over HTTP, asked which answer is better in both orders."""
+
+    needs = "the llm judge needs a model; give a local HF id/folder/alias, or the model name at base_url"
+    model: str | None = Field(None, validate_default=True, examples=["smollm2-135m-instruct"], description="A "
+                              "local HF chat model (hub id, folder or alias), or with base_url the model name there.")
     base_url: str | None = Field(None, examples=["http://127.0.0.1:8000/v1"], description="An OpenAI-compatible "
                                  "endpoint (/chat/completions is appended); None = run the model locally.")
     api_key_env: str | None = Field(None, examples=["OPENAI_API_KEY"], description="Name of the environment "
@@ -439,13 +448,6 @@ class LLMOptions(JudgeOptions):
     max_tokens: int = Field(8, ge=1, description="Max tokens of the judge's reply.")
     timeout: float = Field(60.0, gt=0, description="Seconds to wait for the endpoint's answer.")
     batch_size: int = Field(8, ge=1, description="Questions asked together of a local model.")
-
-    @field_validator("model")
-    def _model(cls, model: str | None) -> str:
-        if not model:
-            raise ValueError("the llm judge needs a model; give a local HF id/folder/alias, or the model name at "
-                             "base_url")
-        return model
 
     @field_validator("base_url")
     def _base_url(cls, url: str | None) -> str | None:
@@ -492,16 +494,16 @@ class LLMOptions(JudgeOptions):
 
 
 class PythonOptions(JudgeOptions):
+    """python: your own function scores each answer, `function(prompt, response) -> float`; its module is imported
+    by the check already (once: a file's top level runs once for check and build)."""
+
+    needs = "the python judge needs a function; give module:function or file.py:function"
     function: str | None = Field(None, validate_default=True, examples=["./my_judge.py:score"], description=""
-                                 "package.module:function or path/to/file.py:function, called as "
-                                 "function(prompt, response) -> float (higher is better).")
+                                 "package.module:function or path/to/file.py:function; higher is better.")
     tie_margin: float = _tie_margin()
 
     @field_validator("function")
-    def _function(cls, spec: str | None, info: ValidationInfo) -> str:
-        if not spec:
-            raise ValueError(f"the python judge needs a function; give module:function or file.py:function, e.g. "
-                             f"--set {_key(info)}.judge_options.function=./my_judge.py:score")
+    def _function(cls, spec: str) -> str:
         _import_function(spec)  # importing the user's module is cheap, and what building the judge does anyway
         return spec
 
