@@ -210,7 +210,7 @@ def test_llm_judge_local_hf_model():
 
 # --- check_judge: static checks, no model loaded ------------------------------------------------------------------
 
-from dpokit.core.judges import JUDGE_OPTIONS, JUDGES, check_judge  # noqa: E402
+from dpokit.core.judges import JUDGES, JudgeOptions, check_judge  # noqa: E402
 
 
 def _one(problems, *needles):
@@ -256,8 +256,10 @@ def test_check_judge_valid_configs_are_clean(tmp_path, monkeypatch, no_weights):
                                "api_key_env": "JUDGE_KEY_FOR_CHECK", "template": "{prompt} {a} {b}"}) == []
     assert check_judge("python", {"function": f"{tmp_path / 'j.py'}:score", "tie_margin": 0.1}) == []
     assert check_judge("python", {"function": "os.path:join"}) == []
-    # Every judge's options are listed once, for the builders and the checks alike.
-    assert set(JUDGE_OPTIONS) == set(JUDGES)
+    # One record per judge: its name, its options model (every option with a default and a help string), its builder.
+    for name, kind in JUDGES.items():
+        assert kind.name == name and issubclass(kind.options, JudgeOptions) and callable(kind.build)
+        assert all(f.description for f in kind.options.model_fields.values()), name
 
 
 def test_check_judge_unknown_judge_suggests_the_closest():

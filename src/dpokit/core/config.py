@@ -15,6 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dpokit.core.errors import UserError
+from dpokit.core.judges import JUDGES
+
+# judge + judge_options are checked against the judge's options model (core/judges.py) by check_judge in the
+# plans, with every other static problem: a broken judge hides no other problem, and one that is not used
+# (eval.enabled: false, the pairs section in dpokit train) stops nothing.
+_JUDGE_NAMES = ", ".join(list(JUDGES)[:-1]) + " or " + list(JUDGES)[-1]
 
 
 class Section(BaseModel):
@@ -186,8 +192,8 @@ class EvalConfig(Section):
     engine: Literal["fast", "hf"] = Field("fast", description="Sampler: fast (prefill each prompt once, fork its KV "
                                           "cache, own decode loop; 2-2.2x hf's tokens/s on a 2-core CPU) or hf "
                                           "(transformers' generate, the reference). Their random streams differ.")
-    judge: str = Field("sentiment", description="Judge of tuned vs base answers: sentiment, reward-model, llm or "
-                       "python. See README 'Evaluate and report'.")
+    judge: str = Field("sentiment", description=f"Judge of tuned vs base answers: {_JUDGE_NAMES}. See README "
+                       "'Evaluate and report'.")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="Options of the judge, e.g. "
                                           "{model: ./my-rm} or {base_url: http://127.0.0.1:8000/v1, model: m, "
                                           "api_key_env: OPENAI_API_KEY}.")

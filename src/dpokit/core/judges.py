@@ -8,11 +8,10 @@ Two kinds, one comparison API:
 `compare(judge, prompts, a, b)` works with either kind and returns a `Comparison`, so win/tie/loss counting never
 needs to know which kind it got.
 
-Registry: JUDGES name -> factory(options dict) -> judge; JUDGE_OPTIONS name -> its options and their defaults.
-`check_judge(name, options, key)` lists every problem of a judge config without loading any model (the training
-plan runs it before training); `build_judge(name, options)` runs the same checks, then builds the judge.
-Judges: sentiment (VADER), reward-model (a sequence classifier), llm (a chat model, local or over HTTP, asked in
-both orders), python (`module:function`).
+Registry: JUDGES name -> `JudgeKind` (name, options model, builder), the one place a judge is registered; its
+pydantic options model (a `JudgeOptions`) holds defaults, help and checks. `check_judge(name, options, key)` lists
+every problem without loading any model (the training plan runs it before training); `build_judge` runs the same
+checks, then builds. Judges: sentiment, reward-model, llm (asked in both orders), python (`module:function`).
 """
 
 from __future__ import annotations
@@ -21,12 +20,15 @@ import difflib
 import importlib
 import importlib.util
 import json
-import numbers
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, get_args
+
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dpokit.core.errors import UserError
 
@@ -58,41 +60,6 @@ def compare(judge, prompts: list, a: list[str], b: list[str]) -> Comparison:
                       scores_a=scores_a, scores_b=scores_b)
 
 
-# Each judge's options and their defaults: the one list the builders merge over and `check_judge` validates.
-JUDGE_OPTIONS: dict[str, dict] = {
-    "sentiment": {"tie_margin": 0.0},
-    "reward-model": {"model": None, "batch_size": 16, "max_length": 1024, "label": None,
-                     "use_chat_template": None, "tie_margin": 0.0},
-    "llm": {"model": None, "base_url": None, "api_key_env": None, "template": None, "max_tokens": 8,
-            "timeout": 60.0, "batch_size": 8},
-    "python": {"function": None, "tie_margin": 0.0},
-}
-
-
-def _did_you_mean(value, choices) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _unknown_options(name: str, options: dict, key: str = "eval") -> str | None:
-    allowed = JUDGE_OPTIONS[name]
-    unknown = sorted(set(options) - set(allowed), key=str)
-    if not unknown:
-        return None
-    hint = _did_you_mean(unknown[0], allowed) if len(unknown) == 1 else ""
-    return (f"{key}.judge_options: unknown option(s) {', '.join(map(str, unknown))} for judge {name!r}; "
-            f"valid: {', '.join(allowed) or '(none)'}{hint}")
-
-
-def _options(name: str, options: dict, key: str = "eval") -> dict:
-    """Options merged over the judge's defaults (JUDGE_OPTIONS); unknown keys are a user error naming the valid
-    ones."""
-    problem = _unknown_options(name, options, key)
-    if problem:
-        raise UserError(problem)
-    return {**JUDGE_OPTIONS[name], **options}
-
-
 def _prompt_str(prompt) -> str:
     """A canonical prompt (string or messages) as plain text for judges that read text."""
     if isinstance(prompt, str):
@@ -116,11 +83,6 @@ class SentimentJudge:
 
     def score(self, prompts: list, responses: list[str]) -> list[float]:
         return [self._analyzer.polarity_scores(r)["compound"] for r in responses]
-
-
-def _sentiment(options: dict, key: str = "eval") -> SentimentJudge:
-    opts = _options("sentiment", options, key)
-    return SentimentJudge(tie_margin=float(opts["tie_margin"]))
 
 
 # --- reward model ------------------------------------------------------------------------------------------------
@@ -182,13 +144,6 @@ class RewardModelJudge:
         return scores
 
 
-def _reward_model(options: dict, key: str = "eval") -> RewardModelJudge:
-    opts = _options("reward-model", options, key)
-    if not opts["model"]:
-        raise UserError(_needs_model("reward-model", key))
-    return RewardModelJudge(**opts, key=key)
-
-
 # --- llm (pairwise) ----------------------------------------------------------------------------------------------
 
 PAIRWISE_TEMPLATE = (
@@ -220,7 +175,7 @@ class HTTPChat:
         self.model, self.api_key_env, self.timeout, self.max_tokens = model, api_key_env, timeout, max_tokens
         self.key = key
         if api_key_env and not os.environ.get(api_key_env):
-            raise UserError(_env_not_set(api_key_env, key))
+            raise UserError(f"{key}.judge_options.api_key_env: {_env_not_set(api_key_env)}")
 
     def __call__(self, message: str) -> str | None:
         import urllib.error
@@ -321,72 +276,61 @@ class LLMJudge:
         return outcomes
 
 
-def _llm(options: dict, key: str = "eval") -> LLMJudge:
-    opts = _options("llm", options, key)
-    if not opts["model"]:
-        raise UserError(_needs_model("llm", key))
-    template = opts["template"] or PAIRWISE_TEMPLATE
-    problem = _template_problem(template, key)
-    if problem:
-        raise UserError(problem)
-    if opts["base_url"]:
-        chat = HTTPChat(opts["base_url"], opts["model"], opts["api_key_env"], float(opts["timeout"]),
-                        int(opts["max_tokens"]), key=key)
-    else:
-        chat = LocalChat(opts["model"], int(opts["max_tokens"]), int(opts["batch_size"]))
-    return LLMJudge(chat, template)
-
-
 # --- python ------------------------------------------------------------------------------------------------------
 
 _LOADED_FILES: dict[tuple[str, int], object] = {}  # (resolved path, mtime_ns) -> module: a file runs once
 
 
 def load_function(spec: str, key: str = "eval"):
-    """`package.module:function` or `path/to/file.py:function` -> the callable."""
-    where = f"{key}.judge_options.function"
+    """`package.module:function` or `path/to/file.py:function` -> the callable, or a UserError naming the fix."""
+    try:
+        return _import_function(spec)
+    except ValueError as err:
+        raise UserError(f"{key}.judge_options.function: {err}") from None
+
+
+def _import_function(spec: str):
     module_name, _, func_name = str(spec).rpartition(":")
     if not module_name or not func_name:
-        raise UserError(f"{where}: {spec!r} is not a function reference; give module:function or "
-                        "file.py:function, e.g. ./my_judge.py:score")
+        raise ValueError(f"{spec!r} is not a function reference; give module:function or file.py:function, e.g. "
+                         "./my_judge.py:score")
+    path = Path(module_name).expanduser()
+    if module_name.endswith(".py") and not path.is_file():
+        raise ValueError(f"file {path} not found; give an existing .py file (absolute, or relative to the current "
+                         "directory) as file.py:function")
     try:
-        if module_name.endswith(".py"):
-            path = Path(module_name).expanduser()
-            if not path.is_file():
-                raise UserError(f"{where}: file {path} not found; give an existing .py file (absolute, or relative "
-                                "to the current directory) as file.py:function")
-            cache_key = (str(path.resolve()), path.stat().st_mtime_ns)
-            module = _LOADED_FILES.get(cache_key)
-            if module is None:
-                mod_spec = importlib.util.spec_from_file_location(f"dpokit_judge_{path.stem}", path)
-                module = importlib.util.module_from_spec(mod_spec)
-                sys.modules[mod_spec.name] = module
-                # Checking a config writes nothing, not even a __pycache__ folder next to the user's file.
-                dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-                try:
-                    mod_spec.loader.exec_module(module)
-                except BaseException:
-                    sys.modules.pop(mod_spec.name, None)
-                    raise
-                finally:
-                    sys.dont_write_bytecode = dont_write
-                _LOADED_FILES[cache_key] = module
-        else:
-            module = importlib.import_module(module_name)
-    except UserError:
-        raise
+        module = _load_file(path) if module_name.endswith(".py") else importlib.import_module(module_name)
     except ImportError as err:
-        raise UserError(f"{where}: cannot import {module_name!r} ({err}); put it on "
-                        "PYTHONPATH or give a file path") from None
+        raise ValueError(f"cannot import {module_name!r} ({err}); put it on PYTHONPATH or give a file path") from None
     except Exception as err:  # the user's module itself fails: a syntax error, an exception at import time
         first = (str(err).strip().splitlines() or [""])[0]
-        raise UserError(f"{where}: importing {module_name!r} failed ({type(err).__name__}: {first}); fix that "
-                        "module") from None
+        raise ValueError(f"importing {module_name!r} failed ({type(err).__name__}: {first}); fix that "
+                         "module") from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise UserError(f"{where}: {module_name!r} has no function {func_name!r}; define "
-                        f"def {func_name}(prompt, response) -> float there, or name an existing function")
+        raise ValueError(f"{module_name!r} has no function {func_name!r}; define def {func_name}(prompt, response) "
+                         "-> float there, or name an existing function")
     return func
+
+
+def _load_file(path: Path):  # a user's .py file as a module, run once per (file, mtime)
+    cache_key = (str(path.resolve()), path.stat().st_mtime_ns)
+    module = _LOADED_FILES.get(cache_key)
+    if module is None:
+        mod_spec = importlib.util.spec_from_file_location(f"dpokit_judge_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_spec.name] = module
+        # Checking a config writes nothing, not even a __pycache__ folder next to the user's file.
+        dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+        try:
+            mod_spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(mod_spec.name, None)
+            raise
+        finally:
+            sys.dont_write_bytecode = dont_write
+        _LOADED_FILES[cache_key] = module
+    return module
 
 
 @dataclass
@@ -410,58 +354,25 @@ class PythonJudge:
         return out
 
 
-def _python(options: dict, key: str = "eval") -> PythonJudge:
-    opts = _options("python", options, key)
-    if not opts["function"]:
-        raise UserError(_needs_model("python", key))
-    return PythonJudge(load_function(opts["function"], key), float(opts["tie_margin"]), key)
-
-
-JUDGES = {"sentiment": _sentiment, "reward-model": _reward_model, "llm": _llm, "python": _python}
-
-
-# --- static checks -----------------------------------------------------------------------------------------------
+# --- options: one pydantic model per judge ------------------------------------------------------------------------
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_PREFIXES = ("sk-", "sk_", "hf_", "ghp_", "gho_", "ghs_", "github_pat_", "xoxb-", "xoxp-", "AKIA", "AIza",
                     "Bearer ", "bearer ")
-# option -> (integer only, smallest allowed value, the bound is strict)
-_NUMERIC = {"tie_margin": (False, 0, False), "batch_size": (True, 1, False), "max_tokens": (True, 1, False),
-            "max_length": (True, 1, False), "timeout": (False, 0, True)}
 
 
-def _needs_model(name: str, key: str) -> str:
-    if name == "reward-model":
-        return (f"{key}.judge_options.model: the reward-model judge needs a model; give a hub id or folder of a "
-                f"sequence classifier, e.g. --set {key}.judge_options.model=OpenAssistant/reward-model-deberta-v3-large-v2")
-    if name == "llm":
-        return (f"{key}.judge_options.model: the llm judge needs a model; give a local HF id/folder/alias, or the "
-                "model name at base_url")
-    return (f"{key}.judge_options.function: the python judge needs a function; give module:function or "
-            f"file.py:function, e.g. --set {key}.judge_options.function=./my_judge.py:score")
+def _key(info: ValidationInfo) -> str:  # the section checked (eval or pairs): check_judge's validation context
+    return (info.context or {}).get("key", "eval")
 
 
-def _env_not_set(name: str, key: str) -> str:
-    return (f"{key}.judge_options.api_key_env: environment variable {name} is not set; "
-            f"export {name}=... or drop api_key_env for an endpoint without a key")
-
-
-def _template_problem(template, key: str) -> str | None:
-    if not isinstance(template, str):
-        return f"{key}.judge_options.template: not a string; give a text with {{prompt}}, {{a}} and {{b}}"
-    missing = [slot for slot in ("{prompt}", "{a}", "{b}") if slot not in template]
-    if missing:
-        return (f"{key}.judge_options.template: must contain {', '.join(missing)} (and {{prompt}}, {{a}}, {{b}}); "
-                "add the missing placeholder(s)")
-    return None
+def _env_not_set(name: str) -> str:
+    return f"environment variable {name} is not set; export {name}=... or drop api_key_env for an endpoint without a key"
 
 
 def _looks_like_secret(value: str) -> bool:
-    if value.startswith(_SECRET_PREFIXES):
-        return True
     # Long random-looking strings (mixed case and digits) are keys, not variable names like OPENAI_API_KEY.
-    return len(value) >= 20 and any(c.islower() for c in value) and any(c.isupper() for c in value) \
-        and any(c.isdigit() for c in value)
+    return value.startswith(_SECRET_PREFIXES) or len(value) >= 20 and all(
+        any(test(c) for c in value) for test in (str.islower, str.isupper, str.isdigit))
 
 
 def _is_local(value: str) -> bool:
@@ -471,130 +382,216 @@ def _is_local(value: str) -> bool:
         or os.path.exists(os.path.expanduser(value))
 
 
-def _check_numbers(name: str, given: dict, key: str) -> list[str]:
-    problems = []
-    for option, (integer, low, strict) in _NUMERIC.items():
-        if option not in given or given[option] is None:
-            continue
-        value = given[option]
-        kind = "an integer" if integer else "a number"
-        bound = f"> {low}" if strict else f">= {low}"
-        wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or (integer and not isinstance(value, numbers.Integral))
-        if wrong_type or value != value or value < low or (strict and value == low):
-            example = JUDGE_OPTIONS[name][option]
-            problems.append(f"{key}.judge_options.{option}: must be {kind} {bound}, got {value!r}; "
-                            f"e.g. --set {key}.judge_options.{option}={example}")
-    return problems
+def _tie_margin():
+    return Field(0.0, ge=0, description="Scores within this of each other are a tie.")
 
 
-def _check_reward_model(opts: dict, given: dict, key: str) -> list[str]:
-    model = opts["model"]
-    if not model:
-        return [_needs_model("reward-model", key)]
-    if not isinstance(model, str):
-        return [f"{key}.judge_options.model: got a {type(model).__name__}; give a model id or folder (a string)"]
-    problems = []
-    if _is_local(model):
+class JudgeOptions(BaseModel):
+    """A judge's options: unknown keys refused, values as YAML typed them (no '5' -> 5, no true -> 1), a default and
+    a help string each. Checks are static: no weights, no network (a python judge's module is imported)."""
+
+    model_config = {"extra": "forbid", "strict": True, "frozen": True}
+    needs: ClassVar[str] = ""  # what a missing required option (model, function) means, and what to give
+
+    @field_validator("model", "function", mode="before", check_fields=False)
+    def _required(cls, value, info: ValidationInfo):
+        if value is None or value == "":
+            example = cls.model_fields[info.field_name].examples[0]
+            raise ValueError(f"{cls.needs}, e.g. --set {_key(info)}.judge_options.{info.field_name}={example}")
+        return value
+
+
+class SentimentOptions(JudgeOptions):
+    """sentiment: VADER's compound score of the answer, offline."""
+
+    tie_margin: float = _tie_margin()
+
+
+class RewardModelOptions(JudgeOptions):
+    """reward-model: a sequence classifier scores prompt + answer."""
+
+    needs = "the reward-model judge needs a model; give a hub id or folder of a sequence classifier"
+    model: str | None = Field(None, validate_default=True, examples=["OpenAssistant/reward-model-deberta-v3-large-v2"],
+                              description="Hub id or folder of a sequence classifier with safetensors weights.")
+    batch_size: int = Field(16, ge=1, description="Answers scored per forward pass.")
+    max_length: int = Field(1024, ge=1, description="Max tokens of prompt + answer (longer ones are truncated).")
+    label: int | None = Field(None, examples=[0], description="Index of the preferred label of a multi-label "
+                              "classifier; None = the last label.")
+    use_chat_template: bool | None = Field(None, examples=[True], description="Score the pair through the "
+                                           "tokenizer's chat template; None = when it has one.")
+    tie_margin: float = _tie_margin()
+
+    @field_validator("model")
+    def _model(cls, model: str) -> str:
         path = Path(model).expanduser()
-        why = None
-        if not path.exists():
-            why = "folder not found"
-        elif not path.is_dir():
-            why = "not a folder"
-        elif not (path / "config.json").is_file():
-            why = "no config.json in that folder"
+        why = None if not _is_local(model) else "folder not found" if not path.exists() else \
+            "not a folder" if not path.is_dir() else "no config.json in that folder" \
+            if not (path / "config.json").is_file() else None
         if why:
-            problems.append(f"{key}.judge_options.model: cannot load reward model {model!r} ({why}); give a folder "
-                            "of a sequence-classification model (config.json + safetensors weights) or a hub id")
-    value = given.get("use_chat_template")
-    if value is not None and not isinstance(value, bool):
-        problems.append(f"{key}.judge_options.use_chat_template: got {value!r}; use true, false or null (auto)")
-    value = given.get("label")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-        problems.append(f"{key}.judge_options.label: got {value!r}; give the index of the preferred label (an "
-                        "integer) or null (the last label)")
-    return problems
+            raise ValueError(f"cannot load reward model {model!r} ({why}); give a folder of a sequence-classification "
+                             "model (config.json + safetensors weights) or a hub id")
+        return model
 
 
-def _check_llm(opts: dict, given: dict, key: str) -> list[str]:
-    problems = []
-    model, base_url, env = opts["model"], opts["base_url"], opts["api_key_env"]
-    if not model:
-        problems.append(_needs_model("llm", key))
-    elif not isinstance(model, str):
-        problems.append(f"{key}.judge_options.model: got a {type(model).__name__}; give a model name (a string)")
-    elif not base_url and _is_local(model) and not os.path.exists(os.path.expanduser(model)):
-        problems.append(f"{key}.judge_options.model: folder {model!r} not found; give an existing model folder, a "
-                        "hub id or alias, or set base_url to ask a model served over HTTP")
-    if opts["template"] is not None:
-        problem = _template_problem(opts["template"], key)
-        if problem:
-            problems.append(problem)
-    if base_url is not None and (not isinstance(base_url, str)
-                                 or not base_url.startswith(("http://", "https://"))):
-        problems.append(f"{key}.judge_options.base_url: {base_url!r} is not an http(s) URL; start it with http:// "
-                        "or https://, e.g. http://127.0.0.1:8000/v1")
-    if env is not None:
+class LLMOptions(JudgeOptions):
+    """llm: a chat model, local or over HTTP, asked which answer is better in both orders."""
+
+    needs = "the llm judge needs a model; give a local HF id/folder/alias, or the model name at base_url"
+    model: str | None = Field(None, validate_default=True, examples=["smollm2-135m-instruct"], description="A "
+                              "local HF chat model (hub id, folder or alias), or with base_url the model name there.")
+    base_url: str | None = Field(None, examples=["http://127.0.0.1:8000/v1"], description="An OpenAI-compatible "
+                                 "endpoint (/chat/completions is appended); None = run the model locally.")
+    api_key_env: str | None = Field(None, examples=["OPENAI_API_KEY"], description="Name of the environment "
+                                    "variable holding the endpoint's API key (the key itself is never written).")
+    template: str | None = Field(None, description="The question asked, with {prompt}, {a} and {b}; None = "
+                                 "dpokit's pairwise template.")
+    max_tokens: int = Field(8, ge=1, description="Max tokens of the judge's reply.")
+    timeout: float = Field(60.0, gt=0, description="Seconds to wait for the endpoint's answer.")
+    batch_size: int = Field(8, ge=1, description="Questions asked together of a local model.")
+
+    @field_validator("base_url")
+    def _base_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http(s) URL; start it with http:// or https://, e.g. "
+                             "http://127.0.0.1:8000/v1")
+        return url
+
+    @field_validator("api_key_env", mode="before")
+    def _api_key_env(cls, env, info: ValidationInfo):
         # Never echo a value that may be the key itself: it would end up in logs and terminals.
+        if env is None:
+            return env
         if not isinstance(env, str) or not env:
-            problems.append(f"{key}.judge_options.api_key_env: empty or not a string; give the name of an "
-                            "environment variable, e.g. OPENAI_API_KEY")
-        elif _looks_like_secret(env):
-            problems.append(f"{key}.judge_options.api_key_env: looks like an API key itself, not the name of an "
-                            "environment variable (value not shown); put the key in an environment variable, e.g. "
-                            "export OPENAI_API_KEY=..., and give its name: api_key_env: OPENAI_API_KEY")
-        elif not _ENV_NAME.match(env):
-            problems.append(f"{key}.judge_options.api_key_env: not a valid environment variable name (value not "
-                            "shown); use letters, digits and _, not starting with a digit, e.g. OPENAI_API_KEY")
-        elif base_url and not os.environ.get(env):
-            problems.append(_env_not_set(env, key))
+            raise ValueError("empty or not a string; give the name of an environment variable, e.g. OPENAI_API_KEY")
+        if _looks_like_secret(env):
+            raise ValueError("looks like an API key itself, not the name of an environment variable (value not "
+                             "shown); put the key in an environment variable, e.g. export OPENAI_API_KEY=..., and "
+                             "give its name: api_key_env: OPENAI_API_KEY")
+        if not _ENV_NAME.match(env):
+            raise ValueError("not a valid environment variable name (value not shown); use letters, digits and _, "
+                             "not starting with a digit, e.g. OPENAI_API_KEY")
+        if info.data.get("base_url") and not os.environ.get(env):
+            raise ValueError(_env_not_set(env))
+        return env
+
+    @field_validator("template", mode="before")
+    def _template(cls, template):
+        if template is not None and not isinstance(template, str):
+            raise ValueError("not a string; give a text with {prompt}, {a} and {b}")
+        missing = [slot for slot in ("{prompt}", "{a}", "{b}") if template is not None and slot not in template]
+        if missing:
+            raise ValueError(f"must contain {', '.join(missing)} (and {{prompt}}, {{a}}, {{b}}); add the missing "
+                             "placeholder(s)")
+        return template
+
+    @model_validator(mode="after")
+    def _local_model(self) -> LLMOptions:
+        # Without base_url the model is loaded here, so a path must exist; with it, it is the server's name.
+        if not self.base_url and _is_local(self.model) and not os.path.exists(os.path.expanduser(self.model)):
+            raise ValueError(f"model: folder {self.model!r} not found; give an existing model folder, a hub id or "
+                             "alias, or set base_url to ask a model served over HTTP")
+        return self
+
+
+class PythonOptions(JudgeOptions):
+    """python: your own function scores each answer, `function(prompt, response) -> float`; its module is imported
+    by the check already (once: a file's top level runs once for check and build)."""
+
+    needs = "the python judge needs a function; give module:function or file.py:function"
+    function: str | None = Field(None, validate_default=True, examples=["./my_judge.py:score"], description=""
+                                 "package.module:function or path/to/file.py:function; higher is better.")
+    tie_margin: float = _tie_margin()
+
+    @field_validator("function")
+    def _function(cls, spec: str) -> str:
+        _import_function(spec)  # importing the user's module is cheap, and what building the judge does anyway
+        return spec
+
+
+# --- registry ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JudgeKind:
+    """One judge: its config name, its options model and the builder of the judge from validated options."""
+
+    name: str
+    options: type[JudgeOptions]
+    build: Callable[[JudgeOptions, str], object]
+
+
+JUDGES: dict[str, JudgeKind] = {kind.name: kind for kind in (
+    JudgeKind("sentiment", SentimentOptions, lambda opts, key: SentimentJudge(opts.tie_margin)),
+    JudgeKind("reward-model", RewardModelOptions, lambda opts, key: RewardModelJudge(**opts.model_dump(), key=key)),
+    JudgeKind("llm", LLMOptions, lambda opts, key: LLMJudge(
+        HTTPChat(opts.base_url, opts.model, opts.api_key_env, opts.timeout, opts.max_tokens, key=key) if opts.base_url
+        else LocalChat(opts.model, opts.max_tokens, opts.batch_size), opts.template or PAIRWISE_TEMPLATE)),
+    JudgeKind("python", PythonOptions,
+              lambda opts, key: PythonJudge(load_function(opts.function, key), opts.tie_margin, key)),
+)}
+
+
+# --- check and build ---------------------------------------------------------------------------------------------
+
+def _did_you_mean(value, choices) -> str:
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _expected(field) -> str:
+    """What a field takes, in words, from its type and bounds: 'an integer >= 1', 'a number > 0', 'a string'."""
+    words = {int: "an integer", float: "a number", bool: "true, false", str: "a string"}
+    types = (field.annotation, *get_args(field.annotation))
+    text = next((words[t] for t in types if t in words), "valid")
+    text += " or null" if type(None) in types and str not in types else ""  # a null model or function is missing
+    bounds = [f">= {m.ge}" if hasattr(m, "ge") else f"> {m.gt}" for m in field.metadata
+              if hasattr(m, "ge") or hasattr(m, "gt")]
+    return " ".join([text, *bounds])
+
+
+def _problems(err: ValidationError, kind: JudgeKind, key: str) -> list[str]:
+    """Pydantic's errors as dpokit's one-line problems, each naming `key`.judge_options.OPTION and the fix."""
+    fields = kind.options.model_fields
+    unknown = [str(e["loc"][0]) for e in err.errors() if e["type"] == "extra_forbidden"]
+    problems = []
+    if unknown:
+        problems.append(f"{key}.judge_options: unknown option(s) {', '.join(unknown)} for judge {kind.name!r}; "
+                        f"valid: {', '.join(fields)}{_did_you_mean(unknown[0], fields) if len(unknown) == 1 else ''}")
+    for e in err.errors():
+        where = ".".join([f"{key}.judge_options", *map(str, e["loc"])])
+        if e["type"] == "value_error":  # our own checks: the message says what is wrong and the fix
+            # A check across options (loc ()) names its option first.
+            problems.append(f"{where}{'.' if not e['loc'] else ': '}{e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] != "extra_forbidden":  # a wrong type or out of bounds
+            field = fields[str(e["loc"][0])]
+            example = (field.examples or [field.default])[0]
+            problems.append(f"{where}: must be {_expected(field)}, got {e['input']!r}; e.g. --set {where}="
+                            f"{example if isinstance(example, str) else json.dumps(example)}")
     return problems
 
 
-def _check_python(opts: dict, given: dict, key: str) -> list[str]:
-    spec = opts["function"]
-    if not spec:
-        return [_needs_model("python", key)]
-    if not isinstance(spec, str):
-        return [f"{key}.judge_options.function: got a {type(spec).__name__}; give a string module:function or "
-                "file.py:function"]
+def _validate(name, options, key: str) -> tuple[JudgeOptions | None, list[str]]:
+    kind = JUDGES.get(name) if isinstance(name, str) else None
+    if kind is None:
+        return None, [f"{key}.judge: unknown judge {name!r}; choose one of {', '.join(JUDGES)}"
+                      f"{_did_you_mean(name, JUDGES)}"]
+    if options is not None and not isinstance(options, dict):
+        return None, [f"{key}.judge_options: got a {type(options).__name__}; give a mapping of option: value"]
     try:
-        load_function(spec, key)  # importing the user's module is cheap, and what build_judge does anyway
-    except UserError as err:
-        return [str(err)]
-    return []
-
-
-_CHECKS = {"reward-model": _check_reward_model, "llm": _check_llm, "python": _check_python}
+        return kind.options.model_validate(options or {}, context={"key": key}), []
+    except ValidationError as err:
+        return None, _problems(err, kind, key)
 
 
 def check_judge(name: str, options: dict | None, key: str = "eval") -> list[str]:
     """Every problem of a judge config, each naming its config key (`key`.judge / `key`.judge_options.*) and the
     fix; [] when it is fine. Static and cheap: loads no model weights and makes no network call (a python judge's
     module is imported, as building it would). `key`: the config section, eval or pairs."""
-    if not isinstance(name, str) or name not in JUDGES:
-        return [f"{key}.judge: unknown judge {name!r}; choose one of {', '.join(JUDGES)}"
-                f"{_did_you_mean(name, JUDGES)}"]
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        return [f"{key}.judge_options: got a {type(options).__name__}; give a mapping of option: value"]
-    problems = []
-    unknown = _unknown_options(name, options, key)
-    if unknown:
-        problems.append(unknown)
-    given = {k: v for k, v in options.items() if k in JUDGE_OPTIONS[name]}
-    opts = {**JUDGE_OPTIONS[name], **given}
-    problems += _check_numbers(name, given, key)
-    if name in _CHECKS:
-        problems += _CHECKS[name](opts, given, key)
-    return problems
+    return _validate(name, options, key)[1]
 
 
 def build_judge(name: str, options: dict | None = None, key: str = "eval"):
     """The judge `name` with `options`; the same checks as `check_judge` first, all problems in one UserError."""
-    problems = check_judge(name, options, key)
+    opts, problems = _validate(name, options, key)
     if problems:
         raise UserError("; ".join(problems))
-    return JUDGES[name](dict(options or {}), key)
+    return JUDGES[name].build(opts, key)
