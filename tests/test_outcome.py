@@ -150,7 +150,7 @@ def test_length_collapse_needs_half_the_length_and_intervals_apart(tmp_path):
     rows = [(1, 10, 2, 2.0, 3.0), (1, 60, 40, 2.0, 3.0), (-1, 5, 1, 2.0, 1.0), (1, 45, 10, 2.0, 3.0)]
     noisy = make_run(tmp_path, "noisy", rows)
     lengths = RunDir(noisy).read_eval().generation.lengths
-    assert lengths["tuned"]["mean"]["value"] < 0.5 * lengths["base"]["mean"]["value"]
+    assert lengths.tuned.mean.value < 0.5 * lengths.base.mean.value
     assert doctor.length_collapse(doctor.read_artifacts(noisy)) is None
     collapsed = make_run(tmp_path, "collapsed", answers(20, 0, 10, 40, 15))
     assert doctor.length_collapse(doctor.read_artifacts(collapsed)).id == "length_collapse"

@@ -266,7 +266,7 @@ def run_record(run: RunDir, judge, previous: RunDir | None, *, label, seconds: f
     ev, summary = run.read_eval(), run.read_train_summary()
     gen, kl = ev.generation, ev.kl
     vs_prev = win_rate_against(judge, run, previous) if label != "offline" else None
-    score = gen.scores["tuned"] if gen.scores else None
+    score = gen.scores.tuned if gen.scores else None
     lc = gen.length_controlled.win_rate
     return {
         "round": label if label != "offline" else None,
@@ -275,8 +275,8 @@ def run_record(run: RunDir, judge, previous: RunDir | None, *, label, seconds: f
         "win_rate_vs_previous": vs_prev["value"] if vs_prev else None,
         "win_rate_vs_previous_ci": vs_prev["ci"] if vs_prev else None,
         "kl_from_initial": kl.sequence.value, "kl_from_initial_ci": kl.sequence.ci,
-        "mean_score": score["value"] if score else None, "mean_score_ci": score["ci"] if score else None,
-        "mean_length": gen.lengths["tuned"]["mean"]["value"],
+        "mean_score": score.value if score else None, "mean_score_ci": score.ci if score else None,
+        "mean_length": gen.lengths.tuned.mean.value,
         "distinct_2": mean_distinct_2([s.tuned for s in run.read_eval_samples()]),
         "pairs": summary.pairs_trained, "steps": summary.global_step, "reference": summary.reference,
         "step0_check": summary.step0_check.policy_equals_reference if summary.step0_check else None,
@@ -288,9 +288,9 @@ def initial_record(run: RunDir) -> dict:
     """pi0 itself, from round 1's base answers: KL 0 and a win rate of 1/2 against itself by definition."""
     ev = run.read_eval()
     gen = ev.generation
-    score = gen.scores["base"] if gen.scores else None
-    return {"mean_score": score["value"] if score else None, "mean_score_ci": score["ci"] if score else None,
-            "mean_length": gen.lengths["base"]["mean"]["value"],
+    score = gen.scores.base if gen.scores else None
+    return {"mean_score": score.value if score else None, "mean_score_ci": score.ci if score else None,
+            "mean_length": gen.lengths.base.mean.value,
             "distinct_2": mean_distinct_2([s.base for s in run.read_eval_samples()]), "kl_from_initial": 0.0}
 
 

@@ -62,11 +62,11 @@ def summarize_run(run_dir: Path, label: str) -> dict:
     if kl:
         row.update(kl=kl.sequence.value, kl_ci=kl.sequence.ci)
     if gen:
-        judge = gen.judge["name"]
+        judge = gen.judge.name
         if gen.scores:
-            tuned = gen.scores["tuned"]
-            row.update(reward=tuned["value"], reward_ci=tuned["ci"], reward_kind=f"mean {judge} score, tuned",
-                       base_reward=gen.scores["base"]["value"])
+            tuned = gen.scores.tuned
+            row.update(reward=tuned.value, reward_ci=tuned.ci, reward_kind=f"mean {judge} score, tuned",
+                       base_reward=gen.scores.base.value)
         else:  # the base model against itself wins half the time
             rate = gen.outcomes.win_rate
             row.update(reward=rate.value, reward_ci=rate.ci, reward_kind=f"win rate vs base ({judge})", base_reward=0.5)

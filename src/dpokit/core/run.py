@@ -313,6 +313,18 @@ class LengthControlledWinRate(Model):
     ridge: float = Field(description="penalty ridge * b^2 / 2 on the slope (keeps the fit finite under separation)")
 
 
+class Coefficient(Metric):
+    se: float
+
+
+class ScoreLengthRegression(Model):
+    model: str = Field(description="score ~ 1 + length_tokens + is_tuned (OLS)")
+    n: int
+    intercept: Coefficient
+    per_token: Coefficient = Field(description="judge score per extra token")
+    tuned_effect: Coefficient = Field(description="the score gain of the tuned model at equal length")
+
+
 class LengthControlled(Model):
     tolerance: float
     win_rate: LengthControlledWinRate | None = Field(
@@ -323,26 +335,76 @@ class LengthControlled(Model):
         description="win/tie/loss and `win_rate` within `tuned_shorter`, `length_matched` (lengths within "
         "`eval.length_tolerance` of the longer answer), `tuned_longer`: a win rate that holds among length-matched "
         "pairs is not verbosity")
-    regression: dict[str, Any] | None = Field(
+    regression: ScoreLengthRegression | None = Field(
         description="pointwise judges: OLS `score ~ 1 + length_tokens + is_tuned`; `tuned_effect` is the score gain "
         "at equal length, `per_token` the score per extra token (`null` if degenerate)")
+
+
+class Decoding(Model):
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    engine: str | None = None
+
+
+class LLMJudgeDetails(Model):
+    orders_asked: int
+    answers: int
+    unparseable_answers: int
+    position_consistent_pairs: int
+    position_inconsistent_pairs: int
+    first_position_picked: int
+    second_position_picked: int
+    raw_examples: list[str | None] = Field(description="the judge's first replies, as given")
+
+
+class JudgeInfo(Model):
+    name: str
+    kind: Literal["pointwise", "pairwise"]
+    details: LLMJudgeDetails | dict[str, int] = Field(
+        default_factory=dict, description="llm judge: answers asked, unparseable answers, pairs consistent / "
+        "inconsistent across the two orders, how often each position was picked; {} for the others")
+
+
+class ScoreSummary(Model):
+    base: Metric = Field(description="mean judge score of the base answers")
+    tuned: Metric
+    base_values: list[float]
+    tuned_values: list[float]
+
+
+class LengthStats(Model):
+    mean: Metric
+    median: float
+    min: int | None
+    max: int | None
+    histogram: list[int] = Field(description="counts on the shared `histogram_edges`")
+    values: list[int]
+
+
+class LengthSummary(Model):
+    unit: str = "tokens"
+    histogram_edges: list[float]
+    base: LengthStats
+    tuned: LengthStats
 
 
 class Generation(Model):
     n_prompts: int = Field(description="held-out prompts answered")
     samples_per_prompt: int = Field(description="answers per prompt and model")
     n_samples: int = Field(description="answers per model")
-    decoding: dict[str, Any] = Field(description="temperature, top_p, max_new_tokens, seed")
-    judge: dict[str, Any] = Field(
+    decoding: Decoding = Field(description="temperature, top_p, max_new_tokens, seed, engine")
+    judge: JudgeInfo = Field(
         description="`name`, `kind` (pointwise or pairwise), `details` (llm judge: answers asked, unparseable "
         "answers, pairs consistent / inconsistent across the two orders, how often each position was picked)")
     outcomes: Outcomes = Field(
         description="tuned vs base: counts `wins`, `ties`, `losses`, `unparseable` (left out of every rate), `n` "
         "(judged pairs); rates `win`, `tie`, `loss`; `win_rate` (a tie counts 1/2)")
-    scores: dict[str, Any] | None = Field(
+    scores: ScoreSummary | None = Field(
         description="pointwise judges: mean judge score `base` and `tuned`, and all values (`base_values`, "
         "`tuned_values`); `null` for pairwise judges")
-    lengths: dict[str, Any] = Field(
+    lengths: LengthSummary = Field(
         description="answer lengths in tokens: `histogram_edges` (shared), and per model `mean`, `median`, `min`, "
         "`max`, `histogram`, `values`")
     length_controlled: LengthControlled

@@ -343,22 +343,22 @@ def length_collapse(a: RunArtifacts) -> Finding | None:
     if a.eval is None or a.eval.generation is None:
         return None
     lengths = a.eval.generation.lengths
-    base, tuned = lengths["base"]["mean"], lengths["tuned"]["mean"]
-    b, t = base["value"], tuned["value"]
+    base, tuned = lengths.base.mean, lengths.tuned.mean
+    b, t = base.value, tuned.value
     if not (_finite(b) and _finite(t)) or b < MIN_COLLAPSE_BASE_TOKENS or t >= LENGTH_COLLAPSE_RATIO * b:
         return None
-    apart = _finite(tuned["ci"][1]) and _finite(base["ci"][0]) and tuned["ci"][1] < base["ci"][0]
+    apart = _finite(tuned.ci[1]) and _finite(base.ci[0]) and tuned.ci[1] < base.ci[0]
     if not apart:
         return None
     short = min(a.samples, key=lambda s: s.tuned_tokens) if a.samples else None
     return Finding(
         id="length_collapse", severity="warning", title="the tuned answers collapsed in length",
-        evidence=f"mean answer length {b:.1f} [{_f(base['ci'][0])}, {_f(base['ci'][1])}] (base) -> {t:.1f} "
-                 f"[{_f(tuned['ci'][0])}, {_f(tuned['ci'][1])}] (tuned) tokens, {t / b:.2f}x; flagged under "
+        evidence=f"mean answer length {b:.1f} [{_f(base.ci[0])}, {_f(base.ci[1])}] (base) -> {t:.1f} "
+                 f"[{_f(tuned.ci[0])}, {_f(tuned.ci[1])}] (tuned) tokens, {t / b:.2f}x; flagged under "
                  f"{LENGTH_COLLAPSE_RATIO}x with the intervals apart"
                  + (f"; the shortest tuned answer: {short.tuned[:80]!r}" if short else "") + ".",
         numbers={"mean_length_base": _r(b), "mean_length_tuned": _r(t), "ratio": _r(t / b),
-                 "base_ci": base["ci"], "tuned_ci": tuned["ci"]},
+                 "base_ci": base.ci, "tuned_ci": tuned.ci},
         meaning="DPO found that shorter answers win the training pairs and kept going past the length the judge "
                 "rewards: the answers stop early, or degenerate into a stock phrase. Common when the chosen "
                 "answers are shorter than the rejected in most pairs and the learning rate is high.",
@@ -407,25 +407,25 @@ def length_exploitation(a: RunArtifacts) -> Finding | None:
                  and matched.n >= MIN_BUCKET_PAIRS and matched.win_rate.value <= MATCHED_WIN_RATE_MAX
                  and (shorter.n < MIN_BUCKET_PAIRS or shorter.win_rate.value <= MATCHED_WIN_RATE_MAX))
     reg = gen.length_controlled.regression
-    len_base, len_tuned = gen.lengths["base"]["mean"]["value"], gen.lengths["tuned"]["mean"]["value"]
+    len_base, len_tuned = gen.lengths.base.mean.value, gen.lengths.tuned.mean.value
     by_regression = bool(
-        reg and reg["tuned_effect"]["ci"][0] <= 0 < reg["per_token"]["ci"][0]
+        reg and reg.tuned_effect.ci[0] <= 0 < reg.per_token.ci[0]
         and gen.outcomes.win_rate.value > 0.5 and len_base > 0 and len_tuned >= LENGTH_GROWTH * len_base)
     if not (by_bucket or by_regression):
         return None
     parts = [f"win rate {b.win_rate.value:.2f} among {b.bucket.replace('_', ' ')} pairs (n={b.n})"
              for b in (longer, matched, shorter) if b.n]
     if reg:
-        parts.append(f"judge score at equal length {reg['tuned_effect']['value']:+.3f} "
-                     f"[{reg['tuned_effect']['ci'][0]:+.3f}, {reg['tuned_effect']['ci'][1]:+.3f}], per extra token "
-                     f"{reg['per_token']['value']:+.4f}")
+        parts.append(f"judge score at equal length {reg.tuned_effect.value:+.3f} "
+                     f"[{reg.tuned_effect.ci[0]:+.3f}, {reg.tuned_effect.ci[1]:+.3f}], per extra token "
+                     f"{reg.per_token.value:+.4f}")
     return Finding(
         id="length_exploitation", severity="warning", title="wins come only with longer answers",
         evidence="; ".join(parts) + f"; mean length {len_base:.1f} (base) -> {len_tuned:.1f} (tuned) tokens.",
         numbers={"buckets": {b.bucket: {"n": b.n, "win_rate": b.win_rate.value if b.n else None}
                              for b in (shorter, matched, longer)},
                  "mean_length_base": _r(len_base), "mean_length_tuned": _r(len_tuned),
-                 "tuned_effect_at_equal_length": reg["tuned_effect"]["value"] if reg else None},
+                 "tuned_effect_at_equal_length": reg.tuned_effect.value if reg else None},
         meaning="Preference data and judges tend to favour longer answers, and DPO learns length as a shortcut: the "
                 "win rate measures verbosity rather than quality. A gain that holds among length-matched pairs is "
                 "real; this one does not.",
@@ -527,10 +527,10 @@ def generation_worse(result: EvalResult | None) -> str | None:
     if wr.n and wr.ci[1] is not None and wr.ci[1] < 0.5:
         return f"the tuned answers lose to the base's: win rate {wr.value:.2f} [{wr.ci[0]:.2f}, {wr.ci[1]:.2f}]"
     if gen.scores:
-        base, tuned = gen.scores["base"], gen.scores["tuned"]
-        if all(isinstance(x, (int, float)) and math.isfinite(x) for x in (base["ci"][0], tuned["ci"][1])) and \
-                tuned["ci"][1] < base["ci"][0]:
-            return f"the mean judge score fell: {base['value']:.3f} (base) -> {tuned['value']:.3f} (tuned)"
+        base, tuned = gen.scores.base, gen.scores.tuned
+        if all(isinstance(x, (int, float)) and math.isfinite(x) for x in (base.ci[0], tuned.ci[1])) and \
+                tuned.ci[1] < base.ci[0]:
+            return f"the mean judge score fell: {base.value:.3f} (base) -> {tuned.value:.3f} (tuned)"
     return None
 
 

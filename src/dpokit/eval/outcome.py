@@ -57,7 +57,7 @@ def score_change(result: EvalResult) -> Metric | None:
     gen = result.generation
     if gen is None or not gen.scores:
         return None
-    tuned, base = gen.scores.get("tuned_values"), gen.scores.get("base_values")
+    tuned, base = gen.scores.tuned_values, gen.scores.base_values
     if not tuned or not base or len(tuned) != len(base):
         return None
     return Metric.model_validate(interval([t - b for t, b in zip(tuned, base, strict=True)]))
@@ -87,7 +87,7 @@ def _numbers(result: EvalResult, wr: Metric, delta: Metric | None, lc: Metric | 
     gen = result.generation
     said = f"win rate {_ci(wr)} vs 0.5 ({gen.outcomes.wins} won, {gen.outcomes.ties} tied, {gen.outcomes.losses} lost)"
     if delta is not None:
-        said += (f"; mean judge score {gen.scores['base']['value']:.2f} -> {gen.scores['tuned']['value']:.2f}, "
+        said += (f"; mean judge score {gen.scores.base.value:.2f} -> {gen.scores.tuned.value:.2f}, "
                  f"change {_ci(delta, signed=True)}")
     if lc is not None:
         said += f"; length-controlled win rate {_ci(lc)}"
@@ -112,7 +112,7 @@ def judge_outcome(result: EvalResult | None, causes: list[str] | None = None) ->
     verb = {"better": "the tuned model beat the base", "worse": "the tuned model lost to the base",
             "no_change": "the tuned model is not measurably different from the base"}[direction]
     numbers = _numbers(result, wr, delta, lc)
-    line = f"{HEADLINE[direction]}: {verb} by the judge {gen.judge.get('name')} on {gen.n_samples} answers: {numbers}."
+    line = f"{HEADLINE[direction]}: {verb} by the judge {gen.judge.name} on {gen.n_samples} answers: {numbers}."
     if direction == "better" and lc is not None and _side(lc, 0.5) <= 0:
         line += " The length-controlled win rate's interval reaches 0.5: the gain may be length, not quality."
     if causes:
