@@ -1,0 +1,143 @@
+"""QLoRA: LoRA on a 4-bit (or 8-bit) bitsandbytes base, on the CPU with real bitsandbytes (no mocks): the run
+trains only the adapter, the reference is the adapter-disabled quantized base (no second copy), packing stays on
+and agrees with the padded layout, and every combination that cannot run stops at plan time with exit 2."""
+
+import math
+import sys
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import yaml
+
+from conftest import run_main, tiny_config
+from dpokit.core.batching import pad_pairs, sequence_logps
+from dpokit.core.config import config_from_dict
+from dpokit.core.errors import UserError
+from dpokit.core.packing import pack_pairs, packed_sequence_logps
+from dpokit.train import trainer as tr
+from dpokit.train.plan import plan_training
+
+
+def qlora_config(tmp_path, quantization="4bit", **train):
+    return config_from_dict(tiny_config(
+        tmp_path, model={"quantization": quantization},
+        train={"lora": {"r": 8, "alpha": 16}, "learning_rate": 5e-3, "max_steps": 6, "batch_size": 8,
+               "logging_steps": 1, **train},
+        eval={"enabled": False}))
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def trained_4bit(tmp_path_factory):
+    """A 6-step 4-bit LoRA run with gradient checkpointing, run stage by stage (run_training's recipe) so the
+    test sees the models: (setup, trainer, weights before, weights after, run folder)."""
+    tmp = tmp_path_factory.mktemp("qlora")
+    plan = plan_training(qlora_config(tmp, gradient_checkpointing=True))
+    s = tr.setup(plan)
+    before = snapshot(s.model)
+    tr.write_run_start(plan, s)
+    trainer = tr.build_trainer(plan, s, None)
+    output, checkpoint = tr.fit(plan, trainer)
+    tr.save(plan, s, trainer, output, 1.0, checkpoint)
+    return s, trainer, before, snapshot(s.model), plan.run_dir
+
+
+def test_base_is_4bit_and_the_reference_is_the_adapter_disabled_base(trained_4bit):
+    s, trainer, *_ = trained_4bit
+    layers = [m for m in s.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers; the LM head stays unquantized
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in layers)
+    assert s.ref_model is None and trainer.ref_model is None  # no second copy of the base
+    assert trainer.reference_forwards > 0  # the reference ran: the policy with its adapter disabled
+    norms = [p for n, p in s.model.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.float32 and not p.requires_grad for p in norms)
+
+
+def test_step0_is_ln2_loss_falls_and_only_the_adapter_changes(trained_4bit):
+    s, trainer, before, after, run_dir = trained_4bit
+    assert trainer.step0_check["policy_equals_reference"]
+    assert trainer.step0_check["sigmoid_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    losses = [row.loss for row in run_dir.read_metrics() if row.loss is not None]
+    assert len(losses) >= 5 and losses[-1] < losses[0] - 0.01, losses
+    lora = [n for n in before if "lora_" in n]
+    assert lora and all(not torch.equal(before[n], after[n]) for n in lora if "lora_B" in n)
+    frozen = [n for n in before if "lora_" not in n]
+    assert all(torch.equal(before[n], after[n]) for n in frozen)  # the uint8 NF4 bytes included
+    assert any(before[n].dtype == torch.uint8 for n in frozen)
+    trainable = {n for n, p in s.model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora)
+
+
+def test_packing_stays_on_and_packed_equals_padded_on_the_4bit_model(trained_4bit):
+    s, trainer, *_ = trained_4bit
+    assert trainer.attention_choice["backend"] == "dense"  # the start-up self-check passed on the 4-bit model
+    model = s.model.eval()
+    pairs = s.train_enc[:4]
+    pad = s.tokenizer.pad_token_id
+    with torch.no_grad():
+        packed = packed_sequence_logps(model, pack_pairs(pairs, pad))
+        padded = sequence_logps(model, pad_pairs(pairs, pad))
+    for side in ("chosen", "rejected"):
+        assert torch.allclose(packed[side], padded[side], atol=1e-4), (packed[side], padded[side])
+
+
+def test_saved_run_is_an_adapter(trained_4bit):
+    *_, run_dir = trained_4bit
+    assert run_dir.is_adapter()
+    assert run_dir.read_train_summary().reference == "adapter"
+
+
+def test_8bit_lora_trains(tmp_path):
+    cfg = qlora_config(tmp_path, "8bit", max_steps=3)
+    plan = plan_training(cfg)
+    s = tr.setup(plan)
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in s.model.modules())
+    before = snapshot(s.model)
+    trainer = tr.build_trainer(plan, s, None)
+    tr.write_run_start(plan, s)
+    tr.fit(plan, trainer)
+    after = snapshot(s.model)
+    assert trainer.step0_check["policy_equals_reference"]
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+
+
+@pytest.mark.parametrize(("change", "wanted"), [
+    ({"train": {"lora": None}}, ["model.quantization: 4bit trains LoRA adapters only", "train.lora"]),
+    ({"train": {"reference": "model"}}, ["train.reference: model would copy the 4bit base", "precomputed"]),
+    ({"train": {"engine": "trl"}}, ["train.engine: native"]),
+], ids=["full-fine-tune", "reference-copy", "trl"])
+def test_plan_refuses_what_a_quantized_base_cannot_run(tmp_path, change, wanted):
+    raw = tiny_config(tmp_path, model={"quantization": "4bit"}, train={"lora": {"r": 8}})
+    for section, values in change.items():
+        raw[section].update(values)
+    with pytest.raises(UserError) as err:
+        plan_training(config_from_dict(raw))
+    for text in wanted:
+        assert text in str(err.value)
+
+
+def test_plan_refuses_fsdp_with_4bit(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(UserError, match="asks for fsdp, which cannot shard bitsandbytes' 4bit weights"):
+        plan_training(qlora_config(tmp_path))
+
+
+def test_train_and_plan_without_bitsandbytes_exit_2_with_the_install_command(tmp_path, capfd, monkeypatch):
+    """bitsandbytes absent (None in sys.modules is how Python marks a module that cannot be imported): `dpokit
+    train` and `dpokit plan` stop with one line and the install command, before the tokenizer or weights load."""
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, model={"quantization": "4bit"}, train={"lora": {"r": 8}})))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    for command in ("train", "plan"):
+        proc = run_main(capfd, command, path)
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "model.quantization: 4bit needs bitsandbytes" in lines[0], proc.stderr
+        assert "pip install 'dpokit[quant]'" in lines[0]
+    assert not (tmp_path / "run").exists()
