@@ -2,6 +2,7 @@
 trains only the adapter, the reference is the adapter-disabled quantized base (no second copy), packing stays on
 and agrees with the padded layout, and every combination that cannot run stops at plan time with exit 2."""
 
+import json
 import math
 import sys
 
@@ -141,3 +142,55 @@ def test_train_and_plan_without_bitsandbytes_exit_2_with_the_install_command(tmp
         assert len(lines) == 1 and "model.quantization: 4bit needs bitsandbytes" in lines[0], proc.stderr
         assert "pip install 'dpokit[quant]'" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+# ---- dpokit plan: a Llama-3-8B-shaped model (config.json only, meta device) on one 24 GB GPU ----------------------
+
+@pytest.fixture(scope="module")
+def llama3_8b_config(tmp_path_factory):
+    """A run config for a Llama-3-8B-shaped model (its config.json written here, no weights) with the tiny
+    tokenizer: LoRA r16, one pair a batch, each prompt+response row 1,024 tokens (the prompt cut from the left)."""
+    from transformers import LlamaConfig
+
+    tmp = tmp_path_factory.mktemp("llama3")
+    LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                tie_word_embeddings=False).save_pretrained(tmp / "llama3-8b")
+    words = "the warm kind answer helps you with a smile and thanks".split()
+    rows = [{"prompt": " ".join(words[(i + j) % len(words)] for j in range(1500)),
+             "chosen": " ".join(words[(i + 2 * j) % len(words)] for j in range(900)),
+             "rejected": " ".join(words[(i + 3 * j) % len(words)] for j in range(900))} for i in range(8)]
+    data = tmp / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {"model": {"name_or_path": str(tmp / "llama3-8b"), "tokenizer": "dpokit-tiny-llama"},
+           "data": {"source": str(data), "format": "auto", "eval_fraction": 0.0, "max_length": 1024,
+                    "max_prompt_length": 512},
+           "train": {"lora": {"r": 16}, "batch_size": 1, "packing": True},
+           "eval": {"enabled": False}, "output": {"dir": str(tmp / "run")}}
+    path = tmp / "llama3.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_plan_llama3_8b_fits_24gb_with_a_4bit_base_not_without(llama3_8b_config, capfd):
+    runs = {}
+    for quantization in ("4bit", "none"):
+        proc = run_main(capfd, "plan", llama3_8b_config, "--gpu-memory", "24GB", "--json",
+                        "--set", f"model.quantization={quantization}")
+        assert proc.returncode == 0, proc.stderr
+        runs[quantization] = json.loads(proc.stdout)
+    q, full = runs["4bit"], runs["none"]
+    assert q["settings"]["largest_batch"]["width"] == 1536  # prompt 512 once + two 512-token responses
+    assert q["settings"]["params"] == 8_030_261_248  # Llama-3-8B
+    assert q["fits"] is True and full["fits"] is False, (q["peak_memory_mb"], full["peak_memory_mb"])
+    # weights by hand: the 2 x 128256 x 4096 embedding and head in bf16, the other 6.98e9 at 0.5 byte plus the
+    # double-quantized constants (1/64 byte + 4/16384), the LoRA weights in fp32
+    vocab_params = 2 * 128256 * 4096
+    linear = 8_030_261_248 - vocab_params - (2 * 32 + 1) * 4096
+    lora = q["settings"]["trainable_params"]
+    expected = (8_030_261_248 - linear) * 2 + linear * (0.5 + 1 / 64 + 4 / 16384) + 4 * lora
+    assert q["breakdown_mb"]["weights"] == pytest.approx(expected / 2**20, abs=0.1)
+    assert full["breakdown_mb"]["weights"] == pytest.approx((8_030_261_248 * 2 + 4 * lora) / 2**20, abs=0.1)
+    assert q["breakdown_mb"]["weights"] < 6000 < 15000 < full["breakdown_mb"]["weights"]
+    changes = [s["change"] for s in full["suggestions"] if s["fits"]]
+    assert any("4-bit base (QLoRA)" in c for c in changes), full["suggestions"]
