@@ -194,3 +194,85 @@ def test_plan_llama3_8b_fits_24gb_with_a_4bit_base_not_without(llama3_8b_config,
     assert q["breakdown_mb"]["weights"] < 6000 < 15000 < full["breakdown_mb"]["weights"]
     changes = [s["change"] for s in full["suggestions"] if s["fits"]]
     assert any("4-bit base (QLoRA)" in c for c in changes), full["suggestions"]
+
+
+# ---- evaluation, report and export of a 4-bit run -------------------------------------------------------------
+
+FRESH_PROCESS_SCORE = r"""
+import json, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from dpokit.core.scoring import pair_logps
+
+base_dir, adapter_dir, pairs_path, pad_id = sys.argv[1:5]
+pairs = json.load(open(pairs_path))
+base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+assert not getattr(base, "is_quantized", False)
+model = PeftModel.from_pretrained(base, adapter_dir).eval()
+tuned = pair_logps(model, pairs, int(pad_id))
+with model.disable_adapter():
+    ref = pair_logps(model, pairs, int(pad_id))
+wins = [(tc - bc) > (tr - br) for tc, bc, tr, br in zip(tuned["chosen"], ref["chosen"], tuned["rejected"], ref["rejected"])]
+print(json.dumps({"accuracy": sum(wins) / len(wins), "n": len(wins)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def evaluated_4bit(trained_4bit):
+    from dpokit.eval import evaluate_run
+
+    s, _, _, _, run_dir = trained_4bit
+    result = evaluate_run(run_dir.path, overrides=["eval.generate=false"])
+    return s, run_dir, result
+
+
+def test_evaluation_runs_on_the_4bit_model_and_the_report_names_it(evaluated_4bit, monkeypatch):
+    from dpokit.eval import load_tuned_and_base
+    from dpokit.report import training_rows
+
+    s, run_dir, result = evaluated_4bit
+    assert result.preference.n_pairs == len(s.eval_enc) > 0
+    tuned, base, _ = load_tuned_and_base(run_dir, run_dir.read_config())
+    assert base is None and any(isinstance(m, bnb.nn.Linear4bit) for m in tuned.modules())
+    rows = dict(training_rows(run_dir))
+    assert rows["quantization"] == "4-bit nf4 (bitsandbytes, double quantization) base, LoRA on top"
+
+
+def test_exported_adapter_loads_on_the_unquantized_base_in_a_fresh_process(evaluated_4bit, tmp_path):
+    """Plain transformers + peft, no dpokit loading code: the adapter goes onto the unquantized tiny base and
+    scores the held-out pairs within 0.02 implicit-reward accuracy of the run's own (4-bit) evaluation."""
+    import subprocess
+
+    from dpokit.core.models import resolve_model_path
+    from dpokit.export import export_run
+
+    s, run_dir, result = evaluated_4bit
+    out = export_run(run_dir.path, tmp_path / "adapter")
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == "dpokit-tiny-llama"  # as the user would name it
+    card = (out / "README.md").read_text()
+    assert "Trained on a quantized base (QLoRA): 4-bit nf4" in card and "unquantized base" in card
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                                 for p in s.eval_enc]))
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS_SCORE, resolve_model_path("dpokit-tiny-llama"),
+                           str(out), str(pairs), str(s.tokenizer.pad_token_id)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert fresh["n"] == result.preference.n_pairs
+    assert fresh["accuracy"] == pytest.approx(result.preference.implicit_reward_accuracy.value, abs=0.02)
+
+
+def test_merge_goes_onto_the_unquantized_base_and_a_quantized_merge_is_refused(evaluated_4bit, tmp_path):
+
+    from dpokit.export import export_run, merge_adapter
+
+    s, run_dir, _ = evaluated_4bit
+    out = export_run(run_dir.path, tmp_path / "merged", merge=True)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"  # fp32: the CPU run's precision
+    assert "merged onto the **unquantized** base weights in float32" in (out / "README.md").read_text()
+    with pytest.raises(UserError, match="--merge: the base is quantized"):
+        merge_adapter(s.model)
