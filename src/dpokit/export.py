@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from dpokit.core.errors import UserError
 from dpokit.core.io import chmod_tree_as_created, make_temp_dir
 from dpokit.core.models import load_model, load_model_and_tokenizer, portable_model_name, quiet_hf
+from dpokit.core.quant import describe, is_quantized
 from dpokit.core.run import RunDir
 
 
@@ -36,13 +37,35 @@ def load_export_model(run: RunDir, cfg, merge: bool):
     model_dir = run.model_dir
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
     if run.is_adapter():
-        base, _ = load_model_and_tokenizer(cfg.model, tokenizer=tokenizer)
+        # A quantized run's adapter goes onto the unquantized base, in the precision the run computed in: the
+        # adapter is the same either way, and a merge must not round the update into 4/8-bit weights.
+        base_cfg = cfg.model
+        if cfg.model.quantization != "none":
+            base_cfg = cfg.model.model_copy(update={"dtype": training_dtype(run)})
+        base, _ = load_model_and_tokenizer(base_cfg, tokenizer=tokenizer, quantize=False)
         model = PeftModel.from_pretrained(base, str(model_dir))
         if merge:
-            return model.merge_and_unload(), tokenizer, "merged"
+            return merge_adapter(model), tokenizer, "merged"
         return model, tokenizer, "adapter"
     model = load_model(str(model_dir), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     return model, tokenizer, "full"
+
+
+def training_dtype(run: RunDir) -> str:
+    """The dtype the run's layers computed in (train_summary's precision), as a model.dtype value."""
+    summary = run.read_train_summary()
+    precision = summary.precision if summary and summary.precision else "fp32"
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+
+
+def merge_adapter(model):
+    """LoRA folded into its base: refused on a quantized base, whose weights would be re-quantized with the
+    update added, rounding most of what training learned away (the adapter alone keeps it exactly)."""
+    if is_quantized(model):
+        raise UserError("--merge: the base is quantized (bitsandbytes); merging would re-quantize the weights and "
+                        "round the LoRA update away; export the adapter alone, or merge onto the unquantized base "
+                        "(dpokit export --merge loads it for quantized runs)")
+    return model.merge_and_unload()
 
 
 def generation_config_for(model, tokenizer):
@@ -86,6 +109,13 @@ def model_card(run: RunDir, cfg, kind: str) -> str:
         lines += ["This folder is a LoRA adapter: load it with `peft` on top of the base model.", ""]
     elif kind == "merged":
         lines += ["The LoRA adapter is merged into the base weights: a standalone model.", ""]
+    if cfg.model.quantization != "none":
+        lines += [f"Trained on a quantized base (QLoRA): {describe(cfg.model)}. "
+                  + ("This model is the adapter merged onto the **unquantized** base weights in "
+                     f"{training_dtype(run)}, not the quantized weights the adapter was trained and evaluated on; "
+                     "its scores can differ slightly from the evaluation below." if kind == "merged" else
+                     "The adapter loads onto the unquantized base (as in Usage), or onto the base quantized the same "
+                     "way (transformers' BitsAndBytesConfig) to reproduce the evaluated model exactly."), ""]
     lines += ["## Training data", "", "| field | value |", "|---|---|"]
     for key in ("source", "format", "n_train", "n_eval"):
         if key in report:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text
+from dpokit.core.quant import describe
 from dpokit.core.run import RunDir
 from dpokit.eval.doctor import NORMAL_SHAPES, diagnose, verdict
 from dpokit.eval.outcome import judge_outcome
@@ -264,6 +265,8 @@ def training_rows(run: RunDir) -> list[list[str]]:
                                     f"{', '.join(targets) if isinstance(targets, list) else targets}"])
     else:
         rows.append(["fine-tuning", "full (every weight trained)"])
+    if cfg.model.quantization != "none":  # QLoRA: the base computed quantized, in training and in evaluation
+        rows.append(["quantization", f"{describe(cfg.model)} base, LoRA on top"])
     rows += [["loss", f"{t.loss}, beta {t.beta:g}" + (f", sft_weight {t.sft_weight:g}" if t.sft_weight else "")],
              ["learning rate", f"{t.learning_rate:g} ({t.lr_scheduler}, warmup {t.warmup_steps} steps)"],
              ["batch", f"{t.batch_size} x {t.grad_accum} accumulation" + (", packed" if t.packing else "")]]

@@ -43,6 +43,16 @@ class ModelConfig(Section):
     allow_pickle_weights: bool = Field(
         False, description="Allow loading .bin (pickle) weights when no safetensors exist. Off for safety."
     )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the base model's linear layers quantized with bitsandbytes (pip install "
+        "'dpokit[quant]'): 4bit (QLoRA: ~0.5 byte per weight) or 8bit (LLM.int8: 1 byte). Only LoRA adapters train "
+        "on a quantized base; the reference is the base under the disabled adapter (or precomputed). docs/qlora.md.",
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type (model.quantization: 4bit): nf4 (NormalFloat, QLoRA's) or fp4.")
+    double_quant: bool = Field(
+        True, description="4-bit: quantize the quantization constants too (QLoRA's double quantization; saves about "
+        "0.37 bit per weight). The compute dtype follows train.precision.")
     token_env: str | None = Field(
         None, description="Name of the environment variable holding a hub access token (private models), e.g. "
         "HF_TOKEN. Only the name goes in the config; the value is never logged or written. None = hub default.",

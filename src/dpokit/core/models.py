@@ -22,6 +22,7 @@ import torch
 
 from dpokit.core.errors import UserError
 from dpokit.core.io import chmod_tree_as_created, make_temp_dir
+from dpokit.core.quant import bnb_config
 
 log = logging.getLogger(__name__)
 
@@ -295,14 +296,21 @@ def load_tokenizer(name_or_path: str, *, revision=None, trust_remote_code=False)
 
 
 def load_model(name_or_path: str, *, dtype: str = "auto", revision=None, trust_remote_code=False,
-               attn_implementation=None, allow_pickle_weights=False):
-    """Load a causal LM from a hub id, a folder or an alias, as safetensors unless pickle is allowed."""
+               attn_implementation=None, allow_pickle_weights=False, quantization_config=None):
+    """Load a causal LM from a hub id, a folder or an alias, as safetensors unless pickle is allowed.
+
+    `quantization_config`: a transformers BitsAndBytesConfig (dpokit.core.quant.bnb_config) for a quantized base;
+    bitsandbytes quantizes the weights on the device they load to (this process's GPU, else the CPU)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
     kwargs = dict(dtype=pick_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        # each launched process quantizes onto its own GPU; transformers would pick the current device
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"}
     if not allow_pickle_weights:
         kwargs["use_safetensors"] = True
     try:
@@ -319,8 +327,10 @@ def load_model(name_or_path: str, *, dtype: str = "auto", revision=None, trust_r
     return model
 
 
-def load_model_and_tokenizer(model_cfg, tokenizer=None):
-    """Both halves from a `ModelConfig` (pass `tokenizer` when it is already loaded)."""
+def load_model_and_tokenizer(model_cfg, tokenizer=None, precision: str = "auto", quantize: bool = True):
+    """Both halves from a `ModelConfig` (pass `tokenizer` when it is already loaded). A quantized base
+    (model.quantization) computes in `precision` (train.precision); `quantize=False` loads the unquantized
+    weights (dpokit export --merge)."""
     from dpokit.core.secrets import apply_token_env
 
     apply_token_env(model_cfg)
@@ -330,7 +340,8 @@ def load_model_and_tokenizer(model_cfg, tokenizer=None):
     model = load_model(model_cfg.name_or_path, dtype=model_cfg.dtype, revision=model_cfg.revision,
                        trust_remote_code=model_cfg.trust_remote_code,
                        attn_implementation=model_cfg.attn_implementation,
-                       allow_pickle_weights=model_cfg.allow_pickle_weights)
+                       allow_pickle_weights=model_cfg.allow_pickle_weights,
+                       quantization_config=bnb_config(model_cfg, precision) if quantize else None)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

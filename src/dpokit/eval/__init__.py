@@ -43,7 +43,7 @@ def load_run(run_dir: str | Path) -> RunConfig:
 
 def load_tuned_and_base(run: RunDir, cfg: RunConfig):
     """(tuned, base, tokenizer). With LoRA, `base` is None: the caller disables the adapter instead."""
-    base, tokenizer = load_model_and_tokenizer(cfg.model)
+    base, tokenizer = load_model_and_tokenizer(cfg.model, precision=cfg.train.precision)  # quantized as trained
     if run.is_adapter():
         return PeftModel.from_pretrained(base, str(run.model_dir)), None, tokenizer
     tuned = load_model(str(run.model_dir), dtype=cfg.model.dtype)

@@ -45,6 +45,8 @@ class ModelShape:
     lora_params: int = 0  # trainable LoRA parameters for the configured train.lora (0: full fine-tune)
     default_lora_params: int = 0  # for a default LoRA (r=16, all-linear): what the LoRA suggestion would train
     reference_params: int | None = None  # train.reference_model when it is another model
+    quantizable_params: int = 0  # weights of the linear layers bitsandbytes quantizes (all but the LM head)
+    largest_linear: int = 0  # weights of the largest of them (dequantized one at a time while it computes)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,29 @@ def lora_param_count(model, lora_cfg: LoraConfig) -> int:
     return total
 
 
+def quantized_bytes_per_param(quantization: str, double_quant: bool = True) -> float:
+    """Bytes per quantized weight (model.quantization). 4-bit: half a byte, plus one absmax constant per block of
+    64 weights, fp32 (4/64 byte a weight), or with double quantization 8-bit (1/64) plus an fp32 constant per 256
+    blocks. 8-bit (LLM.int8): one byte, plus one fp32 scale per output row (a few millionths of a byte: left out)."""
+    if quantization == "8bit":
+        return 1.0
+    if quantization == "4bit":
+        return 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
+    raise ValueError(f"not a quantization: {quantization!r}")
+
+
+def linear_weights(model) -> tuple[int, int]:
+    """(weights of every Linear / Conv1D layer but the output head, the largest one): what bitsandbytes quantizes
+    (transformers keeps the LM head unquantized)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    sizes = [m.weight.numel() for m in model.modules()
+             if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
+    return sum(sizes), max(sizes, default=0)
+
+
 def _meta_model(name_or_path: str, cfg: RunConfig):
     """The model built from its config on the meta device: exact parameter shapes, no memory, no weights read."""
     from accelerate import init_empty_weights
@@ -156,6 +181,7 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
+    quantizable, largest = linear_weights(model)
     reference_params = None
     if cfg.train.reference_model:
         ref, _ = _meta_model(cfg.train.reference_model, cfg)
@@ -165,7 +191,8 @@ def model_shape(cfg: RunConfig) -> ModelShape:
         vocab=embed.weight.shape[0], hidden=hidden, layers=layers, heads=heads, intermediate=intermediate,
         gated_mlp=any(n.endswith("gate_proj") for n, _ in model.named_modules()), tied=tied,
         lora_params=lora_param_count(model, cfg.train.lora) if cfg.train.lora else 0,
-        default_lora_params=lora_param_count(model, LoraConfig()), reference_params=reference_params)
+        default_lora_params=lora_param_count(model, LoraConfig()), reference_params=reference_params,
+        quantizable_params=quantizable, largest_linear=largest)
 
 
 def data_lengths(cfg: RunConfig) -> Lengths:
@@ -241,6 +268,16 @@ def _dtypes(cfg: RunConfig, target: Target) -> tuple[int, int, bool]:
     return weight, 2 if autocast else weight, autocast
 
 
+def weight_bytes(cfg: RunConfig, shape: ModelShape, w: int) -> float:
+    """The base model's weights: `w` bytes each, or with model.quantization the linear layers' quantized bytes (and
+    their constants) plus the rest (embeddings, LM head, norms) in the weights dtype."""
+    q = cfg.model.quantization
+    if q == "none":
+        return float(shape.params * w)
+    per = quantized_bytes_per_param(q, cfg.model.double_quant)
+    return (shape.params - shape.quantizable_params) * w + shape.quantizable_params * per
+
+
 def activation_bytes(shape: ModelShape, b: Batch, act: int, checkpointing: bool, eager: bool) -> float:
     """Tensors autograd keeps for the backward pass of one batch (the LM head's logits apart).
 
@@ -280,13 +317,17 @@ def estimate(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Target
     shard_states = n if target.sharding in ("zero2", "zero3") else 1
     shard_weights = n if target.sharding == "zero3" else 1
 
+    base_weights = weight_bytes(cfg, shape, w)
     parts: dict[str, float] = {
-        "weights": shape.params * w / shard_weights + (shape.lora_params * 4 if lora else 0),
+        "weights": base_weights / shard_weights + (shape.lora_params * 4 if lora else 0),
         "gradients": trainable * train_w / shard_states,
         "optimizer": 2 * trainable * train_w / shard_states,  # AdamW: exp_avg and exp_avg_sq, in the param dtype
     }
-    if autocast:
-        parts["autocast_weight_copies"] = shape.params * 2 / shard_weights
+    quantized = cfg.model.quantization != "none"
+    if autocast:  # bitsandbytes dequantizes its weights itself: autocast copies only the others
+        parts["autocast_weight_copies"] = (shape.params - quantized * shape.quantizable_params) * 2 / shard_weights
+    if quantized:  # one layer's weight dequantized to the compute dtype while it computes
+        parts["dequantized_layer"] = shape.largest_linear * act
     if reference == "model":
         parts["reference_model"] = (shape.reference_params or shape.params) * w
     eager = cfg.model.attn_implementation == "eager"
@@ -304,7 +345,7 @@ def estimate(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Target
         parts["cuda_context"] = CUDA_CONTEXT_MB * MB
     peak = sum(parts.values())
     if reference == "precomputed":  # an earlier phase: the reference forward over every pair, no gradients
-        pre = shape.params * w + logits_bytes(shape, worst.scored * reference_batch_size(cfg) / max(worst.pairs, 1),
+        pre = base_weights + logits_bytes(shape, worst.scored * reference_batch_size(cfg) / max(worst.pairs, 1),
                                               act, False)
         fixed = parts.get("runtime", 0.0) + parts.get("process", 0.0) + parts.get("cuda_context", 0.0)
         peak = max(peak, pre + fixed)
@@ -314,7 +355,7 @@ def estimate(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Target
     fits = None if limit is None else peak_mb <= limit
     time = time_per_epoch(cfg, shape, lengths, target, reference, all_batches)
     settings = {"device": target.device, "gpus": n, "sharding": target.sharding,
-                "weights_dtype_bytes": w, "activation_dtype_bytes": act, "trainable_params": trainable,
+                "weights_dtype_bytes": w, "activation_dtype_bytes": act, "quantization": cfg.model.quantization, "trainable_params": trainable,
                 "params": shape.params, "lora": lora, "reference": reference,
                 "gradient_checkpointing": t.gradient_checkpointing, "packing": t.packing,
                 "batch_size": t.batch_size, "max_tokens_per_batch": t.max_tokens_per_batch,
@@ -353,6 +394,22 @@ def time_per_epoch(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: 
 
 # ---- what to change --------------------------------------------------------------------------------------------
 
+def _qlora_options(cfg: RunConfig, shape: ModelShape, target: Target, reference: str) -> list[tuple]:
+    """The 4-bit base (QLoRA) suggestion: LoRA on NF4 weights, the reference the adapter-disabled base (a copy of
+    a quantized base is refused, dpokit.train.plan). For a full fine-tune it comes with the default LoRA."""
+    t = cfg.train
+    if cfg.model.quantization != "none":
+        return []
+    change = "--set model.quantization=4bit (4-bit base (QLoRA): NF4 weights, ~0.5 byte per parameter"
+    if t.lora is None:
+        change = "--set train.lora.r=16 " + change + ", LoRA all-linear"
+        shape = replace(shape, lora_params=shape.default_lora_params)
+    ref = "adapter" if reference == "model" and not t.reference_model else reference
+    update = {"train": t.model_copy(update={"lora": t.lora or LoraConfig()}),
+              "model": cfg.model.model_copy(update={"quantization": "4bit"})}
+    return [(change + "; pip install 'dpokit[quant]')", cfg.model_copy(update=update), target, shape, ref)]
+
+
 def suggestions(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Target, reference: str,
                 base: Estimate) -> list[dict]:
     """Each change that could make the run fit, with the peak it gives (the estimate re-run with that change)."""
@@ -364,6 +421,7 @@ def suggestions(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Tar
         ref = "adapter" if reference == "model" and not t.reference_model else reference
         options.append(("--set train.lora.r=16 (LoRA, all-linear; reference: the base under the disabled adapter)",
                         lora_cfg, target, lora_shape, ref))
+    options += _qlora_options(cfg, shape, target, reference)
     if reference in ("model", "adapter"):
         options.append(("--set train.reference=precomputed (reference log-probs once, before training)",
                         cfg, target, shape, "precomputed"))
@@ -378,7 +436,7 @@ def suggestions(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Tar
                         "keep the step size)",
                         cfg.model_copy(update={"train": t.model_copy(update={"max_tokens_per_batch": budget})}),
                         target, shape, reference))
-    if target.device == "cuda":
+    if target.device == "cuda" and cfg.model.quantization == "none":  # bitsandbytes' weights do not shard
         gpus = max(2, target.gpus * 2)
         options.append((f"--gpus {gpus} with ZeRO-3 / FSDP full shard (accelerate launch --config_file "
                         "configs/accelerate/fsdp.yaml)", cfg, replace(target, gpus=gpus, sharding="zero3"), shape,

@@ -16,8 +16,9 @@ from dpokit.core.config import RunConfig, check_paths
 from dpokit.core.errors import UserError
 from dpokit.core.judges import check_judge
 from dpokit.core.processes import is_main_process
+from dpokit.core.quant import bitsandbytes_problem
 from dpokit.core.run import RunDir
-from dpokit.train.distributed import launcher_problems
+from dpokit.train.distributed import launcher_problems, requested_strategy
 from dpokit.train.losses import loss_names, needs_reference, parse_loss_spec, terms_kind
 from dpokit.train.resilience import last_complete_checkpoint
 from dpokit.train.trackers import check_report_to
@@ -83,6 +84,7 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
     precision = check(pick_precision, cfg.train.precision) or (False, False)
     problems += check_report_to(cfg.train.report_to)
     problems += launcher_problems(cfg.train.engine)  # FSDP / ZeRO that would fall back
+    problems += quantization_problems(cfg, reference)
     check(check_paths, cfg, origin)
 
     evaluate = cfg.eval.enabled if evaluate is None else evaluate
@@ -106,6 +108,32 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
         raise UserError("; ".join(dict.fromkeys(problems)))  # each problem once, in the order found
     return TrainPlan(cfg=cfg, run_dir=run_dir, loss_terms=terms, reference=reference, bf16=precision[0],
                      fp16=precision[1], resume=resume, replace_run_dir=replace, evaluate=evaluate)
+
+
+def quantization_problems(cfg: RunConfig, reference: str | None) -> list[str]:
+    """model.quantization: what cannot run on a quantized base, each with its fix (docs/qlora.md)."""
+    q = cfg.model.quantization
+    if q == "none":
+        return []
+    key = f"model.quantization: {q}"
+    problems = []
+    missing = bitsandbytes_problem()
+    if missing:
+        problems.append(f"{key} needs bitsandbytes: {missing}")
+    if cfg.train.lora is None:
+        problems.append(f"{key} trains LoRA adapters only (quantized weights take no gradient updates); set "
+                        "train.lora (e.g. --set train.lora.r=16) or model.quantization: none for a full fine-tune")
+    if reference == "model" and not cfg.train.reference_model:
+        problems.append(f"train.reference: model would copy the {q} base; use reference: adapter (the quantized "
+                        "base under the disabled adapter, no second copy) or precomputed")
+    strategy = requested_strategy()
+    if strategy in ("fsdp", "deepspeed"):
+        problems.append(f"{key}: the accelerate launch config asks for {strategy}, which cannot shard bitsandbytes' "
+                        f"{q} weights; launch with configs/accelerate/ddp.yaml (each process holds the small "
+                        "quantized base) or set model.quantization: none")
+    if cfg.train.engine == "trl":
+        problems.append(f"{key}: train.engine: trl is not supported on a quantized base; use train.engine: native")
+    return problems
 
 
 def check_loss_kind(terms: list[tuple[str, float]], kind: str) -> None:

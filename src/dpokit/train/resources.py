@@ -33,6 +33,9 @@ def plan_resources(cfg: RunConfig, *, gpus: int = 1, gpu_memory_mb: float | None
     if tflops is not None and not tflops > 0:
         raise UserError(f"--tflops: {tflops} is not a throughput; give a positive number (TFLOP/s per device)")
     reference = plan_training(cfg, resume=resume, evaluate=evaluate, origin=origin).reference
+    if sharding == "zero3" and cfg.model.quantization != "none":
+        raise UserError(f"--shard zero3: bitsandbytes' {cfg.model.quantization} weights cannot be sharded; plan with "
+                        "--shard none or zero2 (each device holds the quantized base), or model.quantization: none")
     device = "cuda" if gpu_memory_mb is not None or torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if gpu_memory_mb is None:

@@ -35,6 +35,7 @@ from dpokit.core.io import chmod_tree_as_created
 from dpokit.core.models import load_model, load_model_and_tokenizer, load_tokenizer, quiet_hf
 from dpokit.core.packing import batch_logps, is_list_batch, list_logps
 from dpokit.core.processes import is_main_process, join_process_group, no_accelerator
+from dpokit.core.quant import bnb_config, is_quantized, prepare_for_kbit_training
 from dpokit.core.run import ReferenceEvalLogps, TrainSummary
 from dpokit.core.scoring import pairs_fingerprint
 from dpokit.core.secrets import apply_token_env
@@ -296,10 +297,11 @@ def disable_dropout(model) -> None:
 
 
 def load_reference_model(cfg: RunConfig):
-    """train.reference_model, loaded with the policy's dtype and safety settings."""
+    """train.reference_model, loaded with the policy's dtype, quantization and safety settings."""
     return load_model(cfg.train.reference_model, dtype=cfg.model.dtype,
                       trust_remote_code=cfg.model.trust_remote_code,
-                      allow_pickle_weights=cfg.model.allow_pickle_weights)
+                      allow_pickle_weights=cfg.model.allow_pickle_weights,
+                      quantization_config=bnb_config(cfg.model, cfg.train.precision))
 
 
 def build_reference(cfg: RunConfig, model, reference: str):
@@ -390,7 +392,8 @@ def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, 
     rank, world = join_process_group()  # joins the launcher's process group now, so each rank uses its own GPU
     ref = load_reference_model(cfg) if cfg.train.reference_model else model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ref.to(device)
+    if not is_quantized(ref):  # bitsandbytes placed a quantized model on its device as it loaded
+        ref.to(device)
     info = precompute(ref, train_enc, eval_enc, pad_id=tokenizer.pad_token_id,
                       template=getattr(tokenizer, "chat_template", None), max_length=cfg.data.max_length,
                       batch_size=reference_batch_size(cfg), packing=cfg.train.packing, refresh=refresh,
@@ -409,7 +412,9 @@ def setup(plan: TrainPlan, refresh_reference: bool = False) -> Setup:
                                trust_remote_code=cfg.model.trust_remote_code)
     data, train_enc, eval_enc = prepare_data(cfg, tokenizer)
     check_loss_kind(plan.loss_terms, data.kind)  # data.kind auto: the rows' kind is known only now
-    model, tokenizer = load_model_and_tokenizer(cfg.model, tokenizer=tokenizer)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, tokenizer=tokenizer, precision=cfg.train.precision)
+    if is_quantized(model):  # frozen base, fp32 norms, input gradients (for checkpointing): before any adapter
+        model = prepare_for_kbit_training(model, cfg.model.name_or_path)
     if cfg.train.disable_dropout:
         disable_dropout(model)
     init_from = cfg.train.lora.init_from if cfg.train.lora is not None else None
@@ -457,7 +462,7 @@ def held_out_reference_logps(eval_enc: list[dict]) -> ReferenceEvalLogps | None:
 def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
     cfg = plan.cfg
     args = training_arguments(plan, has_eval=bool(s.eval_enc))
-    if s.ref_model is not None:
+    if s.ref_model is not None and not is_quantized(s.ref_model):
         s.ref_model.to(args.device)
     if cfg.train.engine == "trl":
         trainer = build_trl_trainer(cfg, s.model, s.tokenizer, args, s.train_enc, s.eval_enc, s.ref_model,
