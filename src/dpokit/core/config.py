@@ -183,7 +183,7 @@ class EvalConfig(Section):
                                           "cache, own decode loop; 2-2.2x hf's tokens/s on a 2-core CPU) or hf "
                                           "(transformers' generate, the reference). Their random streams differ.")
     judge: str = Field("sentiment", description="Judge of tuned vs base answers: sentiment, reward-model, llm or "
-                       "python. See README 'Evaluate and report'.")
+                       "python. See docs/evaluation.md.")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="Options of the judge, e.g. "
                                           "{model: ./my-rm} or {base_url: http://127.0.0.1:8000/v1, model: m, "
                                           "api_key_env: OPENAI_API_KEY}.")
