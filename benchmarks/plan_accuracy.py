@@ -19,7 +19,7 @@ import torch
 
 from dpokit.core.config import load_config
 from dpokit.train.measure import measure
-from dpokit.train.plan import plan_resources
+from dpokit.train.resources import plan_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = ["model.name_or_path=smollm2-135m-instruct", "train.batch_size=4"]

@@ -100,3 +100,49 @@ def test_import_linter_contract_holds():
     res = subprocess.run([exe, "--no-cache"], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+
+
+def _declared_distributions() -> set[str]:
+    """Distribution names pyproject.toml declares: the dependencies and every extra, normalised (PEP 503)."""
+    import re
+
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    specs = list(project["dependencies"]) + [s for extra in project["optional-dependencies"].values() for s in extra]
+    return {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", s).group(0)).lower() for s in specs}
+
+
+def _top_level_imports(path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_third_party_import_is_declared_in_pyproject():
+    """A package imported by the code, the tests or the benchmarks must be declared by pyproject.toml itself (a
+    dependency or an extra), not arrive by chance as another package's dependency or by hand on this machine: CI
+    installs into a fresh virtualenv from the project's files alone."""
+    import importlib.metadata
+    import re
+
+    local = {"dpokit", "conftest", "throughput", "fsdp_worker"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    local |= {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    to_dist = importlib.metadata.packages_distributions()
+    declared = _declared_distributions()
+    files = [*(ROOT / "src").rglob("*.py"), *(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
+    assert len(files) > 50, files  # the walk found the tree
+    missing = {}
+    for path in files:
+        for name in _top_level_imports(path) - local - set(sys.stdlib_module_names):
+            dists = {re.sub(r"[-_.]+", "-", d).lower() for d in to_dist.get(name, [name])}
+            if not dists & declared:
+                missing.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    assert not missing, "imported but not declared in pyproject.toml: " + "; ".join(
+        f"{name} ({', '.join(sorted(paths)[:3])})" for name, paths in sorted(missing.items()))

@@ -3,6 +3,8 @@ fits verdict and its suggestions, and bad input. The --measure comparison is in 
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -115,7 +117,8 @@ def test_activation_estimate_matches_autograd_saved_tensors(tiny_llama, tiny_sha
 def test_fits_flips_with_the_limit_and_suggestions_lower_the_peak(tiny_cfg, tiny_shape, tiny_lengths):
     roomy = est.estimate(tiny_cfg, tiny_shape, tiny_lengths, est.Target("cuda", memory_mb=80 * 1024), "model")
     assert roomy.fits is True
-    small = est.Target("cuda", memory_mb=roomy.peak_memory_mb * 0.8)
+    assert roomy.breakdown_mb["cuda_context"] == est.CUDA_CONTEXT_MB  # fixed per device: no suggestion lowers it
+    small = est.Target("cuda", memory_mb=est.CUDA_CONTEXT_MB + (roomy.peak_memory_mb - est.CUDA_CONTEXT_MB) * 0.8)
     tight = est.estimate(tiny_cfg, tiny_shape, tiny_lengths, small, "model")
     assert tight.fits is False
     options = est.suggestions(tiny_cfg, tiny_shape, tiny_lengths, small, "model", tight)
@@ -162,9 +165,11 @@ def test_cli_json_fits_and_suggestions(capfd):
     (["--gpus", "0"], ["--gpus", "1 or more"]),
     (["--shard", "zero9"], ["--shard", "zero3"]),
     (["--set", "train.bta=1"], ["train.bta", "unknown key"]),
-], ids=["gpu-memory", "gpus", "shard", "config-key"])
-def test_bad_input_is_one_line_exit_2(args, needles, capfd):
-    res = run_main(capfd, "plan", CONFIGS / "tiny.yaml", *args)
+    # the static checks of `dpokit train` (plan_training) run in `dpokit plan` too: a mistyped judge passed before
+    (["--set", "eval.judge=sentimnt"], ["eval.judge", "sentimnt", "did you mean 'sentiment'"]),
+], ids=["gpu-memory", "gpus", "shard", "config-key", "judge"])
+def test_bad_input_is_one_line_exit_2(args, needles, capfd, tmp_path):
+    res = run_main(capfd, "plan", CONFIGS / "tiny.yaml", "--set", f"output.dir={tmp_path / 'run'}", *args)
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
@@ -179,3 +184,38 @@ def test_measure_tiny_within_25_percent():
     m = json.loads(res.stdout)["measured"]
     assert m["steps"] == 3 and m["seconds_per_step"] > 0
     assert 0.75 <= m["memory_ratio"] <= 1.25, m
+
+
+def test_plan_refuses_an_existing_run_folder_as_train_does(capfd, tmp_path):
+    """`dpokit train` stops at planning on a non-empty output.dir without --overwrite; so does `dpokit plan`, and
+    the same --overwrite lets both through (the plan deletes nothing)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "mine.txt").write_text("the user's file", encoding="utf-8")
+    common = ["plan", CONFIGS / "tiny.yaml", "--json", "--gpu-memory", "80GB", "--set", f"output.dir={run}"]
+    res = run_main(capfd, *common)
+    assert res.returncode == 2 and "output.dir" in res.stderr and "--overwrite" in res.stderr, res.stderr
+    assert res.stdout == ""
+    res = run_main(capfd, *common, "--overwrite")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (run / "mine.txt").read_text(encoding="utf-8") == "the user's file"
+
+
+@pytest.mark.slow
+def test_cpu_plan_total_is_the_peak_resident_memory_of_train(tmp_path):
+    """On the CPU the plan's total includes the training process itself (the `process` line), so it is within
+    25% of the peak resident memory of the same `dpokit train` (ru_maxrss of the child; what /usr/bin/time -v
+    reports). Without that line the plan said ~45 MB against a ~1 GB peak."""
+    sets = ["--set", f"output.dir={tmp_path / 'run'}"]
+    res = run_cli("plan", CONFIGS / "tiny.yaml", "--json", "--no-eval", *sets)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["settings"]["device"] == "cpu" and out["breakdown_mb"]["process"] > 300, out["breakdown_mb"]
+    # A fresh wrapper whose only child is the training, so its children's high-water mark is the training's.
+    wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+    res = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "dpokit", "train",
+                          str(CONFIGS / "tiny.yaml"), "--no-eval", *sets], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    peak_mb = int(res.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    assert 0.75 <= peak_mb / out["peak_memory_mb"] <= 1.25, (peak_mb, out["peak_memory_mb"], out["breakdown_mb"])

@@ -28,6 +28,11 @@ def plan(
     measure_steps: Annotated[int, typer.Option(help="Optimizer steps for --measure (the first is not timed).")] = 3,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config key: --set section.key=value (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Plan as `dpokit train --overwrite`: an existing "
+                                            "run folder will be replaced.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Plan as `dpokit train --resume`.")] = False,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Plan as `dpokit train --no-eval` (the judge is "
+                                          "then not checked).")] = False,
 ) -> None:
     """Estimate per-device peak memory and time per epoch from the config, tokenizer and data (no weights loaded);
     when the run will not fit, say what to change."""
@@ -38,11 +43,13 @@ def plan(
         raise UserError(f"--measure-steps: {measure_steps} is too few; give at least 2 (the first is not timed)")
     from dpokit.core.config import load_config
     from dpokit.train.estimate import parse_memory
-    from dpokit.train.plan import plan_resources
+    from dpokit.train.resources import plan_resources
 
     memory_mb = parse_memory(gpu_memory) if gpu_memory is not None else None
-    cfg = load_config(config, list(set_ or []), check_files=False)
-    result = plan_resources(cfg, gpus=gpus, gpu_memory_mb=memory_mb, sharding=shard, tflops=tflops, origin=config)
+    cfg = load_config(config, list(set_ or []) + (["output.overwrite=true"] if overwrite else []), check_files=False)
+    # Every static check of `dpokit train` with the same flags runs inside, before the tokenizer and data are read.
+    result = plan_resources(cfg, gpus=gpus, gpu_memory_mb=memory_mb, sharding=shard, tflops=tflops, origin=config,
+                            resume=resume, evaluate=False if no_eval else None)
     out = result.to_dict()
     if measure:
         from dpokit.train.measure import measure as run_measure

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dpokit.core.config import DataConfig, _format_validation_error, parse_override
+from dpokit.core.config import DataConfig, RunConfig, _format_validation_error, parse_override
 from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text, write_jsonl
 from dpokit.core.models import load_tokenizer
 from dpokit.core.templates import setup_chat_template
-from dpokit.data import load_preferences
+from dpokit.data import PreferenceData, load_preferences
 from dpokit.data.encode import encode_rows
 
 DEFAULT_TOKENIZER = "dpokit-tiny-llama"  # built locally, no download; pass --model for your model's token counts
@@ -25,6 +25,29 @@ OUTPUT_FILES = ("train.jsonl", "eval.jsonl", "report.json")
 class Prepared:
     data: object  # PreferenceData
     report: dict
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> tuple[PreferenceData, list[dict], list[dict]]:
+    """Canonical rows, their encodings and the data report. `data.train` keeps exactly the rows that were encoded
+    (pairs `data.truncation: drop` removed are gone), so `data/train.jsonl` is what was trained on."""
+    data = load_preferences(cfg.data)
+    setup_chat_template(tokenizer, cfg.data.chat_template)
+    kept_train: list[int] = []
+    kept_eval: list[int] = []
+    train_enc, train_counts = encode_rows(data.train, tokenizer, cfg.data, origin=cfg.data.source,
+                                          locations=data.train_locations, kept=kept_train)
+    eval_enc, eval_counts = encode_rows(data.eval, tokenizer, cfg.data, origin="eval split",
+                                        locations=data.eval_locations, kept=kept_eval)
+    if not train_enc:
+        raise UserError(
+            f"{cfg.data.source}: every pair was dropped as longer than data.max_length={cfg.data.max_length}; "
+            "raise max_length or set data.truncation: prompt_left"
+        )
+    data.train = [data.train[i] for i in kept_train]
+    data.eval = [data.eval[i] for i in kept_eval]
+    data.report.update(train_tokenization=train_counts, eval_tokenization=eval_counts,
+                       n_train=len(data.train), n_eval=len(data.eval))
+    return data, train_enc, eval_enc
 
 
 def data_config(source: str, overrides: dict, sets: list[str] | None = None):

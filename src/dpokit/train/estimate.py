@@ -25,6 +25,9 @@ DEFAULT_FLOPS = {"cpu_per_core": 2.0e10, "cuda": 3.0e14}
 # allocator arenas, lazily imported code). Measured once on dpokit-tiny-gpt2 (configs/tiny.yaml with that model,
 # `dpokit plan --measure`): 45.7 MB peak growth, of which 10.5 MB are the tensors below (docs/plan.md).
 CPU_RUNTIME_MB = 35.0
+# CUDA: the context torch creates on each device (kernels, cuBLAS/cuDNN handles), outside the allocator's count;
+# a few hundred MB on recent drivers, more with lazy module loading off. A typical figure, not measured here.
+CUDA_CONTEXT_MB = 500.0
 SHARDING = ("none", "zero2", "zero3")  # zero3 = FSDP full shard
 
 
@@ -60,6 +63,7 @@ class Target:
     memory_mb: float | None = None  # per device; None = unknown (fits is then None)
     flops_per_second: float = DEFAULT_FLOPS["cuda"]  # per device
     sharding: str = "none"
+    process_mb: float = 0.0  # CPU: the training process before its first tensor (interpreter and libraries)
 
 
 @dataclass
@@ -165,10 +169,10 @@ def model_shape(cfg: RunConfig) -> ModelShape:
 
 
 def data_lengths(cfg: RunConfig) -> Lengths:
-    """Tokenize the training pairs exactly as training does (dpokit.train.trainer.prepare_data): same template,
+    """Tokenize the training pairs exactly as training does (dpokit.data.prepare.prepare_data): same template,
     truncation and split, so the lengths are the ones the batches will have."""
     from dpokit.core.models import load_tokenizer
-    from dpokit.train.trainer import prepare_data
+    from dpokit.data.prepare import prepare_data
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code)
@@ -295,11 +299,15 @@ def estimate(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Target
     parts["logits"] = head
     if target.device == "cpu":
         parts["runtime"] = CPU_RUNTIME_MB * MB
+        parts["process"] = target.process_mb * MB  # the interpreter and libraries: the host is the device
+    else:
+        parts["cuda_context"] = CUDA_CONTEXT_MB * MB
     peak = sum(parts.values())
     if reference == "precomputed":  # an earlier phase: the reference forward over every pair, no gradients
         pre = shape.params * w + logits_bytes(shape, worst.scored * cfg.eval.batch_size / max(worst.pairs, 1),
                                               act, False)
-        peak = max(peak, pre + parts.get("runtime", 0.0))
+        fixed = parts.get("runtime", 0.0) + parts.get("process", 0.0) + parts.get("cuda_context", 0.0)
+        peak = max(peak, pre + fixed)
     breakdown = {k: round(v / MB, 1) for k, v in parts.items()}
     limit = target.memory_mb
     peak_mb = round(peak / MB, 1)

@@ -3,11 +3,12 @@
 Each measurement runs in a fresh Python process (`python -m dpokit.train.measure SPEC.json`), so earlier work in the
 caller's process cannot raise its peak. The child imports the whole training stack first, then takes its baseline:
 
-- CPU: peak resident memory growth over that baseline. After the imports the child resets the kernel's high-water
-  mark (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0) and reads `VmHWM` from /proc/self/status at the end, minus
-  the `VmRSS` at the reset. Where the reset is refused it falls back to `VmHWM` minus that `VmRSS` (imports only
-  grow memory, so the high-water mark at that point equals the RSS within the imports' transient peaks).
-- CUDA: `torch.cuda.max_memory_allocated()` (tensors only, as the estimate counts them).
+- CPU: the process's peak resident memory, what `/usr/bin/time -v` reports and what the plan's total (with its
+  `process` line) predicts. After the imports the child resets the kernel's high-water mark
+  (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0), so transient peaks while importing do not count, and reads
+  `VmHWM` from /proc/self/status at the end. The RSS after the imports is reported as `baseline_mb`.
+- CUDA: `torch.cuda.max_memory_allocated()` plus the CUDA context (device memory in use before training that the
+  allocator does not hold), as the plan counts them.
 
 Time: the mean wall time of the optimizer steps after the first (the first pays for lazy initialisation).
 """
@@ -103,17 +104,20 @@ def _child(spec_path: str) -> dict:
     baseline_kib = _status_kib("VmRSS") or 0
     reset = _reset_peak_rss()
     if cuda:
+        torch.zeros(1, device="cuda")  # creates the CUDA context, so it can be measured before training
+        free, total = torch.cuda.mem_get_info()
+        context_mb = (total - free - torch.cuda.memory_reserved()) / 2**20
         torch.cuda.reset_peak_memory_stats()
     timer = StepTimer()
     run_training(cfg, callbacks=[timer])
-    if cuda:
-        peak_mb, base_mb = torch.cuda.max_memory_allocated() / 2**20, 0.0
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        peak_mb = ((_status_kib("VmHWM") or 0) - baseline_kib) / 1024
+    if cuda:  # per device, as planned: the allocator's peak plus the context (its own line in the plan)
+        peak_mb, base_mb = torch.cuda.max_memory_allocated() / 2**20 + context_mb, context_mb
+        method = "torch.cuda.max_memory_allocated + the CUDA context (mem_get_info before training)"
+    else:  # the whole process, as planned: on the CPU the host is the device
+        peak_mb = (_status_kib("VmHWM") or 0) / 1024
         base_mb = baseline_kib / 1024
-        method = ("VmHWM growth over the RSS after imports (high-water mark reset)" if reset
-                  else "VmHWM growth over the RSS after imports (no reset)")
+        method = ("peak resident memory (VmHWM; high-water mark reset after the imports)" if reset
+                  else "peak resident memory (VmHWM, imports included)")
     timed = timer.times[1:] or timer.times
     return {"device": "cuda" if cuda else "cpu", "peak_memory_mb": round(peak_mb, 1), "baseline_mb": round(base_mb, 1),
             "method": method, "steps": len(timer.times),

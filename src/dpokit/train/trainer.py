@@ -36,10 +36,9 @@ from dpokit.core.models import load_model, load_model_and_tokenizer, load_tokeni
 from dpokit.core.packing import batch_logps, is_list_batch, list_logps
 from dpokit.core.run import DataReport, TrainSummary
 from dpokit.core.secrets import apply_token_env
-from dpokit.core.templates import setup_chat_template
 from dpokit.core.threads import apply_num_threads, cpu_load_of_others, oversubscription_warning
-from dpokit.data import PreferenceData, load_preferences
-from dpokit.data.encode import encode_rows
+from dpokit.data import PreferenceData
+from dpokit.data.prepare import prepare_data
 from dpokit.train.console import ConsoleCallback
 from dpokit.train.distributed import CpuFsdpMixin, check_strategy, distributed_summary
 from dpokit.train.feedback import feedback_inputs, feedback_metrics
@@ -376,29 +375,6 @@ class Setup:
     eval_enc: list[dict]
     ref_model: object | None
     precomputed: dict | None
-
-
-def prepare_data(cfg: RunConfig, tokenizer) -> tuple[PreferenceData, list[dict], list[dict]]:
-    """Canonical rows, their encodings and the data report. `data.train` keeps exactly the rows that were encoded
-    (pairs `data.truncation: drop` removed are gone), so `data/train.jsonl` is what was trained on."""
-    data = load_preferences(cfg.data)
-    setup_chat_template(tokenizer, cfg.data.chat_template)
-    kept_train: list[int] = []
-    kept_eval: list[int] = []
-    train_enc, train_counts = encode_rows(data.train, tokenizer, cfg.data, origin=cfg.data.source,
-                                          locations=data.train_locations, kept=kept_train)
-    eval_enc, eval_counts = encode_rows(data.eval, tokenizer, cfg.data, origin="eval split",
-                                        locations=data.eval_locations, kept=kept_eval)
-    if not train_enc:
-        raise UserError(
-            f"{cfg.data.source}: every pair was dropped as longer than data.max_length={cfg.data.max_length}; "
-            "raise max_length or set data.truncation: prompt_left"
-        )
-    data.train = [data.train[i] for i in kept_train]
-    data.eval = [data.eval[i] for i in kept_eval]
-    data.report.update(train_tokenization=train_counts, eval_tokenization=eval_counts,
-                       n_train=len(data.train), n_eval=len(data.eval))
-    return data, train_enc, eval_enc
 
 
 def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, refresh: bool = False) -> dict:
