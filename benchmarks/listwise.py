@@ -40,7 +40,7 @@ from dpokit.data import load_preferences  # noqa: E402
 from dpokit.data.encode import encode_rows  # noqa: E402
 from dpokit.eval.likelihood import ranking_metrics  # noqa: E402
 from dpokit.train.feedback import feedback_inputs  # noqa: E402
-from dpokit.train.losses import LOSSES, PairLogps  # noqa: E402
+from dpokit.train.losses import REGISTRY, PairLogps  # noqa: E402
 
 DATA = ROOT / "configs" / "data" / "tiny_ranked.jsonl"
 
@@ -83,12 +83,12 @@ def throughput(args) -> dict:
 
     def list_step(m, batch):
         policy, _ = list_logps(m, batch)
-        return LOSSES["listwise_pl"][0](feedback_inputs(policy, batch["ref_logps"], batch), cfg).mean()
+        return REGISTRY["listwise_pl"].fn(feedback_inputs(policy, batch["ref_logps"], batch), cfg).mean()
 
     def pair_step(m, batch):
         out = packed_sequence_logps(m, batch)
         lp = PairLogps(out["chosen"], out["rejected"], batch["ref_chosen_logps"], batch["ref_rejected_logps"])
-        return LOSSES["sigmoid"][0](lp, cfg).mean()
+        return REGISTRY["sigmoid"].fn(lp, cfg).mean()
 
     model.train()
     epoch(model, list_batches[:2], list_step), epoch(model, pair_batches[:2], pair_step)  # warm-up

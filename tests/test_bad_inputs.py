@@ -173,7 +173,7 @@ def _case_bf16_on_cpu(tmp_path):
 
 
 def _case_trl_unsupported_loss(tmp_path):
-    # `dpokit losses`: simpo is native-only (losses.TRL_LOSSES has no simpo).
+    # `dpokit losses`: simpo is native-only (simpo's registry record has no trl_name).
     cfg = _config(tmp_path, train={"engine": "trl", "loss": "simpo"})
     return cfg, ["train.engine", "trl", "simpo", "engine: native"]
 

@@ -106,3 +106,14 @@ def test_a_run_folders_config_yaml_loads_as_a_config(tmp_path):
     run.write_config(cfg)
     assert "schema_version" in run.config.read_text()
     assert load_config(run.config) == cfg
+
+
+def test_reference_batch_size_defaults_to_eval_batch_size_and_can_be_set_alone():
+    """train.reference_batch_size sets the reference precompute's batch; unset, eval.batch_size does, as it did
+    before the key existed, so old configs keep their cache batches."""
+    from dpokit.core.config import config_from_dict, reference_batch_size
+
+    base = {"model": {"name_or_path": "dpokit-tiny-llama"}, "data": {"source": "x.jsonl"}, "eval": {"batch_size": 5}}
+    assert reference_batch_size(config_from_dict(base, "t")) == 5
+    cfg = config_from_dict({**base, "train": {"reference_batch_size": 32}}, "t")
+    assert reference_batch_size(cfg) == 32 and cfg.eval.batch_size == 5

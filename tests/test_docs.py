@@ -54,12 +54,12 @@ def test_run_folder_and_eval_json_tables_match_the_artifact_models():
 
 
 def test_readme_loss_table_matches_the_loss_registry():
-    from dpokit.train.losses import LOSSES, loss_table_markdown
+    from dpokit.train.losses import REGISTRY, loss_table_markdown
 
     text = README.read_text(encoding="utf-8")
-    assert _generated_block(text, "<!-- loss table: generated from dpokit.train.losses.LOSS_DOCS, tests/test_docs.py -->") \
+    assert _generated_block(text, "<!-- loss table: generated from dpokit.train.losses.REGISTRY, tests/test_docs.py -->") \
         == loss_table_markdown()
-    assert all(f"| `{name}` |" in text for name in LOSSES)
+    assert all(f"| `{name}` |" in text for name in REGISTRY)
 
 
 def test_readme_is_short_and_keeps_the_ci_commands():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpokit.train.losses import (
-    LOSSES,
+    REGISTRY,
     ListLogps,
     PairLogps,
     UnpairedLogps,
@@ -62,26 +62,28 @@ def direct(name, pw, pl, rw, rl, nw, nl, c=CFG):
 
 @pytest.mark.parametrize("name", loss_names("pair"))
 def test_loss_matches_direct_formula(name):
-    got = LOSSES[name][0](lp_tensors(), CFG)
+    got = REGISTRY[name].fn(lp_tensors(), CFG)
     want = [direct(name, *p) for p in PAIRS]
     assert got.tolist() == pytest.approx(want, rel=1e-12, abs=1e-12)
 
 
 def test_every_loss_has_a_tested_formula_and_a_paper():
-    for name, (fn, _) in LOSSES.items():
+    for name, record in REGISTRY.items():
+        fn = record.fn
+        assert record.name == name and record.formula and "20" in record.paper, name
         assert fn.__doc__ and "20" in fn.__doc__ and "L" in fn.__doc__, name  # a formula and a paper year
 
 
 def test_sft_batch_mean_is_token_mean_nll():
     lp = lp_tensors()
-    assert LOSSES["sft"][0](lp, CFG).mean().item() == pytest.approx(-sum(p[0] for p in PAIRS) / sum(p[4] for p in PAIRS))
+    assert REGISTRY["sft"].fn(lp, CFG).mean().item() == pytest.approx(-sum(p[0] for p in PAIRS) / sum(p[4] for p in PAIRS))
 
 
 def test_cdpo_zero_smoothing_is_dpo_and_robust_zero_is_dpo():
     c0 = SimpleNamespace(beta=0.3, label_smoothing=0.0, simpo_gamma=0.0)
     lp = lp_tensors()
-    dpo = LOSSES["sigmoid"][0](lp, c0)
-    assert torch.allclose(LOSSES["robust"][0](lp, c0), dpo)
+    dpo = REGISTRY["sigmoid"].fn(lp, c0)
+    assert torch.allclose(REGISTRY["robust"].fn(lp, c0), dpo)
     assert dpo.tolist() == pytest.approx([-logsig(0.3 * ((p[0] - p[2]) - (p[1] - p[3]))) for p in PAIRS])
 
 
@@ -90,7 +92,7 @@ def test_sigmoid_gradient_is_beta_times_paper_weight():
     (Rafailov et al. 2023, Sec. 4 "What does the DPO update do?"), by hand on the constructed log-probs."""
     c = SimpleNamespace(beta=0.3, label_smoothing=0.0, simpo_gamma=0.0)
     lp = lp_tensors(requires_grad=True)
-    LOSSES["sigmoid"][0](lp, c).sum().backward()
+    REGISTRY["sigmoid"].fn(lp, c).sum().backward()
     for i, (pw, pl, rw, rl, _, _) in enumerate(PAIRS):
         r_w, r_l = c.beta * (pw - rw), c.beta * (pl - rl)
         weight = 1 / (1 + math.exp(-(r_l - r_w)))  # sigma(r_l - r_w)
@@ -101,7 +103,7 @@ def test_sigmoid_gradient_is_beta_times_paper_weight():
 def test_combined_loss_is_weighted_sum():
     lp = lp_tensors()
     terms = parse_loss_spec("sigmoid:1.0,ipo:0.25", sft_weight=0.5)
-    want = LOSSES["sigmoid"][0](lp, CFG) + 0.25 * LOSSES["ipo"][0](lp, CFG) + 0.5 * LOSSES["sft"][0](lp, CFG)
+    want = REGISTRY["sigmoid"].fn(lp, CFG) + 0.25 * REGISTRY["ipo"].fn(lp, CFG) + 0.5 * REGISTRY["sft"].fn(lp, CFG)
     assert torch.allclose(combined_loss(terms, lp, CFG), want)
 
 
@@ -146,12 +148,12 @@ def _list(policy, ref, scores, mask=None):
 def test_listwise_pl_with_two_responses_is_dpo_sigmoid_exactly():
     c = SimpleNamespace(beta=0.3, label_smoothing=0.0, simpo_gamma=0.0)
     lp = lp_tensors()
-    dpo = LOSSES["sigmoid"][0](lp, c)
+    dpo = REGISTRY["sigmoid"].fn(lp, c)
     lists = ListLogps(policy=torch.stack([lp.chosen, lp.rejected], 1), ref=torch.stack([lp.ref_chosen, lp.ref_rejected], 1),
                       scores=torch.tensor([[1.0, 0.0]] * len(PAIRS)), mask=torch.ones(len(PAIRS), 2, dtype=torch.bool))
     # Equal as formulas; in float64 the two evaluation orders (logsumexp vs logsigmoid) agree to a few ulps.
-    assert torch.allclose(LOSSES["listwise_pl"][0](lists, c), dpo, rtol=1e-14, atol=0)
-    assert torch.allclose(LOSSES["listwise_pairs"][0](lists, c), dpo, rtol=1e-14, atol=0)
+    assert torch.allclose(REGISTRY["listwise_pl"].fn(lists, c), dpo, rtol=1e-14, atol=0)
+    assert torch.allclose(REGISTRY["listwise_pairs"].fn(lists, c), dpo, rtol=1e-14, atol=0)
 
 
 def test_listwise_pl_matches_hand_computation_for_three():
@@ -164,7 +166,7 @@ def test_listwise_pl_matches_hand_computation_for_three():
     lp = _list([[-10.0, -12.0, -14.0], [-14.0, -12.0, -10.0]], [[-12.0] * 3] * 2, [[3, 2, 1], [3, 2, 1]])
     e = math.e
     want = [math.log(e + 1 + 1 / e) - 1 + math.log(1 + 1 / e), math.log(e + 1 + 1 / e) + 1 + math.log(1 + e)]
-    assert LOSSES["listwise_pl"][0](lp, c).tolist() == pytest.approx(want, rel=1e-12)
+    assert REGISTRY["listwise_pl"].fn(lp, c).tolist() == pytest.approx(want, rel=1e-12)
 
 
 def test_listwise_pairs_matches_hand_computation_and_skips_ties_and_padding():
@@ -174,16 +176,16 @@ def test_listwise_pairs_matches_hand_computation_and_skips_ties_and_padding():
     lp = _list([[-10.0, -12.0, -14.0], [-11.0, -13.0, 0.0]], [[-12.0] * 3] * 2, [[5, 4, 4], [2, 1, 0]],
                mask=[[True, True, True], [True, True, False]])
     want = [-logsig(1.0) - logsig(2.0), -logsig(1.0)]
-    assert LOSSES["listwise_pairs"][0](lp, c).tolist() == pytest.approx(want, rel=1e-12)
+    assert REGISTRY["listwise_pairs"].fn(lp, c).tolist() == pytest.approx(want, rel=1e-12)
     # Plackett-Luce ignores the padded third entry: a two-response list, -log s(r_1 - r_2)
-    assert LOSSES["listwise_pl"][0](lp, c)[1].item() == pytest.approx(-logsig(1.0), rel=1e-12)
+    assert REGISTRY["listwise_pl"].fn(lp, c)[1].item() == pytest.approx(-logsig(1.0), rel=1e-12)
 
 
 def test_listwise_pl_gradient_is_finite_with_padding():
     c = SimpleNamespace(beta=0.5)
     lp = _list([[-10.0, -12.0, 0.0]], [[-12.0] * 3], [[2, 1, 0]], mask=[[True, True, False]])
     lp.policy.requires_grad_(True)
-    LOSSES["listwise_pl"][0](lp, c).sum().backward()
+    REGISTRY["listwise_pl"].fn(lp, c).sum().backward()
     assert torch.isfinite(lp.policy.grad).all() and lp.policy.grad[0, 2] == 0
 
 
@@ -201,10 +203,10 @@ def test_kto_matches_hand_computation():
     z0 = 0.45
     want = [1.5 * (1 - sig(0.5 * (1.0 - z0))), 0.7 * (1 - sig(0.5 * (z0 + 2.0))), 1.5 * (1 - sig(0.5 * (0.2 - z0))),
             0.7 * (1 - sig(0.5 * (z0 - 0.45)))]
-    assert LOSSES["kto"][0](lp, c).tolist() == pytest.approx(want, rel=1e-12)
+    assert REGISTRY["kto"].fn(lp, c).tolist() == pytest.approx(want, rel=1e-12)
     lp.kl_policy = lp.kl_ref - 1.0  # KL estimate -1: clamped to 0
     want0 = [1.5 * (1 - sig(0.5)), 0.7 * (1 - sig(1.0)), 1.5 * (1 - sig(0.1)), 0.7 * (1 - sig(-0.225))]
-    assert LOSSES["kto"][0](lp, c).tolist() == pytest.approx(want0, rel=1e-12)
+    assert REGISTRY["kto"].fn(lp, c).tolist() == pytest.approx(want0, rel=1e-12)
 
 
 def test_kto_reference_point_is_detached():
@@ -213,7 +215,7 @@ def test_kto_reference_point_is_detached():
     lp = UnpairedLogps(policy=torch.tensor([-3.0, -4.0], dtype=torch.float64, requires_grad=True),
                        ref=torch.tensor([-3.5, -3.0], dtype=torch.float64), label=torch.tensor([True, False]),
                        kl_policy=kl_policy, kl_ref=torch.tensor([-2.0, -2.5], dtype=torch.float64))
-    LOSSES["kto"][0](lp, c).sum().backward()
+    REGISTRY["kto"].fn(lp, c).sum().backward()
     assert kl_policy.grad is None and lp.policy.grad.abs().sum() > 0
 
 

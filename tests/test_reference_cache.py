@@ -86,17 +86,17 @@ def _pairs(n, vocab, seed):
 
 
 def test_data_fingerprint_covers_every_field_and_the_split():
-    from dpokit.train.reference import fingerprint_pairs
+    from dpokit.core.scoring import pairs_fingerprint
 
     pairs = _pairs(4, 100, seed=0)
-    base = fingerprint_pairs(pairs[:3], pairs[3:])
+    base = pairs_fingerprint(pairs[:3], pairs[3:])
     changed = set()
     for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
         edited = [dict(p) for p in pairs]
         edited[1][field] = edited[1][field] + [7]
-        changed.add(fingerprint_pairs(edited[:3], edited[3:]))
+        changed.add(pairs_fingerprint(edited[:3], edited[3:]))
     assert len(changed) == 3 and base not in changed
-    assert fingerprint_pairs(pairs[:2], pairs[2:]) != base  # values are stored by position within each split
+    assert pairs_fingerprint(pairs[:2], pairs[2:]) != base  # values are stored by position within each split
 
 
 def _precompute(model, tok, train, evals, **kw):
@@ -145,7 +145,8 @@ def test_precompute_split_over_processes_reassembles_in_pair_order(tiny_llama, t
 def test_eval_reuses_the_held_out_reference_logps_and_equals_recomputing_them(tmp_path, monkeypatch, lora):
     """With reference: precomputed, training already scored the held-out pairs under the base model: evaluation
     takes those values (one spot-check batch instead of a forward over every held-out pair) and its preference
-    metrics equal an evaluation that recomputes them (the cache file deleted)."""
+    metrics equal an evaluation that recomputes them (the run folder's copy deleted). The values are read from the
+    run folder (data/reference_eval_logps.json), never from the shared cache: deleting the cache changes nothing."""
     import os
 
     import dpokit.eval
@@ -163,8 +164,11 @@ def test_eval_reuses_the_held_out_reference_logps_and_equals_recomputing_them(tm
                                                                      "batch_size": 4}))
     run_dir = run_training(cfg).run_dir
     cache_file = json.loads((run_dir / "train_summary.json").read_text())["reference_cache"]["path"]
-    n_eval = len(json.loads(open(cache_file).read())["eval"])
+    held_out = run_dir / "data" / "reference_eval_logps.json"
+    n_eval = len(json.loads(held_out.read_text())["chosen"])
     assert n_eval > 4  # more than the spot-check batch
+    assert json.loads(held_out.read_text())["chosen"] == [c for c, _ in json.loads(open(cache_file).read())["eval"]]
+    os.unlink(cache_file)  # evaluation reads only the run folder
 
     rows_scored = []
     real_pair_logps = dpokit.eval.pair_logps
@@ -177,14 +181,15 @@ def test_eval_reuses_the_held_out_reference_logps_and_equals_recomputing_them(tm
     reused = evaluate_run(run_dir).preference.model_dump()
     assert sorted(rows_scored) == [4, n_eval]  # the spot-check batch, then the tuned model
     # Values of another reference (shifted by 0.5 nats) fail the spot check: everything is recomputed.
-    stored = json.loads(open(cache_file).read())
-    stored["eval"] = [[c + 0.5, r + 0.5] for c, r in stored["eval"]]
-    open(cache_file, "w").write(json.dumps(stored))
+    stored = json.loads(held_out.read_text())
+    stored["chosen"] = [c + 0.5 for c in stored["chosen"]]
+    stored["rejected"] = [r + 0.5 for r in stored["rejected"]]
+    held_out.write_text(json.dumps(stored))
     rows_scored.clear()
     guarded = evaluate_run(run_dir).preference.model_dump()
     assert sorted(rows_scored) == [4, n_eval, n_eval]
     rows_scored.clear()
-    os.unlink(cache_file)
+    os.unlink(held_out)
     recomputed = evaluate_run(run_dir).preference.model_dump()
     assert rows_scored == [n_eval, n_eval]
     assert json.dumps(guarded, sort_keys=True) == json.dumps(recomputed, sort_keys=True)

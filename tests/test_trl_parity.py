@@ -12,7 +12,7 @@ import torch
 from dpokit.core.batching import PairCollator
 from dpokit.core.config import TrainConfig
 from dpokit.data.encode import encode_pair
-from dpokit.train.losses import TRL_LOSSES, needs_reference
+from dpokit.train.losses import needs_reference, trl_loss_names
 
 ROWS = [
     {"prompt": "How is the weather today?", "chosen": "Warm and sunny, enjoy it!", "rejected": "Cold."},
@@ -94,7 +94,7 @@ def test_matches_trl(loss, eps, tiny_llama, tmp_path):
     terms = parse_loss_spec(loss)
     torch.manual_seed(0)
     ours_loss, ours_m, ours_g = dpokit_side(base, _perturbed(base), tokenizer, pairs, loss, eps, tmp_path)
-    trl_loss, trl_m, trl_g = trl_side(base, _perturbed(base), tokenizer, pairs, [TRL_LOSSES[n] for n, _ in terms],
+    trl_loss, trl_m, trl_g = trl_side(base, _perturbed(base), tokenizer, pairs, [trl_loss_names()[n] for n, _ in terms],
                                       [w for _, w in terms], eps, tmp_path)
     assert ours_loss == pytest.approx(trl_loss, rel=1e-5)
     keys = ["logps/chosen", "logps/rejected"]

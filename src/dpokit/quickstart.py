@@ -133,14 +133,6 @@ def stage_report(run_dir: Path) -> str:
     return str(write_report(run_dir))
 
 
-def _get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
-
-
 def summarize(ev: EvalResult, stats: dict, train_summary: TrainSummary, stage_seconds: dict, report: str | None) -> dict:
     gen, kl, pref = ev.generation, ev.kl, ev.preference
     outcomes = gen.outcomes if gen else None

@@ -107,6 +107,7 @@ def train(
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the evaluation at the end.")] = False,
 ) -> None:
     """Train with DPO as the config says; writes the run folder (output.dir), then evaluates it (eval.enabled)."""
+    from dpokit.core.processes import is_main_process
     from dpokit.eval import evaluate_run
     from dpokit.train.plan import plan_training
     from dpokit.train.trainer import run_training
@@ -116,7 +117,7 @@ def train(
     plan = plan_training(cfg, resume=resume, evaluate=False if no_eval else None, origin=config)
     quiet = _state["quiet"]
     result = run_training(plan, progress=not quiet)
-    if int(os.environ.get("RANK", "0")) != 0:  # one summary per job, not per rank
+    if not is_main_process():  # one summary per job, not per rank
         return
     if not result.evaluate:
         typer.echo(f"trained in {result.wall_seconds:.1f} s; run folder: {result.run_dir}")

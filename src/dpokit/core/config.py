@@ -159,6 +159,10 @@ class TrainConfig(Section):
         "packing: false). auto: dense on CPU; on CUDA the first of varlen, flex, dense that passes the start-up "
         "self-check. packing: false means padded whatever this says.",
     )
+    reference_batch_size: int | None = Field(
+        None, ge=1, description="Pairs per forward pass of the reference precompute (reference: precomputed); no "
+        "gradients, so it can be larger than batch_size. None = eval.batch_size (as before this key existed).",
+    )
     max_tokens_per_batch: int | None = Field(
         None, ge=1, description="With packing: length-grouped training batches of up to this many tokens (prompt "
         "once plus both responses) instead of batch_size pairs; loss normalised per pair. None = batch_size pairs.",
@@ -386,6 +390,12 @@ def section_from_dict(section: str, raw: dict | None, origin: str = "config",
         return section_cls.model_validate(raw or {})
     except ValidationError as err:
         raise UserError(_format_validation_error(err, origin, (section,), labels)) from None
+
+
+def reference_batch_size(cfg: RunConfig) -> int:
+    """Pairs per forward pass of training's reference precompute: train.reference_batch_size, else eval.batch_size
+    (the one key that set it before)."""
+    return cfg.train.reference_batch_size or cfg.eval.batch_size
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None, check_files: bool = True) -> RunConfig:

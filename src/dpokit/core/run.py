@@ -67,6 +67,15 @@ class DataReport(Artifact):
 
 # --- training ----------------------------------------------------------------------------------------------------
 
+class ReferenceEvalLogps(Artifact):
+    """The reference's log-probs of the held-out pairs, from training's precompute (`train.reference:
+    precomputed`), so evaluation can reuse them from the run folder instead of a second forward pass."""
+
+    pairs_fingerprint: str = Field(description="hash of the held-out pairs' token ids (`pairs_fingerprint`)")
+    chosen: list[float] = Field(description="summed log-prob of each held-out chosen response, in file order")
+    rejected: list[float] = Field(description="summed log-prob of each held-out rejected response")
+
+
 class MetricsRow(Model):
     """One logged step of `metrics.jsonl` (also every metric transformers.Trainer logs)."""
 
@@ -234,6 +243,8 @@ ARTIFACTS: list[tuple[str, str]] = [
                                   "complete one"),
     ("model/", "the final model (safetensors) or LoRA adapter, and the tokenizer with the chat template used"),
     ("training_args.json", "the arguments that reached transformers.Trainer (JSON, not pickle)"),
+    ("data/reference_eval_logps.json", "`train.reference: precomputed`: the reference's log-probs of the held-out "
+                                       "pairs (`ReferenceEvalLogps`), reused by evaluation"),
     ("train_summary.json", "final training metrics, wall time, reference used, step-0 check (`TrainSummary`)"),
     ("eval.json", "evaluation results (`EvalResult`, see below)"),
     ("eval_samples.jsonl", "one row per answer pair: prompt, base, tuned, token counts, judge scores, outcome, "
@@ -284,6 +295,7 @@ class RunDir:
     train_pairs = property(lambda self: self.path / "data" / "train.jsonl")
     eval_pairs = property(lambda self: self.path / "data" / "eval.jsonl")
     data_report = property(lambda self: self.path / "data" / "report.json")
+    reference_eval_logps = property(lambda self: self.path / "data" / "reference_eval_logps.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
     model_dir = property(lambda self: self.path / "model")
@@ -351,6 +363,12 @@ class RunDir:
 
     def read_data_report(self) -> DataReport | None:
         return self._read_json(DataReport, self.data_report)
+
+    def write_reference_eval_logps(self, logps: ReferenceEvalLogps) -> None:
+        atomic_write_text(self.reference_eval_logps, _dump(logps))
+
+    def read_reference_eval_logps(self) -> ReferenceEvalLogps | None:
+        return self._read_json(ReferenceEvalLogps, self.reference_eval_logps)
 
     # training
     def read_metrics(self) -> list[MetricsRow]:

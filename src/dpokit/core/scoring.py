@@ -3,6 +3,9 @@ precompute) and of sampled answers (KL). Training scores its batches with `dpoki
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 
 from dpokit.core.batching import pad_pairs, token_logps
@@ -18,6 +21,19 @@ from dpokit.core.packing import (
 
 
 @torch.no_grad()
+def pairs_fingerprint(*splits: list[dict]) -> str:
+    """Hash of the token ids of every pair, split by split (order matters: values are stored by position)."""
+    h = hashlib.sha256()
+    for split in splits:
+        h.update(b"\x00split")
+        for p in split:
+            if "responses_ids" in p:  # ranked / unpaired rows (an unpaired row's second response: its KL completion)
+                h.update(json.dumps([p["prompt_ids"], p["responses_ids"]]).encode())
+            else:
+                h.update(json.dumps([p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]]).encode())
+    return h.hexdigest()[:16]
+
+
 def pair_logps(model, encoded: list[dict], pad_id: int, batch_size: int = 8,
                packing: bool = True) -> dict[str, list[float]]:
     """Summed response log-probs and token counts for every encoded pair.

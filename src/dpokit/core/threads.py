@@ -4,13 +4,15 @@ PyTorch's intra-op pool assumes it owns every core. When another process keeps s
 still uses all of them waits on its slowest thread at every parallel region; with OpenMP threads that spin-wait
 (libgomp's default, which dpokit/__init__.py turns to PASSIVE) it is worst: 3.9x beside a PyTorch matmul loop on
 the 2-core machine, against 2.1x passive and 1.5x with one thread (docs/cpu-threads.md has the table).
-`cpu_load_of_others` samples /proc/stat before training starts so the CLI can say so in one line.
+`cpu_load_of_others` samples the CPU times (psutil) before training starts so the CLI can say so in one line.
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+import psutil
 
 
 def usable_cpus() -> int:
@@ -20,15 +22,13 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu_times() -> tuple[int, int] | None:
-    """(busy, total) jiffies over all CPUs from /proc/stat, or None where there is no /proc."""
-    try:
-        with open("/proc/stat", encoding="ascii") as fh:
-            fields = [int(x) for x in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])
+def _cpu_times() -> tuple[float, float]:
+    """(busy, total) CPU seconds over all CPUs since boot (psutil; /proc/stat on Linux)."""
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    total = sum(t)  # user, nice, system, idle, iowait, irq, softirq, steal, guest... (guest is inside user)
+    total -= getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+    return total - idle, total
 
 
 def cpu_load_of_others(seconds: float = 0.3) -> float | None:
@@ -37,7 +37,7 @@ def cpu_load_of_others(seconds: float = 0.3) -> float | None:
     mine = time.process_time()
     time.sleep(seconds)
     end = _cpu_times()
-    if start is None or end is None or end[1] == start[1]:
+    if end[1] == start[1]:
         return None
     total_cpus = os.cpu_count() or 1
     busy_share = (end[0] - start[0]) / (end[1] - start[1])  # of all CPUs

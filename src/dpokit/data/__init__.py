@@ -106,12 +106,6 @@ def normalise(rows, fmt: str, columns: dict, on_error: str, origin: str) -> tupl
     return result.rows, result.format, result.counts
 
 
-def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out whole prompts, so the same prompt never lands in both train and eval."""
-    train_idx, eval_idx = split_indices_by_prompt(rows, fraction, seed)
-    return [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
-
-
 def split_indices_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     keys = sorted({prompt_key(r["prompt"]) for r in rows})
     random.Random(seed).shuffle(keys)

@@ -129,15 +129,6 @@ def read_hub(dataset_id: str, split: str, config_name: str | None = None) -> Dat
         ) from None
 
 
-def has_split(dataset_id: str, split: str, config_name: str | None = None) -> bool:
-    from datasets import get_dataset_split_names
-
-    try:
-        return split in get_dataset_split_names(dataset_id, config_name)
-    except Exception:
-        return False
-
-
 def read_source(source: str, split: str = "train", config_name: str | None = None) -> list[dict] | Dataset:
     """Local files give a list of dicts (small, with file/line errors); hub datasets stay a `Dataset`."""
     if looks_like_local_path(source):

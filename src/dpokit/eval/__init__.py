@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from dpokit.core.judges import (
 from dpokit.core.models import load_model, load_model_and_tokenizer
 from dpokit.core.run import EvalResult, EvalSample, RunDir
 from dpokit.core.sampling import sample
-from dpokit.core.scoring import feedback_logps, pair_logps, response_logps
+from dpokit.core.scoring import feedback_logps, pair_logps, pairs_fingerprint, response_logps
 from dpokit.core.stats import interval
 from dpokit.core.templates import setup_chat_template
 from dpokit.data import prompt_key
@@ -32,7 +31,6 @@ from dpokit.eval.metrics import (
     outcome_summary,
     score_length_regression,
 )
-from dpokit.train.reference import fingerprint_pairs
 
 
 def load_run(run_dir: str | Path) -> RunConfig:
@@ -133,19 +131,16 @@ def base_logps_from_training(run: RunDir, base_model, encoded: list[dict], pad_i
     Reused only when the stored values are of exactly these pairs (the same token-id hash) and of this base model:
     the first batch is recomputed and must agree within 1e-3 nats, so a reference that was not the base
     (train.reference_model, a warm-started first policy) is never mistaken for it."""
-    summary = run.read_train_summary()
-    path = (summary.reference_cache or {}).get("path") if summary else None
-    if not encoded or not path or not Path(path).is_file():
+    stored = run.read_reference_eval_logps()
+    if not encoded or stored is None:
         return None
-    stored = json.loads(Path(path).read_text(encoding="utf-8"))
-    values = stored.get("eval") or []
-    if stored.get("eval_fingerprint") != fingerprint_pairs(encoded) or len(values) != len(encoded):
+    if stored.pairs_fingerprint != pairs_fingerprint(encoded) or len(stored.chosen) != len(encoded):
         return None
     probe = pair_logps(base_model, encoded[:batch_size], pad_id, batch_size, packing)
-    for i, (chosen, rejected) in enumerate(values[:batch_size]):
+    for i, (chosen, rejected) in enumerate(zip(stored.chosen[:batch_size], stored.rejected[:batch_size])):
         if abs(probe["chosen"][i] - chosen) > 1e-3 or abs(probe["rejected"][i] - rejected) > 1e-3:
             return None
-    return {"chosen": [v[0] for v in values], "rejected": [v[1] for v in values],
+    return {"chosen": list(stored.chosen), "rejected": list(stored.rejected),
             "chosen_tokens": [len(p["chosen_ids"]) for p in encoded],
             "rejected_tokens": [len(p["rejected_ids"]) for p in encoded]}
 

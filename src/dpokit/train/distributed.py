@@ -22,15 +22,11 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from dpokit.core.errors import UserError
-from dpokit.train.resilience import no_accelerator
+from dpokit.core.processes import no_accelerator, world_size
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def requested_strategy() -> str:

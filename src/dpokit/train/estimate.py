@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 
-from dpokit.core.config import LoraConfig, RunConfig
+from dpokit.core.config import LoraConfig, RunConfig, reference_batch_size
 from dpokit.core.errors import UserError
 from dpokit.core.packing import _first_fit_rows, pair_length
 
@@ -304,7 +304,7 @@ def estimate(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Target
         parts["cuda_context"] = CUDA_CONTEXT_MB * MB
     peak = sum(parts.values())
     if reference == "precomputed":  # an earlier phase: the reference forward over every pair, no gradients
-        pre = shape.params * w + logits_bytes(shape, worst.scored * cfg.eval.batch_size / max(worst.pairs, 1),
+        pre = shape.params * w + logits_bytes(shape, worst.scored * reference_batch_size(cfg) / max(worst.pairs, 1),
                                               act, False)
         fixed = parts.get("runtime", 0.0) + parts.get("process", 0.0) + parts.get("cuda_context", 0.0)
         peak = max(peak, pre + fixed)

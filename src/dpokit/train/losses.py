@@ -9,7 +9,7 @@ response tokens, `ref_w`, `ref_l` the same under the reference, `|y|` the respon
 `h = (pi_w - ref_w) - (pi_l - ref_l)` the log-ratio margin, `sigma` the logistic function, `eps` the label-noise
 rate `train.label_smoothing`.
 
-Losses over other feedback take other inputs, named by `LOSS_KINDS`: ranked lists (`ListLogps`: N responses per
+Losses over other feedback take other inputs, named by each record's `kind`: ranked lists (`ListLogps`: N responses per
 prompt, best first) and unpaired rows (`UnpairedLogps`: one completion with a desirable/undesirable label); they
 return one loss per prompt (list) or per row (unpaired).
 
@@ -237,56 +237,60 @@ def kto_loss(lp: UnpairedLogps, cfg) -> torch.Tensor:
     return torch.where(lp.label, desirable, undesirable)
 
 
-# name -> (function, needs a reference)
-LOSSES: dict[str, tuple[Callable[[PairLogps, object], torch.Tensor], bool]] = {
-    "sigmoid": (sigmoid_loss, True),
-    "ipo": (ipo_loss, True),
-    "ipo_paper": (ipo_paper_loss, True),
-    "hinge": (hinge_loss, True),
-    "robust": (robust_loss, True),
-    "simpo": (simpo_loss, False),
-    "orpo": (orpo_loss, False),
-    "sft": (sft_loss, False),
-    "listwise_pl": (listwise_pl_loss, True),
-    "listwise_pairs": (listwise_pairs_loss, True),
-    "kto": (kto_loss, True),
-}
+@dataclass(frozen=True)
+class Loss:
+    """One registered loss. Config validation (`parse_loss_spec`), `dpokit losses`, the README's loss table
+    (tests/test_docs.py) and the TRL engine's mapping are all derived from these records, so they cannot drift.
+    Formula notation: the module docstring; for lists, r_k = beta (pi_k - ref_k) with responses best first; for
+    unpaired rows, r = pi - ref and z0 the batch KL reference point."""
 
-# The data kind each loss takes (`data.kind`); absent = pair. A loss sees only rows of its kind.
-LOSS_KINDS = {"listwise_pl": "ranked", "listwise_pairs": "ranked", "kto": "unpaired"}
+    name: str
+    fn: Callable[..., torch.Tensor]  # (logps of its data kind, train config) -> per-row loss
+    needs_reference: bool
+    formula: str
+    paper: str
+    kind: str = "pair"  # the rows it trains on (`data.kind`): pair | ranked | unpaired
+    trl_name: str | None = None  # TRL DPOTrainer's loss_type with the same formula (train.engine: trl)
+    trl_note: str = ""  # the table's "also in TRL" when more than yes/no ("no (ORPOTrainer)")
+
+    @property
+    def in_trl(self) -> str:
+        return self.trl_note or ("yes" if self.trl_name else "no")
+
+
+REGISTRY: dict[str, Loss] = {loss.name: loss for loss in (
+    Loss("sigmoid", sigmoid_loss, True, "-(1-eps) log s(beta h) - eps log s(-beta h)  (eps > 0 = cDPO)",
+         "Rafailov et al. 2023; Mitchell 2023 (cDPO)", trl_name="sigmoid", trl_note="yes (eps = 0 only)"),
+    Loss("ipo", ipo_loss, True, "((pi_w-ref_w)/|y_w| - (pi_l-ref_l)/|y_l| - 1/(2 beta))^2  (TRL's length-normalised "
+         "form)", "Azar et al. 2023", trl_name="ipo"),
+    Loss("ipo_paper", ipo_paper_loss, True, "(h - 1/(2 beta))^2  (the paper's Eq. 17, summed log-ratios)",
+         "Azar et al. 2023"),
+    Loss("hinge", hinge_loss, True, "max(0, 1 - beta h)", "Zhao et al. 2023 (SLiC-HF)", trl_name="hinge"),
+    Loss("robust", robust_loss, True, "((1-eps) l(h) - eps l(-h)) / (1-2 eps),  l(z) = -log s(beta z)",
+         "Chowdhury et al. 2024 (rDPO)", trl_name="robust"),
+    Loss("simpo", simpo_loss, False, "-log s(beta m_w - beta m_l - gamma),  gamma = train.simpo_gamma",
+         "Meng et al. 2024"),
+    Loss("orpo", orpo_loss, False, "-m_w - beta log s(log odds_w - log odds_l),  log odds = m - log(1 - e^m)",
+         "Hong et al. 2024", trl_note="no (ORPOTrainer)"),
+    Loss("sft", sft_loss, False, "-sum pi_w / sum |y_w| over the batch (chosen NLL per token)",
+         "Pang et al. 2024 (RPO)", trl_name="sft"),
+    Loss("listwise_pl", listwise_pl_loss, True, "-sum_k log( e^{r_k} / sum_{j>=k} e^{r_j} )  (Plackett-Luce over "
+         "the ranking)", "Rafailov et al. 2023, appendix A.3", kind="ranked"),
+    Loss("listwise_pairs", listwise_pairs_loss, True, "sum_{i<j} -log s(r_i - r_j)  (DPO over every ordered pair "
+         "of the list)", "Rafailov et al. 2023 (pairwise expansion)", kind="ranked"),
+    Loss("kto", kto_loss, True, "w_D (1 - s(beta (r - z0))) if desirable, w_U (1 - s(beta (z0 - r))) if not",
+         "Ethayarajh et al. 2024", kind="unpaired", trl_note="yes (KTOTrainer)"),
+)}
 
 
 def loss_kind(name: str) -> str:
-    return LOSS_KINDS.get(name, "pair")
-
-# name -> (formula, paper, also in TRL). Notation: the module docstring; for lists, r_k = beta (pi_k - ref_k) with
-# responses best first; for unpaired rows, r = pi - ref and z0 the batch KL reference point. `dpokit losses` and the
-# README's loss table (tests/test_docs.py) are generated from this, so they cannot drift from the registry.
-LOSS_DOCS: dict[str, tuple[str, str, str]] = {
-    "sigmoid": ("-(1-eps) log s(beta h) - eps log s(-beta h)  (eps > 0 = cDPO)",
-                "Rafailov et al. 2023; Mitchell 2023 (cDPO)", "yes (eps = 0 only)"),
-    "ipo": ("((pi_w-ref_w)/|y_w| - (pi_l-ref_l)/|y_l| - 1/(2 beta))^2  (TRL's length-normalised form)",
-            "Azar et al. 2023", "yes"),
-    "ipo_paper": ("(h - 1/(2 beta))^2  (the paper's Eq. 17, summed log-ratios)", "Azar et al. 2023", "no"),
-    "hinge": ("max(0, 1 - beta h)", "Zhao et al. 2023 (SLiC-HF)", "yes"),
-    "robust": ("((1-eps) l(h) - eps l(-h)) / (1-2 eps),  l(z) = -log s(beta z)", "Chowdhury et al. 2024 (rDPO)", "yes"),
-    "simpo": ("-log s(beta m_w - beta m_l - gamma),  gamma = train.simpo_gamma", "Meng et al. 2024", "no"),
-    "orpo": ("-m_w - beta log s(log odds_w - log odds_l),  log odds = m - log(1 - e^m)", "Hong et al. 2024",
-             "no (ORPOTrainer)"),
-    "sft": ("-sum pi_w / sum |y_w| over the batch (chosen NLL per token)", "Pang et al. 2024 (RPO)", "yes"),
-    "listwise_pl": ("-sum_k log( e^{r_k} / sum_{j>=k} e^{r_j} )  (Plackett-Luce over the ranking)",
-                    "Rafailov et al. 2023, appendix A.3", "no"),
-    "listwise_pairs": ("sum_{i<j} -log s(r_i - r_j)  (DPO over every ordered pair of the list)",
-                       "Rafailov et al. 2023 (pairwise expansion)", "no"),
-    "kto": ("w_D (1 - s(beta (r - z0))) if desirable, w_U (1 - s(beta (z0 - r))) if not",
-            "Ethayarajh et al. 2024", "yes (KTOTrainer)"),
-}
+    return REGISTRY[name].kind
 
 
 def loss_table() -> list[dict[str, str]]:
     """One row per registered loss, for `dpokit losses` and the README."""
-    return [{"loss": name, "data": loss_kind(name), "formula": LOSS_DOCS[name][0], "paper": LOSS_DOCS[name][1],
-             "reference": "yes" if LOSSES[name][1] else "no", "trl": LOSS_DOCS[name][2]} for name in LOSSES]
+    return [{"loss": r.name, "data": r.kind, "formula": r.formula, "paper": r.paper,
+             "reference": "yes" if r.needs_reference else "no", "trl": r.in_trl} for r in REGISTRY.values()]
 
 
 def loss_table_markdown() -> str:
@@ -297,12 +301,13 @@ def loss_table_markdown() -> str:
     return "\n".join(rows)
 
 
-# Losses TRL's DPOTrainer implements with the same formula (our name -> TRL loss_type).
-TRL_LOSSES = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "sft": "sft"}
+def trl_loss_names() -> dict[str, str]:
+    """Our name -> TRL DPOTrainer's loss_type, for the losses both implement with the same formula."""
+    return {r.name: r.trl_name for r in REGISTRY.values() if r.trl_name}
 
 
 def loss_names(kind: str | None = None) -> list[str]:
-    return [name for name in LOSSES if kind is None or loss_kind(name) == kind]
+    return [name for name in REGISTRY if kind is None or loss_kind(name) == kind]
 
 
 def terms_kind(terms: list[tuple[str, float]]) -> str:
@@ -325,8 +330,8 @@ def parse_loss_spec(spec, sft_weight: float = 0.0) -> list[tuple[str, float]]:
         raise ValueError("expected a name, 'name:weight,...', a list or a mapping")
     out = []
     for name, weight in terms:
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)} (combine as 'sigmoid:1.0,sft:0.5')")
+        if name not in REGISTRY:
+            raise ValueError(f"unknown loss {name!r}; choose from {', '.join(REGISTRY)} (combine as 'sigmoid:1.0,sft:0.5')")
         try:
             weight = float(weight)
         except (TypeError, ValueError):
@@ -350,13 +355,13 @@ def parse_loss_spec(spec, sft_weight: float = 0.0) -> list[tuple[str, float]]:
 
 
 def needs_reference(terms: list[tuple[str, float]]) -> bool:
-    return any(LOSSES[name][1] for name, _ in terms)
+    return any(REGISTRY[name].needs_reference for name, _ in terms)
 
 
 def combined_loss(terms: list[tuple[str, float]], lp: PairLogps, cfg) -> torch.Tensor:
     """Per-pair sum of weighted losses."""
     total = None
     for name, weight in terms:
-        value = weight * LOSSES[name][0](lp, cfg)
+        value = weight * REGISTRY[name].fn(lp, cfg)
         total = value if total is None else total + value
     return total

@@ -24,11 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from dpokit.core.config import RunConfig
 from dpokit.core.errors import UserError
 
 
 def _status_kib(key: str) -> int | None:
+    """A field of /proc/self/status in KiB. Read by hand for VmHWM: psutil has no resident high-water mark, and
+    resource.getrusage's ru_maxrss does not see the reset below."""
     try:
         text = Path("/proc/self/status").read_text(encoding="utf-8")
     except OSError:
@@ -101,7 +105,7 @@ def _child(spec_path: str) -> dict:
 
     cuda = torch.cuda.is_available()
     gc.collect()
-    baseline_kib = _status_kib("VmRSS") or 0
+    baseline_kib = psutil.Process().memory_info().rss / 1024
     reset = _reset_peak_rss()
     if cuda:
         torch.zeros(1, device="cuda")  # creates the CUDA context, so it can be measured before training

@@ -15,10 +15,11 @@ import torch
 from dpokit.core.config import RunConfig, check_paths
 from dpokit.core.errors import UserError
 from dpokit.core.judges import check_judge
+from dpokit.core.processes import is_main_process
 from dpokit.core.run import RunDir
 from dpokit.train.distributed import launcher_problems
 from dpokit.train.losses import loss_names, needs_reference, parse_loss_spec, terms_kind
-from dpokit.train.resilience import is_main_process, last_complete_checkpoint
+from dpokit.train.resilience import last_complete_checkpoint
 from dpokit.train.trackers import check_report_to
 from dpokit.train.trl_engine import check_trl_config
 

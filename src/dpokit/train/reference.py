@@ -16,25 +16,9 @@ from pathlib import Path
 
 from dpokit.core.io import atomic_write_text
 from dpokit.core.models import cache_dir, fingerprint_model
-from dpokit.core.scoring import feedback_logps, pair_logps
-from dpokit.train.resilience import no_accelerator
+from dpokit.core.scoring import feedback_logps, pair_logps, pairs_fingerprint
 
 log = logging.getLogger(__name__)
-
-REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def fingerprint_pairs(*splits: list[dict]) -> str:
-    """Hash of the token ids of every pair, split by split (order matters: values are stored by position)."""
-    h = hashlib.sha256()
-    for split in splits:
-        h.update(b"\x00split")
-        for p in split:
-            if "responses_ids" in p:  # ranked / unpaired rows (an unpaired row's second response: its KL completion)
-                h.update(json.dumps([p["prompt_ids"], p["responses_ids"]]).encode())
-            else:
-                h.update(json.dumps([p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]]).encode())
-    return h.hexdigest()[:16]
 
 
 def cache_key(model_fp: str, data_fp: str, template: str | None, max_length: int) -> str:
@@ -66,18 +50,6 @@ def attach(pairs: list[dict], values: list[list[float]]) -> None:
             pair["ref_chosen_logps"], pair["ref_rejected_logps"] = value
 
 
-def rank_and_world_size() -> tuple[int, int]:
-    """(rank, world size), setting up the process group the Trainer would set up when a launcher started us."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    from accelerate import PartialState
-
-    state = PartialState(cpu=no_accelerator())  # the same state TrainingArguments builds later (a singleton)
-    return state.process_index, state.num_processes
-
-
 def _all_gather(obj, world: int) -> list:
     import torch.distributed as dist
 
@@ -95,7 +67,7 @@ def precompute(ref_model, train_pairs: list[dict], eval_pairs: list[dict], *, pa
     With `world` processes (a launcher) each computes every world-th pair from its `rank` and the values are
     gathered, so the work is split, not repeated; the cache is used only when every process finds it (nodes may
     not share a disk)."""
-    key = cache_key(fingerprint_model(ref_model), fingerprint_pairs(train_pairs, eval_pairs), template, max_length)
+    key = cache_key(fingerprint_model(ref_model), pairs_fingerprint(train_pairs, eval_pairs), template, max_length)
     path = cache_path(key)
     stored = None
     if path.is_file() and not refresh:
@@ -117,9 +89,8 @@ def precompute(ref_model, train_pairs: list[dict], eval_pairs: list[dict], *, pa
         for r, part in enumerate(parts):
             values[r::world] = part
     train_values, eval_values = values[:len(train_pairs)], values[len(train_pairs):]
-    if rank == 0:  # eval_fingerprint: lets evaluation reuse the held-out values (dpokit.eval)
-        atomic_write_text(path, json.dumps({"key": key, "train": train_values, "eval": eval_values,
-                                            "eval_fingerprint": fingerprint_pairs(eval_pairs)}))
+    if rank == 0:  # the held-out values also go into the run folder (trainer.write_run_start) for evaluation
+        atomic_write_text(path, json.dumps({"key": key, "train": train_values, "eval": eval_values}))
     attach(train_pairs, train_values)
     attach(eval_pairs, eval_values)
     forwards = -(-len(shard) // batch_size)

@@ -1,6 +1,6 @@
 """Holding up at scale: main-process-only side effects, atomic checkpoints, graceful stop on SIGINT/SIGTERM.
 
-- `is_main_process()`: rank 0 of the whole job (torchrun / accelerate launch set RANK); only it writes the run folder.
+- `is_main_process()` (dpokit.core.processes): rank 0 of the whole job; only it writes the run folder.
 - `AtomicCheckpointMixin`: Trainer writes `checkpoint-N` straight into its output folder, so a kill during a save
   leaves a half-written checkpoint that `get_last_checkpoint` would pick. The mixin makes Trainer write into
   `checkpoints/.staging/checkpoint-N` and renames the folder into place once every rank has finished.
@@ -29,15 +29,11 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text, chmod_tree_as_created
+from dpokit.core.processes import is_main_process
 
 STAGING = ".staging"
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last, so its presence marks a finished save
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def is_main_process() -> bool:
-    """Rank 0 of the job. Launchers (torchrun, accelerate launch, deepspeed) export RANK; a plain run has none."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def quiet_non_main_process() -> None:
@@ -53,15 +49,6 @@ def quiet_non_main_process() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.utils.logging.disable_progress_bar()
-
-
-def no_accelerator() -> bool:
-    """True on a CPU-only machine. Trainer then needs use_cpu=True, or under torchrun it sets up no gloo group and
-    every rank silently trains alone on all the data."""
-    acc = getattr(torch, "accelerator", None)
-    if acc is not None:
-        return not acc.is_available()
-    return not torch.cuda.is_available()
 
 
 def destroy_process_group_at_exit() -> None:

@@ -29,12 +29,14 @@ from transformers import (
     set_seed,
 )
 
-from dpokit.core.config import RunConfig
+from dpokit.core.config import RunConfig, reference_batch_size
 from dpokit.core.errors import UserError
 from dpokit.core.io import chmod_tree_as_created
 from dpokit.core.models import load_model, load_model_and_tokenizer, load_tokenizer, quiet_hf
 from dpokit.core.packing import batch_logps, is_list_batch, list_logps
-from dpokit.core.run import DataReport, TrainSummary
+from dpokit.core.processes import is_main_process, join_process_group, no_accelerator
+from dpokit.core.run import DataReport, ReferenceEvalLogps, TrainSummary
+from dpokit.core.scoring import pairs_fingerprint
 from dpokit.core.secrets import apply_token_env
 from dpokit.core.threads import apply_num_threads, cpu_load_of_others, oversubscription_warning
 from dpokit.data import PreferenceData
@@ -42,10 +44,10 @@ from dpokit.data.prepare import prepare_data
 from dpokit.train.console import ConsoleCallback
 from dpokit.train.distributed import CpuFsdpMixin, check_strategy, distributed_summary
 from dpokit.train.feedback import feedback_inputs, feedback_metrics
-from dpokit.train.losses import LOSSES, PairLogps, combined_loss, needs_reference, parse_loss_spec
+from dpokit.train.losses import REGISTRY, PairLogps, combined_loss, needs_reference, parse_loss_spec
 from dpokit.train.packing import PackingTrainerMixin, choose_collator
 from dpokit.train.plan import TrainPlan, check_loss_kind, plan_training
-from dpokit.train.reference import precompute, rank_and_world_size
+from dpokit.train.reference import precompute
 from dpokit.train.resilience import (
     AtomicCheckpointMixin,
     StopOnSignal,
@@ -53,9 +55,7 @@ from dpokit.train.resilience import (
     checkpoint_step,
     clean_staging,
     destroy_process_group_at_exit,
-    is_main_process,
     last_complete_checkpoint,
-    no_accelerator,
     quiet_non_main_process,
     restore_loss_sum,
     trim_metrics,
@@ -65,9 +65,6 @@ from dpokit.train.trackers import tracker_arguments
 from dpokit.train.trl_engine import build_trl_trainer
 
 log = logging.getLogger(__name__)
-
-METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected")
 
 
 @dataclass
@@ -156,7 +153,7 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
     def _check_step0(self, lp: PairLogps) -> None:
         """At step 0 the policy is the reference, so every log-ratio is 0 and the DPO (sigmoid) loss is ln 2.
         A mismatch means the reference is another model, or the policy and reference see different inputs."""
-        sig = LOSSES["sigmoid"][0](lp, self.dpo_cfg.model_copy(update={"label_smoothing": 0.0})).mean().item()
+        sig = REGISTRY["sigmoid"].fn(lp, self.dpo_cfg.model_copy(update={"label_smoothing": 0.0})).mean().item()
         # Half precision (bf16/fp16 autocast) sums thousands of rounded token log-probs, and the grad and no-grad
         # forwards may pick different attention kernels: a few 1e-3 of drift is numerics, not a wrong reference.
         half = self.args.bf16 or self.args.fp16
@@ -380,13 +377,13 @@ class Setup:
 def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, refresh: bool = False) -> dict:
     """reference: precomputed: attach cached (or freshly computed) reference log-probs to every pair; the reference
     model (the initial policy, or train.reference_model) is used here only, never during training."""
-    rank, world = rank_and_world_size()  # joins the launcher's process group now, so each rank uses its own GPU
+    rank, world = join_process_group()  # joins the launcher's process group now, so each rank uses its own GPU
     ref = load_reference_model(cfg) if cfg.train.reference_model else model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref.to(device)
     info = precompute(ref, train_enc, eval_enc, pad_id=tokenizer.pad_token_id,
                       template=getattr(tokenizer, "chat_template", None), max_length=cfg.data.max_length,
-                      batch_size=cfg.eval.batch_size, packing=cfg.train.packing, refresh=refresh,
+                      batch_size=reference_batch_size(cfg), packing=cfg.train.packing, refresh=refresh,
                       rank=rank, world=world)
     del ref
     return info
@@ -432,6 +429,19 @@ def write_run_start(plan: TrainPlan, s: Setup) -> None:
         plan.run_dir.create(plan.cfg, replace=plan.replace_run_dir)  # --overwrite deletes only now, after setup
         plan.run_dir.metrics.unlink(missing_ok=True)
     plan.run_dir.write_data(s.data.train, s.data.eval, DataReport.model_validate(s.data.report))
+    held_out = held_out_reference_logps(s.eval_enc)
+    if held_out is not None:
+        plan.run_dir.write_reference_eval_logps(held_out)
+
+
+def held_out_reference_logps(eval_enc: list[dict]) -> ReferenceEvalLogps | None:
+    """The precomputed reference log-probs of the held-out pairs (None unless every held-out row is a pair that
+    has them), for evaluation to reuse from the run folder."""
+    if not eval_enc or not all("ref_chosen_logps" in p for p in eval_enc):
+        return None
+    return ReferenceEvalLogps(pairs_fingerprint=pairs_fingerprint(eval_enc),
+                              chosen=[p["ref_chosen_logps"] for p in eval_enc],
+                              rejected=[p["ref_rejected_logps"] for p in eval_enc])
 
 
 def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:

@@ -3,7 +3,7 @@
 A cross-check and fallback, not the default. TRL trains on exactly the token ids dpokit encoded (its own
 tokenization would differ at the prompt/response boundary), with the same TrainingArguments, the same run folder
 and the same metric names (`loss`, `rewards/*`, `logps/*`; TRL adds a few of its own, e.g. `entropy`).
-Supported: the losses both implement (`losses.TRL_LOSSES`; `sigmoid` only without label smoothing, since TRL
+Supported: the losses both implement (the registry records' `trl_name`; `sigmoid` only without label smoothing, since TRL
 ignores it there) and reference `model` or `adapter`.
 """
 
@@ -14,20 +14,21 @@ import dataclasses
 from transformers import TrainingArguments
 
 from dpokit.core.errors import UserError
-from dpokit.train.losses import TRL_LOSSES, parse_loss_spec
+from dpokit.train.losses import parse_loss_spec, trl_loss_names
 from dpokit.train.resilience import AtomicCheckpointMixin
 
 
 def trl_loss_types(train_cfg) -> tuple[list[str], list[float]]:
     terms = parse_loss_spec(train_cfg.loss, train_cfg.sft_weight)
-    unsupported = [name for name, _ in terms if name not in TRL_LOSSES]
+    trl_names = trl_loss_names()
+    unsupported = [name for name, _ in terms if name not in trl_names]
     if unsupported:
         raise UserError(f"train.engine: trl does not implement loss {', '.join(unsupported)}; use engine: native, "
-                        f"or one of {', '.join(TRL_LOSSES)}")
+                        f"or one of {', '.join(trl_names)}")
     if train_cfg.label_smoothing and any(name == "sigmoid" for name, _ in terms):
         raise UserError("train.label_smoothing: TRL's sigmoid loss ignores label smoothing (cDPO); use engine: native "
                         "or label_smoothing: 0")
-    return [TRL_LOSSES[name] for name, _ in terms], [weight for _, weight in terms]
+    return [trl_names[name] for name, _ in terms], [weight for _, weight in terms]
 
 
 def check_trl_config(train_cfg, reference: str) -> str:
