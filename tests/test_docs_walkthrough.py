@@ -123,7 +123,8 @@ def extract_commands(path: Path) -> list[Command]:
         i += 1
         while i < len(lines) and not re.match(r"^\s*```\s*$", lines[i]):
             i += 1
-        body = [line[indent:] if line[:indent].isspace() else line.lstrip() for line in lines[start:i]]
+        # The fence's own indentation comes off every line; the code's own indentation stays (YAML, python).
+        body = [line[indent:] if not line[:indent].strip() else line.lstrip() for line in lines[start:i]]
         i += 1
         if lang == "python":
             first = next((b for b in body if b.strip()), "")
@@ -245,7 +246,8 @@ def test_extractor_reads_markers(tmp_path):
         "```",
         "```yaml",
         "# file: conf/run.yaml",
-        "model: {name_or_path: x}",
+        "model:",
+        "  name_or_path: x",
         "```",
         "```yaml",
         "# only shown",
@@ -258,7 +260,7 @@ def test_extractor_reads_markers(tmp_path):
         ("bash", "echo '# not a comment' && echo ok", None),
         ("bash", "dpokit eval RUN_DIR", "template"),
         ("python", "# needs: gpu\nprint(1)\n", "needs gpu"),
-        ("file", "# file: conf/run.yaml\nmodel: {name_or_path: x}\n", None),
+        ("file", "# file: conf/run.yaml\nmodel:\n  name_or_path: x\n", None),
     ]
     assert [c.line for c in cmds][:3] == [2, 4, 6]
     assert cmds[-1].path == "conf/run.yaml"
