@@ -1,10 +1,13 @@
-"""The docs run as written: every command in README.md and docs/*.md, in order, in one fresh folder (slow).
+"""The docs run as written: every command in README.md, CONTRIBUTING.md and docs/*.md, in order, in one fresh folder
+(slow).
 
-The convention the docs follow (README, "Test", says it in short):
+The convention the docs follow (CONTRIBUTING.md, "The docs walkthrough", says it in short):
 
 - Shell commands live in ```bash fenced blocks. Each command is one line, or several joined by a trailing
   backslash; comment lines are not commands. ```python blocks are scripts and run too (`python` in a subprocess,
-  same folder). Any other fence (```text, ```yaml, a bare ```) is output or file content and never runs.
+  same folder). Any other fence (```text, ```yaml, a bare ```) is output or file content and never runs, except
+  one whose first line is `# file: NAME` (a ```yaml block a reader would save as NAME): the block, that line
+  included, is written to NAME in the folder, so the commands after it can use the file.
 - A command that cannot run offline on a 2-core CPU ends with a comment naming what it needs, `# needs: WHAT`
   (other words may come first in the same comment: `# the notebook's preprocessing; needs: hub`), and is skipped.
   WHAT is one of NEEDS below. A python block whose first line is such a comment is skipped whole.
@@ -14,7 +17,7 @@ The convention the docs follow (README, "Test", says it in short):
   so are `python -m pytest` lines (this test runs inside the test suite).
 
 The test copies the checkout (tracked and untracked, not ignored, files: what a fresh clone holds) into a fresh
-folder and runs README.md, then docs/*.md by name, all in that one folder, as a user reading them top to bottom
+folder and runs README.md, then CONTRIBUTING.md, then docs/*.md by name, all in that one folder, as a user reading them top to bottom
 would: a doc must not collide with what an earlier one wrote. Each command runs by itself in
 `bash -c 'set -euo pipefail; COMMAND'` with the test session's environment (conftest.py: a fresh DPOKIT_CACHE,
 HF_HUB_OFFLINE=1; CI also gives an empty HOME). Every command's wall time is printed as it finishes; a failure
@@ -65,9 +68,10 @@ COMMAND_TIMEOUT = int(os.environ.get("DPOKIT_DOCS_TIMEOUT", "1800"))   # seconds
 class Command:
     doc: str
     line: int           # 1-based line of the command's first line in the doc
-    kind: str           # "bash" or "python"
-    text: str           # what runs (continuations joined for bash)
+    kind: str           # "bash", "python" or "file"
+    text: str           # what runs (continuations joined for bash), or the file's content
     skip: str | None    # why it is skipped, or None
+    path: str | None = None   # kind "file": where the content is written, relative to the folder
 
 
 def _split_comment(line: str) -> tuple[str, str]:
@@ -86,6 +90,7 @@ def _split_comment(line: str) -> tuple[str, str]:
     return line.rstrip(), ""
 
 
+_FILE_RE = re.compile(r"^#\s*file:\s*(\S+)\s*$")
 _NEEDS_RE = re.compile(r"\bneeds:\s*([a-z-]+(?:\s*,\s*[a-z-]+)*)")
 
 
@@ -118,7 +123,8 @@ def extract_commands(path: Path) -> list[Command]:
         i += 1
         while i < len(lines) and not re.match(r"^\s*```\s*$", lines[i]):
             i += 1
-        body = [line[indent:] if line[:indent].isspace() else line.lstrip() for line in lines[start:i]]
+        # The fence's own indentation comes off every line; the code's own indentation stays (YAML, python).
+        body = [line[indent:] if not line[:indent].strip() else line.lstrip() for line in lines[start:i]]
         i += 1
         if lang == "python":
             first = next((b for b in body if b.strip()), "")
@@ -126,6 +132,8 @@ def extract_commands(path: Path) -> list[Command]:
             commands.append(Command(path.name, start, "python", "\n".join(body) + "\n", skip))
         elif lang in ("bash", "sh", "shell"):
             commands.extend(_bash_commands(path.name, body, start))
+        elif body and (named := _FILE_RE.match(body[0].strip())):
+            commands.append(Command(path.name, start, "file", "\n".join(body) + "\n", None, named.group(1)))
     return commands
 
 
@@ -158,7 +166,7 @@ def _bash_commands(doc: str, body: list[str], first_line: int) -> list[Command]:
 
 
 def doc_files() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def fresh_checkout(dest: Path) -> Path:
@@ -192,6 +200,13 @@ def shortened(cmd: Command) -> str:
 
 def run_command(cmd: Command, cwd: Path, scratch: Path) -> tuple[int, str, float, float]:
     """(exit code, output, wall seconds, CPU seconds) of one command run in cwd."""
+    if cmd.kind == "file":
+        target = (cwd / cmd.path).resolve()
+        if not target.is_relative_to(cwd.resolve()):
+            return 1, f"`# file: {cmd.path}` is outside the folder", 0.0, 0.0
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(cmd.text, encoding="utf-8")
+        return 0, "", 0.0, 0.0
     if cmd.kind == "python":
         script = scratch / f"{Path(cmd.doc).stem}-{cmd.line}.py"
         script.write_text(cmd.text, encoding="utf-8")
@@ -229,6 +244,14 @@ def test_extractor_reads_markers(tmp_path):
         "# needs: gpu",
         "print(1)",
         "```",
+        "```yaml",
+        "# file: conf/run.yaml",
+        "model:",
+        "  name_or_path: x",
+        "```",
+        "```yaml",
+        "# only shown",
+        "```",
     ]) + "\n", encoding="utf-8")
     cmds = extract_commands(doc)
     assert [(c.kind, c.text, c.skip) for c in cmds] == [
@@ -237,8 +260,12 @@ def test_extractor_reads_markers(tmp_path):
         ("bash", "echo '# not a comment' && echo ok", None),
         ("bash", "dpokit eval RUN_DIR", "template"),
         ("python", "# needs: gpu\nprint(1)\n", "needs gpu"),
+        ("file", "# file: conf/run.yaml\nmodel:\n  name_or_path: x\n", None),
     ]
     assert [c.line for c in cmds][:3] == [2, 4, 6]
+    assert cmds[-1].path == "conf/run.yaml"
+    code, _, _, _ = run_command(cmds[-1], tmp_path, tmp_path)
+    assert code == 0 and (tmp_path / "conf" / "run.yaml").read_text() == cmds[-1].text
 
 
 def test_every_doc_command_is_extractable():
@@ -261,7 +288,8 @@ def test_docs_walkthrough(tmp_path, capsys):
     for path in doc_files():
         for cmd in extract_commands(path):
             where = f"{cmd.doc}:{cmd.line}"
-            shown = cmd.text if cmd.kind == "bash" else f"python block ({cmd.text.count(chr(10))} lines)"
+            shown = (cmd.text if cmd.kind == "bash" else f"writes {cmd.path}" if cmd.kind == "file"
+                     else f"python block ({cmd.text.count(chr(10))} lines)")
             if cmd.skip:
                 results.append((where, "skip", 0.0, shown, cmd.skip))
                 with capsys.disabled():

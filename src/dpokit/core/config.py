@@ -202,8 +202,8 @@ class EvalConfig(Section):
     engine: Literal["fast", "hf"] = Field("fast", description="Sampler: fast (prefill each prompt once, fork its KV "
                                           "cache, own decode loop; 2-2.2x hf's tokens/s on a 2-core CPU) or hf "
                                           "(transformers' generate, the reference). Their random streams differ.")
-    judge: str = Field("sentiment", description=f"Judge of tuned vs base answers: {_JUDGE_NAMES}. See README "
-                       "'Evaluate and report'.")
+    judge: str = Field("sentiment", description=f"Judge of tuned vs base answers: {_JUDGE_NAMES}. See "
+                       "docs/evaluation.md.")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="Options of the judge, e.g. "
                                           "{model: ./my-rm} or {base_url: http://127.0.0.1:8000/v1, model: m, "
                                           "api_key_env: OPENAI_API_KEY}.")
