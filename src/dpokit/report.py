@@ -218,6 +218,35 @@ def metric_rows(result: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+SELECTION_HEADER = ["step", "win rate vs base [95% CI]", "wins / ties / losses", "mean judge score [95% CI]",
+                    "KL per answer (nats) [95% CI]", "mean tokens", "kept"]
+
+
+def selection_section(run: RunDir) -> tuple[str, list[str]]:
+    """The checkpoints `train.select: best_judge` evaluated, the kept one marked: (html, markdown lines); empty
+    when the run kept its last step without a selection (select: last)."""
+    record = run.read_selection()
+    if record is None or not record.points:
+        return "", []
+    rows = []
+    for p in record.points:
+        o = p.outcomes
+        rows.append([str(p.step), _ci(p.win_rate.model_dump()), f"{o['wins']} / {o['ties']} / {o['losses']}",
+                     _ci(p.mean_score.model_dump()) if p.mean_score else "–",
+                     _ci(p.kl.model_dump()) if p.kl else "–", f"{p.mean_tokens:.1f}",
+                     "kept (the run's model)" if p.step == record.kept_step else ""])
+    base = f", base mean score {_ci(record.base_mean_score.model_dump())}" if record.base_mean_score else ""
+    which = ("the last step" if record.kept_step == record.final_step
+             else f"step {record.kept_step}, not the last step {record.final_step}")
+    note = (f"train.select: best_judge kept {which}. {len(record.prompts)} held-out prompts, one answer each, judged "
+            f"by {record.judge} against the base answers{base}; {record.overlap_with_eval_prompts} of them also "
+            f"in the final evaluation. Criterion: {record.criterion}. Cost {record.seconds:.1f} s.")
+    body = (f'<h2 id="selection">Checkpoints evaluated during training</h2>'
+            f"{_html_table(SELECTION_HEADER, rows, cls='selection')}<p class=\"note\">{html.escape(note)}</p>")
+    md = ["## Checkpoints evaluated during training", "", _md_table(SELECTION_HEADER, rows), "", note, ""]
+    return body, md
+
+
 def _html_table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -378,6 +407,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples
 
     title = f"dpokit report: {run_dir.name}"
     trained = training_rows(run)
+    selection_html, selection_md = selection_section(run)
     summary = [["held-out pairs", result["preference"]["n_pairs"]]]
     if gen:
         d = gen["decoding"]
@@ -388,7 +418,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples
     table_rows = [list(r) for r in metric_rows(result)]
     parts = [doctor_verdict, f"<h1>{html.escape(title)}</h1>",  # the outcome is the page's first line
              '<h2 id="how-trained">How it was trained</h2>',
-             _html_table(TRAINING_HEADER, trained, cls="training"),
+             _html_table(TRAINING_HEADER, trained, cls="training"), selection_html,
              "<h2>How it was evaluated</h2>",
              _html_table(["setting", "value"], [[str(a), str(b)] for a, b in summary]), doctor_html,
              "<h2>Evaluation (95% confidence intervals)</h2>",
@@ -406,7 +436,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples
     # report.md: the same tables; plots as PNG files next to it (Markdown viewers rarely show data URIs).
     plot_dir = out.parent / "report_plots"
     md = [*doctor_md[:2], f"# {title}", "", "## How it was trained", "", _md_table(TRAINING_HEADER, trained), "",
-          "## How it was evaluated", "", _md_table(["setting", "value"], [[str(a), str(b)] for a, b in summary]), "",
+          *selection_md, "## How it was evaluated", "", _md_table(["setting", "value"], [[str(a), str(b)] for a, b in summary]), "",
           *doctor_md[2:],
           "## Evaluation (95% confidence intervals)", "", _md_table(["section", "metric", "value [95% CI]"], table_rows)]
     for key, (caption, png) in plots.items():

@@ -179,6 +179,19 @@ class TrainConfig(Section):
         None, ge=1, description="Pairs per forward pass of the reference precompute (reference: precomputed); no "
         "gradients, so it can be larger than batch_size. None = eval.batch_size (as before this key existed).",
     )
+    select: Literal["auto", "best_judge", "last"] = Field(
+        "last", description="Which point of the training path becomes the run's model (docs/select.md): best_judge "
+        "evaluates train.select_points checkpoints on train.select_prompts held-out prompts with the eval judge "
+        "(win rate vs the base, mean score, KL) and keeps the one with the highest win-rate lower bound; last keeps "
+        "the final step (the default in this release: best_judge costs ~30% more quickstart wall time, over its "
+        "budget). auto: best_judge when a judge will run (eval.enabled, eval.generate, output.save_model), else last.",
+    )
+    select_points: int = Field(4, ge=1, le=64, description="best_judge: checkpoints evaluated, evenly spaced over "
+                               "the optimizer steps; the last step is always one of them.")
+    select_prompts: int = Field(16, ge=2, le=1024, description="best_judge: held-out prompts answered at each point "
+                                "(one short answer each; the base answers are sampled once), taken from the end of "
+                                "the distinct held-out prompts so they avoid the eval.num_prompts used by the final "
+                                "evaluation where there are enough.")
     max_tokens_per_batch: int | None = Field(
         None, ge=1, description="With packing: length-grouped training batches of up to this many tokens (prompt "
         "once plus both responses) instead of batch_size pairs; loss normalised per pair. None = batch_size pairs.",

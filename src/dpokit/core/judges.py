@@ -47,14 +47,15 @@ def sign(x: float, tie_margin: float = 0.0) -> int:
     return 0 if abs(x) <= tie_margin else (1 if x > 0 else -1)
 
 
-def compare(judge, prompts: list, a: list[str], b: list[str]) -> Comparison:
+def compare(judge, prompts: list, a: list[str], b: list[str], scores_b: list[float] | None = None) -> Comparison:
     """Compare answer lists a and b with any judge. Pointwise: score both, the higher score wins (ties within the
-    judge's `tie_margin`). Pairwise: the judge's own verdicts."""
+    judge's `tie_margin`). Pairwise: the judge's own verdicts. `scores_b`: b's pointwise scores already computed
+    (the same answers judged before; training's checkpoint selection scores the base answers once)."""
     if getattr(judge, "kind", "pointwise") == "pairwise":
         outcomes = judge.compare(prompts, a, b)
         return Comparison(outcomes=outcomes, details=dict(getattr(judge, "last_details", {}) or {}))
     scores_a = [float(s) for s in judge.score(prompts, a)]
-    scores_b = [float(s) for s in judge.score(prompts, b)]
+    scores_b = [float(s) for s in (judge.score(prompts, b) if scores_b is None else scores_b)]
     margin = float(getattr(judge, "tie_margin", 0.0))
     return Comparison(outcomes=[sign(x - y, margin) for x, y in zip(scores_a, scores_b, strict=False)],
                       scores_a=scores_a, scores_b=scores_b)

@@ -252,10 +252,55 @@ class TrainSummary(Artifact):
     versions: dict[str, str] | None = Field(None, description="dpokit, torch, transformers, peft, python versions")
     finished: float | None = Field(None, description="unix time training finished")
     resumed_from: str | None = Field(None, description="the checkpoint a --resume continued from (its folder name)")
+    select: str | None = Field(None, description="`train.select` as resolved: best_judge or last")
+    kept_step: int | None = Field(None, description="best_judge: the optimizer step whose weights are `model/` "
+                                  "(selection.json has every evaluated point)")
+    selection_seconds: float | None = Field(None, description="best_judge: wall time the selection took (base "
+                                            "answers and every point), inside `wall_seconds`")
     distributed: DistributedSummary | None = Field(
         None, description="the strategy training actually used: `type` (none, ddp, fsdp, deepspeed), `processes`, "
         "`machines`, `sharded` (parameters, gradients or optimizer state split over the processes), `parameters` "
         "(`full`, and `per_rank`: the elements each rank held), `zero_stage` (DeepSpeed)")
+
+
+class SelectionPoint(Model):
+    """One evaluated point of the training path (`train.select: best_judge`, dpokit.train.select)."""
+
+    step: int = Field(description="optimizer step of the evaluated weights")
+    epoch: float | None = Field(None, description="epoch at that step")
+    outcomes: dict[str, int] = Field(description="`wins`, `ties`, `losses`, `unparseable` of this point's answers "
+                                     "against the base answers")
+    win_rate: Metric = Field(description="win rate vs the base (a tie counts 1/2), Wilson 95% interval: the "
+                             "selection criterion is its lower bound")
+    mean_score: Metric | None = Field(None, description="pointwise judges: mean judge score of this point's answers")
+    kl: Metric | None = Field(None, description="KL(point || base) per answer on this point's own samples (nats); "
+                              "`null` when the base is not in memory (full fine-tune with a precomputed or other "
+                              "reference)")
+    mean_tokens: float = Field(description="mean answer length (tokens)")
+    seconds: float = Field(description="wall time of this point's sampling, judging and KL")
+
+
+class Selection(Artifact):
+    """`selection.json`: the checkpoints evaluated during training and the one kept as the run's model."""
+
+    select: str = Field(description="`train.select` as resolved: best_judge")
+    criterion: str = Field(description="how the kept point was chosen")
+    judge: str = Field(description="the judge (eval.judge)")
+    prompts: list[Any] = Field(description="the held-out prompts answered at every point")
+    overlap_with_eval_prompts: int = Field(description="of those, prompts the final evaluation (eval.num_prompts) "
+                                           "also answers: 0 = selection and evaluation are on disjoint prompts")
+    decoding: dict[str, Any] = Field(description="temperature, top_p, max_new_tokens, seed, engine")
+    base_answers: list[str] = Field(description="the base model's answers, sampled once before the first step")
+    base_tokens: list[int] = Field(description="their lengths (tokens)")
+    base_scores: list[float] | None = Field(None, description="pointwise judges: the base answers' scores")
+    base_mean_score: Metric | None = Field(None, description="pointwise judges: their mean")
+    base_seconds: float = Field(description="wall time of sampling and scoring the base answers")
+    planned_steps: list[int] = Field(description="the optimizer steps to evaluate")
+    points: list[SelectionPoint] = Field(default_factory=list, description="every evaluated point, in step order")
+    kept_step: int | None = Field(None, description="the step whose weights are the run's model (`null` until the "
+                                  "first point is evaluated)")
+    final_step: int | None = Field(None, description="the last optimizer step of the run")
+    seconds: float = Field(0.0, description="total wall time of the selection (base answers and every point)")
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -475,6 +520,10 @@ ARTIFACTS: list[tuple[str, str]] = [
     ("training_args.json", "the arguments that reached transformers.Trainer (JSON, not pickle)"),
     ("data/reference_eval_logps.json", "`train.reference: precomputed`: the reference's log-probs of the held-out "
                                        "pairs (`ReferenceEvalLogps`), reused by evaluation"),
+    ("selection.json", "`train.select: best_judge`: the checkpoints evaluated during training with the judge (win "
+                       "rate vs base, mean score, KL) and the one kept as `model/` (`Selection`)"),
+    ("selection/step-N.safetensors", "`train.select: best_judge`: the weights (LoRA: the adapter) of the best point "
+                                     "so far, so `--resume` keeps the selection"),
     ("train_summary.json", "final training metrics, wall time, reference used, step-0 check (`TrainSummary`)"),
     ("eval.json", "evaluation results (`EvalResult`, see below)"),
     ("eval_samples.jsonl", "one row per answer pair: prompt, base, tuned, token counts, judge scores, outcome, "
@@ -534,6 +583,8 @@ class RunDir:
     eval_result = property(lambda self: self.path / "eval.json")
     eval_samples = property(lambda self: self.path / "eval_samples.jsonl")
     report_html = property(lambda self: self.path / "report.html")
+    selection = property(lambda self: self.path / "selection.json")
+    selection_dir = property(lambda self: self.path / "selection")
 
     # state
     def exists_nonempty(self) -> bool:
@@ -614,6 +665,15 @@ class RunDir:
 
     def write_training_args(self, args_json: str) -> None:
         atomic_write_text(self.training_args, args_json)
+
+    def write_selection(self, selection: Selection) -> None:
+        atomic_write_text(self.selection, _dump(selection))
+
+    def read_selection(self) -> Selection | None:
+        return self._read_json(Selection, self.selection)
+
+    def selection_weights(self, step: int) -> Path:
+        return self.selection_dir / f"step-{step}.safetensors"
 
     # evaluation
     def write_eval(self, result: EvalResult, samples: list[EvalSample]) -> None:

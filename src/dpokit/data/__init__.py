@@ -41,6 +41,18 @@ def prompt_key(prompt) -> str:
     return prompt if isinstance(prompt, str) else "\x1e".join(f"{m['role']}:{m['content']}" for m in prompt)
 
 
+def distinct_prompts(rows: list[dict], limit: int | None = None) -> list:
+    """Distinct prompts of `rows`, in file order, at most `limit` (None = all): the held-out prompts that
+    evaluation answers and that training's checkpoint selection answers."""
+    seen, prompts = set(), []
+    for row in rows:
+        key = prompt_key(row["prompt"])
+        if key not in seen:
+            seen.add(key)
+            prompts.append(row["prompt"])
+    return prompts if limit is None else prompts[:limit]
+
+
 @dataclass
 class Normalised:
     rows: list[dict]

@@ -21,7 +21,7 @@ from dpokit.core.sampling import sample
 from dpokit.core.scoring import feedback_logps, pair_logps, pairs_fingerprint, response_logps
 from dpokit.core.stats import interval
 from dpokit.core.templates import setup_chat_template
-from dpokit.data import prompt_key
+from dpokit.data import distinct_prompts
 from dpokit.data.encode import encode_rows
 from dpokit.eval.likelihood import feedback_pairs, preference_metrics, ranking_metrics, unpaired_metrics
 from dpokit.eval.metrics import (
@@ -52,13 +52,7 @@ def load_tuned_and_base(run: RunDir, cfg: RunConfig):
 
 def eval_prompts(rows: list[dict], limit: int) -> list:
     """Distinct held-out prompts, in file order, at most `limit`."""
-    seen, prompts = set(), []
-    for row in rows:
-        key = prompt_key(row["prompt"])
-        if key not in seen:
-            seen.add(key)
-            prompts.append(row["prompt"])
-    return prompts[:limit]
+    return distinct_prompts(rows, limit)
 
 
 def eval_settings(cfg: RunConfig, overrides: list[str] | None, origin: str) -> EvalConfig:

@@ -9,28 +9,15 @@ import math
 
 import torch
 
-from dpokit.core.stats import Z95, interval, proportion, wilson_interval
-
-
-def _win_rate(wins: int, ties: int, n: int) -> dict:
-    low, high = wilson_interval(wins + 0.5 * ties, n)
-    return {"value": (wins + 0.5 * ties) / n if n else float("nan"), "ci": [low, high], "n": n}
-
-
-def outcome_summary(outcomes: list[int | None]) -> dict:
-    """Counts and rates of +1 (win), 0 (tie), -1 (loss) over the parsed outcomes; None (unparseable) is counted and
-    excluded. win_rate scores a tie as half a win; its interval is Wilson's on (wins + ties/2) of n, which, unlike a
-    normal interval, keeps a width when every outcome is the same (10 wins of 10 is not certainty)."""
-    parsed = [o for o in outcomes if o is not None]
-    wins, ties, losses = (sum(o == v for o in parsed) for v in (1, 0, -1))
-    return {
-        "n": len(parsed), "wins": wins, "ties": ties, "losses": losses,
-        "unparseable": len(outcomes) - len(parsed),
-        "win": proportion([o == 1 for o in parsed]),
-        "tie": proportion([o == 0 for o in parsed]),
-        "loss": proportion([o == -1 for o in parsed]),
-        "win_rate": _win_rate(wins, ties, len(parsed)),
-    }
+from dpokit.core.stats import (  # shared with training's checkpoint selection (dpokit.train.select)
+    Z95,
+    interval,
+    kl_summary,
+    outcome_summary,
+    ratio_interval,
+    wilson_interval,
+    win_rate_metric,
+)
 
 
 def histogram_edges(values: list[float], bins: int = 10) -> list[float]:
@@ -182,7 +169,7 @@ def length_controlled_win_rate(outcomes: list[int | None], len_tuned: list[int],
     d = [float(x) for _, x in pairs]
     centre = sum(d) / n
     sd = math.sqrt(sum((x - centre) ** 2 for x in d) / n)
-    raw = _win_rate(sum(o == 1 for o, _ in pairs), sum(o == 0 for o, _ in pairs), n)
+    raw = win_rate_metric(sum(o == 1 for o, _ in pairs), sum(o == 0 for o, _ in pairs), n)
     base = {"n": n, "ridge": ridge, "length_diff_sd": sd, "intercept": None, "slope": None}
     if len(set(y)) == 1:
         return {**base, "value": raw["value"], "ci": raw["ci"], "method": "every outcome equal: the raw win rate"}
@@ -197,31 +184,6 @@ def length_controlled_win_rate(outcomes: list[int | None], len_tuned: list[int],
     return {**base, "value": _sigmoid(a), "ci": [_sigmoid(a - z95 * se), _sigmoid(a + z95 * se)],
             "method": "logistic regression on the standardized length difference", "intercept": a,
             "slope": b if sd > 0 else None}
-
-
-def ratio_interval(numerators: list[float], denominators: list[float], z: float = Z95) -> dict:
-    """sum(y) / sum(x) with a delta-method interval (the usual ratio-estimator variance)."""
-    n = len(numerators)
-    total_x = sum(denominators)
-    if n == 0 or total_x == 0:
-        return {"value": float("nan"), "ci": [float("nan"), float("nan")], "n": n}
-    r = sum(numerators) / total_x
-    if n == 1:
-        return {"value": r, "ci": [float("nan"), float("nan")], "n": n}
-    mean_x = total_x / n
-    resid = [y - r * x for y, x in zip(numerators, denominators, strict=False)]
-    var = sum(e * e for e in resid) / (n - 1) / (n * mean_x * mean_x)
-    half = z * math.sqrt(var)
-    return {"value": r, "ci": [r - half, r + half], "n": n}
-
-
-def kl_summary(logp_tuned: list[float], logp_base: list[float], n_tokens: list[int]) -> dict:
-    """Monte-Carlo KL(tuned || base) from samples y ~ pi_tuned: the mean over samples of
-    sum_t [log pi_tuned(y_t|...) - log pi_base(y_t|...)], with a 95% interval; per token: total log-ratio over
-    total tokens."""
-    diffs = [t - b for t, b in zip(logp_tuned, logp_base, strict=False)]
-    return {"n_samples": len(diffs), "total_tokens": int(sum(n_tokens)), "sequence": interval(diffs),
-            "per_token": ratio_interval(diffs, [float(n) for n in n_tokens])}
 
 
 __all__ = ["kl_summary", "length_buckets", "length_controlled_win_rate", "length_summary", "outcome_summary",

@@ -8,6 +8,7 @@ reported together, each with its fix, as one `UserError` (exit 2, nothing writte
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ class TrainPlan:
     resume: bool
     replace_run_dir: bool  # --overwrite of a non-empty folder: deleted once setup has validated the data
     evaluate: bool  # the caller chains `dpokit.evaluate` after training (its judge was checked here)
+    select: str = "last"  # best_judge | last: train.select as resolved (dpokit.train.select)
 
 
 def pick_precision(precision: str) -> tuple[bool, bool]:
@@ -89,7 +91,8 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
 
     evaluate = cfg.eval.enabled if evaluate is None else evaluate
     evaluate = evaluate and cfg.output.save_model
-    if evaluate and cfg.eval.generate:
+    select = check(resolve_select, cfg, evaluate) or "last"
+    if (evaluate and cfg.eval.generate) or select == "best_judge":
         problems += check_judge(cfg.eval.judge, cfg.eval.judge_options)
 
     run_dir = RunDir(cfg.output.dir)
@@ -107,7 +110,34 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
     if problems:
         raise UserError("; ".join(dict.fromkeys(problems)))  # each problem once, in the order found
     return TrainPlan(cfg=cfg, run_dir=run_dir, loss_terms=terms, reference=reference, bf16=precision[0],
-                     fp16=precision[1], resume=resume, replace_run_dir=replace, evaluate=evaluate)
+                     fp16=precision[1], resume=resume, replace_run_dir=replace, evaluate=evaluate,
+                     select=select)
+
+
+def resolve_select(cfg: RunConfig, evaluate: bool) -> str:
+    """train.select as it will run: best_judge or last. auto is best_judge exactly when the evaluation that follows
+    will judge answers (eval.enabled and eval.generate, a saved model, held-out data) on one process; an explicit
+    best_judge that cannot run is an error naming the fix, never a silent `last`."""
+    t = cfg.train
+    missing = []
+    if not (evaluate and cfg.eval.generate):
+        missing.append("a judge (eval.enabled: true and eval.generate: true, without --no-eval)")
+    if not cfg.output.save_model:
+        missing.append("output.save_model: true (the kept point becomes model/)")
+    if not (cfg.data.eval_source or cfg.data.eval_split or cfg.data.eval_fraction > 0):
+        missing.append("held-out prompts (data.eval_fraction > 0, data.eval_split or data.eval_source)")
+    if world_size() > 1:
+        missing.append("a single process (selection under torchrun/accelerate launch is not supported yet)")
+    if t.select == "auto":
+        return "last" if missing else "best_judge"
+    if t.select == "best_judge" and missing:
+        raise UserError(f"train.select: best_judge needs {' and '.join(missing)}; provide that, or set "
+                        "train.select: last to keep the final step")
+    return t.select
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def quantization_problems(cfg: RunConfig, reference: str | None) -> list[str]:

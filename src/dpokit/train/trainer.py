@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -62,6 +63,7 @@ from dpokit.train.resilience import (
     trim_metrics,
     whole_run_train_loss,
 )
+from dpokit.train.select import SelectionCallback
 from dpokit.train.trackers import tracker_arguments
 from dpokit.train.trl_engine import build_trl_trainer
 
@@ -528,8 +530,22 @@ def library_versions() -> dict[str, str]:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
-def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float, checkpoint: str | None = None) -> dict:
+def selection_callback(plan: TrainPlan, s: Setup) -> SelectionCallback | None:
+    """train.select: best_judge (main process; the plan allows one process only): the callback that evaluates the
+    planned steps with the judge. None for select: last."""
+    if plan.select != "best_judge" or not s.data.eval or not is_main_process():
+        return None
+    checkpoint = last_complete_checkpoint(plan.run_dir.checkpoints) if plan.resume else None
+    return SelectionCallback(plan.cfg, plan.run_dir, s.tokenizer, s.data.eval, ref_model=s.ref_model,
+                             resume_step=checkpoint_step(checkpoint) if checkpoint else None)
+
+
+def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float, checkpoint: str | None = None,
+         selection: SelectionCallback | None = None) -> dict:
     run_dir = plan.run_dir
+    record = None
+    if selection is not None:  # the kept point's weights into the model before it is saved
+        record = selection.finish(trainer.model, trainer.state.global_step, trainer.state.epoch)
     if plan.cfg.output.save_model:
         # Every rank calls save_model (FSDP / ZeRO-3 gather the shards); Trainer writes from rank 0 only.
         with quiet_hf(logs=False):  # no "Writing model shards" bar; transformers' warnings stay visible
@@ -554,8 +570,25 @@ def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float, check
             pairs_trained=len(s.train_enc), precision="bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32",
             attention=getattr(trainer, "attention_choice", None),
             versions=library_versions(), finished=time.time(),
-            resumed_from=Path(checkpoint).name if checkpoint else None, distributed=distributed))
+            resumed_from=Path(checkpoint).name if checkpoint else None, distributed=distributed,
+            select=plan.select, kept_step=record.kept_step if record else None,
+            selection_seconds=record.seconds if record else None))
+        if record is not None:  # model/ holds the kept weights now
+            shutil.rmtree(run_dir.selection_dir, ignore_errors=True)
     return final
+
+
+def selection_line(record, wall: float) -> str:
+    """One line for the console: the kept step, its win rate against the base, and what the selection cost."""
+    kept = next((p for p in record.points if p.step == record.kept_step), None)
+    if kept is None:
+        return "selection: no point evaluated; the last step is the run's model"
+    low, high = kept.win_rate.ci
+    share = record.seconds / wall if wall > 0 else 0.0
+    which = "the last step" if kept.step == record.final_step else f"step {kept.step} of {record.final_step}"
+    return (f"selection: kept {which} (win rate vs base {kept.win_rate.value:.2f} [{low:.2f}, {high:.2f}] on "
+            f"{len(record.prompts)} held-out prompts, {len(record.points)} points evaluated); cost "
+            f"{record.seconds:.1f} s ({share:.0%} of the training wall time)")
 
 
 def run_training(cfg: RunConfig | TrainPlan, resume: bool = False, callbacks: list | None = None,
@@ -578,10 +611,13 @@ def run_training(cfg: RunConfig | TrainPlan, resume: bool = False, callbacks: li
         if warning:
             print(warning, file=sys.stderr, flush=True)
     write_run_start(plan, s)
-    trainer = build_trainer(plan, s, callbacks)
+    selection = selection_callback(plan, s)
+    trainer = build_trainer(plan, s, [*(callbacks or []), *([selection] if selection else [])])
     console = ConsoleCallback(plan, s, trainer) if progress else None
     output, checkpoint = fit(plan, trainer, console)
-    final = save(plan, s, trainer, output, time.time() - start, checkpoint)
+    final = save(plan, s, trainer, output, time.time() - start, checkpoint, selection)
+    if progress and selection is not None and selection.record is not None:
+        print(selection_line(selection.record, time.time() - start), flush=True)
     destroy_process_group_at_exit()  # launched runs: no gloo teardown left to interpreter shutdown (SIGABRT)
     return TrainResult(run_dir=plan.run_dir.path, final_metrics=final, wall_seconds=time.time() - start,
                        evaluate=plan.evaluate and bool(s.data.eval))
