@@ -263,6 +263,14 @@ class TrainSummary(Artifact):
         "(`full`, and `per_rank`: the elements each rank held), `zero_stage` (DeepSpeed)")
 
 
+class Decoding(Model):
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    engine: str | None = None
+
+
 class SelectionPoint(Model):
     """One evaluated point of the training path (`train.select: best_judge`, dpokit.train.select)."""
 
@@ -289,7 +297,7 @@ class Selection(Artifact):
     prompts: list[Any] = Field(description="the held-out prompts answered at every point")
     overlap_with_eval_prompts: int = Field(description="of those, prompts the final evaluation (eval.num_prompts) "
                                            "also answers: 0 = selection and evaluation are on disjoint prompts")
-    decoding: dict[str, Any] = Field(description="temperature, top_p, max_new_tokens, seed, engine")
+    decoding: Decoding = Field(description="temperature, top_p, max_new_tokens, seed, engine")
     base_answers: list[str] = Field(description="the base model's answers, sampled once before the first step")
     base_tokens: list[int] = Field(description="their lengths (tokens)")
     base_scores: list[float] | None = Field(None, description="pointwise judges: the base answers' scores")
@@ -383,14 +391,6 @@ class LengthControlled(Model):
     regression: ScoreLengthRegression | None = Field(
         description="pointwise judges: OLS `score ~ 1 + length_tokens + is_tuned`; `tuned_effect` is the score gain "
         "at equal length, `per_token` the score per extra token (`null` if degenerate)")
-
-
-class Decoding(Model):
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int
-    engine: str | None = None
 
 
 class LLMJudgeDetails(Model):
