@@ -212,7 +212,7 @@ def sample_pairs(iteration: Iteration, prompts: list, adapter: Path | None, name
         if meta.get("key") == key:
             console.print(f"    pairs: reusing {path}")
             return meta["stats"]
-    pairs, stats = sample_best_vs_worst(cfg, prompts, console, "    sampling", adapter=adapter, transient=True)
+    pairs, stats, _ = sample_best_vs_worst(cfg, prompts, console, "    sampling", adapter=adapter, transient=True)
     if not pairs:
         raise UserError(f"pairs: no pairs from {len(prompts)} prompts ({name}): every prompt's answers tied or "
                         f"differed by less than pairs.min_gap={cfg.pairs.min_gap}; lower pairs.min_gap or raise "
@@ -229,9 +229,7 @@ def train_and_evaluate(cfg: RunConfig, progress: bool, callbacks: list | None, c
     from its checkpoint when it has one), then evaluate unless eval.json is there for this very training."""
     run, trained = train_unless_finished(cfg, progress=progress, callbacks=callbacks,
                                          say=lambda text: console.print(f"    {text}"))
-    if trained or run.read_eval() is None:
-        console.print("    evaluating on the held-out prompts")
-    evaluate_unless_done(run, trained_now=trained, quiet=False)
+    evaluate_unless_done(run, trained_now=trained, quiet=False, say=lambda text: console.print(f"    {text}"))
     return run
 
 

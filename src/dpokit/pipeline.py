@@ -72,9 +72,10 @@ def sampling_progress(console, description: str, total: int, transient: bool = F
 
 
 def sample_best_vs_worst(cfg: RunConfig, prompts: list, console, description: str, *, adapter: Path | None = None,
-                         transient: bool = False) -> tuple[list[dict], dict]:
+                         transient: bool = False) -> tuple[list[dict], dict, object]:
     """On-policy pairs: `cfg.pairs.num_samples` answers per prompt from the model (plus a LoRA adapter, merged
-    for sampling), judged, best vs worst kept (dpokit.data.generate)."""
+    for sampling), judged, best vs worst kept (dpokit.data.generate). Returns (pairs, stats, the tokenizer with
+    its chat template set up), so callers need not load it again."""
     from dpokit.core.models import load_model_and_tokenizer
     from dpokit.core.templates import setup_chat_template
     from dpokit.data.generate import generate_pairs, pair_settings
@@ -91,7 +92,7 @@ def sample_best_vs_worst(cfg: RunConfig, prompts: list, console, description: st
         # generate_pairs casts the model to the sampling dtype: no gradients, so bf16 is safe where it is fast.
         pairs, stats = generate_pairs(model, tokenizer, prompts, cfg.pairs, **settings, progress=advance)
     del model
-    return pairs, stats
+    return pairs, stats, tokenizer
 
 
 def inputs_key(cfg: RunConfig) -> str:
@@ -142,11 +143,13 @@ def _stamp_inputs_callback(stamp: Path, key: str):
     return StampInputs()
 
 
-def evaluate_unless_done(run: RunDir, *, trained_now: bool, quiet: bool = True) -> None:
+def evaluate_unless_done(run: RunDir, *, trained_now: bool, quiet: bool = True,
+                         say: Callable[[str], None] = print) -> None:
     """`dpokit eval` of the run, unless its eval.json is already there for this very training."""
     from dpokit.eval import evaluate_run
 
     if trained_now or run.read_eval() is None:
+        say("evaluating on the held-out prompts")
         evaluate_run(run.path, quiet=quiet)
 
 

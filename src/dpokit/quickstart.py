@@ -51,8 +51,7 @@ def load_quickstart_config(path: str | Path | None, overrides: list[str] | None 
 
 def stage_pairs(cfg, train_prompts: list, held_prompts: list, out: Path, fresh: bool, console) -> dict:
     """Generated pairs in OUT/pairs/{train,eval}.jsonl, from the cache when the same settings were run before."""
-    from dpokit.core.models import cache_dir, load_tokenizer
-    from dpokit.core.templates import setup_chat_template
+    from dpokit.core.models import cache_dir
     from dpokit.data.generate import as_chat, settings_key
 
     settings = pair_settings(cfg)
@@ -60,10 +59,8 @@ def stage_pairs(cfg, train_prompts: list, held_prompts: list, out: Path, fresh: 
                        **settings)
     cached = cache_dir() / "pairs" / key
     if fresh or not (cached / "stats.json").is_file():
-        pairs, stats = sample_best_vs_worst(cfg, train_prompts + held_prompts, console, "1/4 sampling answers")
-        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
-                                   trust_remote_code=cfg.model.trust_remote_code)
-        setup_chat_template(tokenizer, cfg.data.chat_template)
+        pairs, stats, tokenizer = sample_best_vs_worst(cfg, train_prompts + held_prompts, console,
+                                                       "1/4 sampling answers")
         held_chat = {json.dumps(as_chat(p, tokenizer), sort_keys=True) for p in held_prompts}
         train_pairs = [p for p in pairs if json.dumps(p["prompt"], sort_keys=True) not in held_chat]
         eval_pairs = [p for p in pairs if json.dumps(p["prompt"], sort_keys=True) in held_chat]
