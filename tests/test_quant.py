@@ -276,3 +276,86 @@ def test_merge_goes_onto_the_unquantized_base_and_a_quantized_merge_is_refused(e
     assert "merged onto the **unquantized** base weights in float32" in (out / "README.md").read_text()
     with pytest.raises(UserError, match="--merge: the base is quantized"):
         merge_adapter(s.model)
+
+
+# --- resume after a kill, and two DDP processes, on a 4-bit base (slow: real subprocesses) ----------------------
+
+def qlora_yaml(tmp_path, name, **train):
+    raw = tiny_config(tmp_path, model={"quantization": "4bit"},
+                      train={"lora": {"r": 8, "alpha": 16}, "learning_rate": 5e-3, "logging_steps": 1, **train},
+                      eval={"enabled": False}, output={"dir": str(tmp_path / name)})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def logged(run) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def adapter(run) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_4bit_run_killed_after_a_checkpoint_resumes_to_the_straight_run(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import run_cli
+    from dpokit.train.resilience import last_complete_checkpoint
+
+    steps = {"max_steps": 10, "save_steps": 3, "batch_size": 4}
+    straight = run_cli("train", qlora_yaml(tmp_path, "straight", **steps))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    config, run = qlora_yaml(tmp_path, "killed", **steps), tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dpokit", "train", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and last_complete_checkpoint(run / "checkpoints") is None:
+        time.sleep(0.01)
+    while proc.poll() is None and (not (run / "metrics.jsonl").is_file() or max(logged(run), default=0) < 4):
+        time.sleep(0.01)  # past the first checkpoint (step 3), before the second (6)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    assert not (run / "train_summary.json").exists()
+
+    resumed = run_cli("train", config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = logged(tmp_path / "straight"), logged(run)
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    for step in a:
+        for key in ("loss", "rewards/margins", "grad_norm", "learning_rate"):
+            assert abs(a[step][key] - b[step][key]) <= 1e-6, (step, key, a[step][key], b[step][key])
+    wa, wb = adapter(tmp_path / "straight"), adapter(run)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_on_a_4bit_base_match_one_process(tmp_path):
+    import os
+    import subprocess
+
+    from conftest import CONFIGS, ROOT, run_cli
+
+    steps = {"max_steps": 4}
+    single = run_cli("train", qlora_yaml(tmp_path, "single", batch_size=8, **steps))
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate" / "ddp.yaml"),
+           "--num_processes", "2", "--main_process_port", "0",
+           "-m", "dpokit", "train", str(qlora_yaml(tmp_path, "ddp", batch_size=4, **steps))]
+    ddp = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert (summary["distributed"]["type"], summary["distributed"]["processes"]) == ("ddp", 2)
+    a, b = logged(tmp_path / "single"), logged(tmp_path / "ddp")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert abs(a[step][key] - b[step][key]) <= 1e-4, (step, key, a[step][key], b[step][key])
