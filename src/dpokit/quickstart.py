@@ -146,7 +146,7 @@ def print_summary(summary: dict, console) -> None:
     lc = summary.get("lc_win_rate_ci")
     table.add_row("length-controlled win rate (equal length)",
                   format_interval(summary.get("lc_win_rate"), lc))
-    table.add_row("mean sentiment, base -> tuned",
+    table.add_row(f"mean {summary.get('judge') or 'judge'} score, base -> tuned",
                   f"{num(summary['mean_score_base'])} -> {num(summary['mean_score_tuned'])}")
     table.add_row("implicit-reward accuracy (held-out pairs)", num(summary["implicit_reward_accuracy"]))
     table.add_row("KL(tuned || base) per answer, nats", num(summary["kl"]))
@@ -200,6 +200,7 @@ def run_quickstart(out: str = "runs/quickstart", *, config: str | None = None, f
     summary["wall_seconds"] = time.time() - start
     summary["out"] = str(out_dir)
     summary["model"] = cfg.model.name_or_path
+    summary["judge"] = cfg.eval.judge
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     print_summary(summary, console)
     console.print(f"summary: {out_dir / 'summary.json'}")
