@@ -7,6 +7,7 @@ over ranks and the all-reduced gradients.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +40,17 @@ def main(models: Path, pairs_file: Path, pad_id: int, out: Path) -> None:
     dist.all_reduce(total)
     if rank == 0:
         torch.save({"loss": total / world, "grads": {n: p.grad for n, p in policy.named_parameters()}}, out)
+    # Workaround: a gloo group torn down while the other rank is still working, or left to interpreter shutdown
+    # with DDP's reducer alive, can end a finished rank with SIGABRT ("terminate called without an active
+    # exception", pytorch/pytorch#65231; seen once in CI on this worker). Both ranks meet at a barrier, the wrapper
+    # goes before the group, and the process leaves without running interpreter-shutdown destructors. Remove when
+    # torch joins gloo's threads on destroy.
+    dist.barrier()
+    del ddp
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
