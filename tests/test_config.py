@@ -117,3 +117,34 @@ def test_reference_batch_size_defaults_to_eval_batch_size_and_can_be_set_alone()
     assert reference_batch_size(config_from_dict(base, "t")) == 5
     cfg = config_from_dict({**base, "train": {"reference_batch_size": 32}}, "t")
     assert reference_batch_size(cfg) == 32 and cfg.eval.batch_size == 5
+
+
+@pytest.mark.parametrize(("old", "layout", "said"), [
+    ({"packing": False}, "padded", "train.packing: false is deprecated: write train.layout: padded"),
+    ({"packing": True}, "auto", "train.packing: true is deprecated: write train.layout: auto"),
+    ({"attention": "flex"}, "flex", "train.attention: flex is deprecated: write train.layout: flex"),
+    ({"packing": False, "attention": "dense"}, "padded",
+     "train.packing: false and train.attention: dense is deprecated: write train.layout: padded"),
+])
+def test_old_layout_spellings_still_work_with_one_warning(tmp_path, caplog, old, layout, said):
+    """0.1.0's train.packing / train.attention map to train.layout, with one warning line naming the new key."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dpokit"):
+        cfg = load_config(write(tmp_path, {**base(tmp_path), "train": old}))
+    assert cfg.train.layout == layout and cfg.train.packed == (layout != "padded")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith(said), warned
+
+
+def test_old_and_new_layout_keys_together_is_an_error(tmp_path, cli):
+    path = write(tmp_path, {**base(tmp_path), "train": {"packing": False, "layout": "dense"}})
+    res = cli("plan", path)
+    assert res.returncode == 2 and "keep only train.layout" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_old_layout_spelling_through_the_cli_warns_on_one_line(tmp_path, cli):
+    res = cli("plan", write(tmp_path, {**base(tmp_path), "train": {"packing": False}}))
+    assert res.returncode == 0, res.stderr
+    assert "train.packing: false is deprecated: write train.layout: padded" in res.stderr

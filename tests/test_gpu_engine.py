@@ -247,7 +247,7 @@ def test_flex_self_check_names_why_gpt2_cannot_use_it(tiny_gpt2):
 # --------------------------------------------------------------------------------------------- backend choice, syncs
 def test_attention_choice_on_cpu(tiny_llama, caplog):
     """auto and dense pack with the dense mask on a CPU; varlen asked for on a CPU falls back to dense with a
-    one-line warning; padded (or packing: false) gives padded batches."""
+    one-line warning; padded gives padded batches."""
     import logging
 
     from dpokit.core.batching import PairCollator
@@ -257,18 +257,18 @@ def test_attention_choice_on_cpu(tiny_llama, caplog):
     model, tok = tiny_llama
     pairs = make_pairs([(4, 3, 2), (5, 2, 6)], model.config.vocab_size)
     assert attention_candidates(TrainConfig(), cuda=True) == ["varlen", "flex", "dense"]
-    assert attention_candidates(TrainConfig(attention="flex"), cuda=True) == ["flex", "dense"]
-    assert attention_candidates(TrainConfig(attention="varlen", packing=False), cuda=True) == []
+    assert attention_candidates(TrainConfig(layout="flex"), cuda=True) == ["flex", "dense"]
+    assert attention_candidates(TrainConfig(layout="padded"), cuda=True) == []
     for attention in ("auto", "dense"):
-        collator, _ = choose_collator(TrainConfig(attention=attention), model, None, pairs, tok.pad_token_id)
+        collator, _ = choose_collator(TrainConfig(layout=attention), model, None, pairs, tok.pad_token_id)
         assert isinstance(collator, PackedPairCollator) and collator.attention == "dense"
     with caplog.at_level(logging.WARNING):
-        collator, _ = choose_collator(TrainConfig(attention="varlen"), model, None, pairs, tok.pad_token_id)
+        collator, _ = choose_collator(TrainConfig(layout="varlen"), model, None, pairs, tok.pad_token_id)
     assert isinstance(collator, PackedPairCollator) and collator.attention == "dense"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["train.attention: varlen not used, trying dense: varlen needs CUDA (FlashAttention kernels)"]
+    assert warnings == ["train.layout: varlen not used, trying dense: varlen needs CUDA (FlashAttention kernels)"]
     assert collator.passed_over == {"varlen": "varlen needs CUDA (FlashAttention kernels)"}
-    collator, _ = choose_collator(TrainConfig(attention="padded"), model, None, pairs, tok.pad_token_id)
+    collator, _ = choose_collator(TrainConfig(layout="padded"), model, None, pairs, tok.pad_token_id)
     assert isinstance(collator, PairCollator) and collator.attention == "padded"
 
 

@@ -81,7 +81,7 @@ def _policy_logps(run_dir, adapter=None):
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     encoded, _ = encode_rows(run.read_train_pairs(), tokenizer, cfg.data, origin="test")
-    res = pair_logps(model.eval(), encoded, tokenizer.pad_token_id, 8, cfg.train.packing)
+    res = pair_logps(model.eval(), encoded, tokenizer.pad_token_id, 8, cfg.train.packed)
     return torch.tensor([[c, r] for c, r in zip(res["chosen"], res["rejected"], strict=True)])
 
 

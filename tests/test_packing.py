@@ -155,7 +155,7 @@ def test_self_check_falls_back_on_a_model_that_rejects_4d_masks(caplog):
     bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=200, hidden_size=32, n_layer=1, n_head=4))
     pairs = make_pairs([(4, 3, 2)], 200)
     with caplog.at_level(logging.WARNING):
-        collator, sampler = choose_collator(TrainConfig(packing=True), bloom, None, pairs, 0)
+        collator, sampler = choose_collator(TrainConfig(), bloom, None, pairs, 0)
     assert isinstance(collator, PairCollator) and sampler is None
     warnings = [r.getMessage() for r in caplog.records if "falling back to padded" in r.getMessage()]
     assert len(warnings) == 1 and "BloomForCausalLM" in warnings[0] and "\n" not in warnings[0]
@@ -184,15 +184,15 @@ def read_losses(run_dir):
 @pytest.mark.slow
 def test_tiny_config_loss_curve_packed_matches_padded(cli, tmp_path):
     curves = {}
-    for packing in ("true", "false"):
-        out = tmp_path / f"packing-{packing}"
-        res = cli("train", CONFIGS / "tiny.yaml", "--set", f"output.dir={out}", "--set", f"train.packing={packing}",
+    for packing in ("dense", "padded"):
+        out = tmp_path / f"layout-{packing}"
+        res = cli("train", CONFIGS / "tiny.yaml", "--set", f"output.dir={out}", "--set", f"train.layout={packing}",
                   "--no-eval")
         assert res.returncode == 0, res.stderr[-2000:]
         assert "falling back" not in res.stderr
         curves[packing] = read_losses(out)
-    assert len(curves["true"]) == len(curves["false"]) > 5
-    for (step_a, a), (step_b, b) in zip(curves["true"], curves["false"]):
+    assert len(curves["dense"]) == len(curves["padded"]) > 5
+    for (step_a, a), (step_b, b) in zip(curves["dense"], curves["padded"]):
         assert step_a == step_b and abs(a - b) < 1e-4, (step_a, a, b)
 
 

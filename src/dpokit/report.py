@@ -298,7 +298,7 @@ def training_rows(run: RunDir) -> list[list[str]]:
         rows.append(["quantization", f"{describe(cfg.model)} base, LoRA on top"])
     rows += [["loss", f"{t.loss}, beta {t.beta:g}" + (f", sft_weight {t.sft_weight:g}" if t.sft_weight else "")],
              ["learning rate", f"{t.learning_rate:g} ({t.lr_scheduler}, warmup {t.warmup_steps} steps)"],
-             ["batch", f"{t.batch_size} x {t.grad_accum} accumulation" + (", packed" if t.packing else "")]]
+             ["batch", f"{t.batch_size} x {t.grad_accum} accumulation" + (", packed" if t.packed else "")]]
     if summary:
         epochs = summary.metrics.get("epoch")
         rows.append(["steps", f"{summary.global_step} optimizer steps" + (f", {epochs:g} epochs" if epochs else "")])

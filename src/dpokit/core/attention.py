@@ -1,4 +1,4 @@
-"""Attention backends for packed pairs (`train.attention`): dense, flex and varlen. Chosen in
+"""Attention backends for packed pairs (`train.layout`): dense, flex and varlen. Chosen in
 `dpokit.train.packing.choose_collator`; docs/gpu-engine.md explains them and how `auto` picks.
 
 Every backend computes the same attention as `pack_pairs`' dense 4-D mask: within a row, a token of pair i sees
@@ -31,7 +31,6 @@ import torch
 
 from dpokit.core.wrapped import transformers_model
 
-BACKENDS = ("varlen", "flex", "dense")
 VARLEN = "dpokit_varlen"  # the keyword that carries the varlen layout (and its stand-alone AttentionInterface name)
 DPOKIT = "dpokit"  # the AttentionInterface name of dpokit_attention_forward: varlen, flex or sdpa by the arguments
 EMULATE_ENV = "DPOKIT_EMULATE_KERNELS"  # test-only: "1" lets a CPU stand in for the varlen and flex kernels

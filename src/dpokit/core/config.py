@@ -7,6 +7,7 @@ missing files are reported all at once, each naming the key and the fix, as one 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dpokit.core.errors import UserError
 from dpokit.core.judges import JUDGES
+
+log = logging.getLogger(__name__)
 
 # judge + judge_options are checked against the judge's options model (core/judges.py) by check_judge in the
 # plans, with every other static problem: a broken judge hides no other problem, and one that is not used
@@ -164,27 +167,24 @@ class TrainConfig(Section):
     num_threads: int | None = Field(
         None, ge=1, description="CPU threads for PyTorch's operators (torch.set_num_threads). None = PyTorch's default "
         "(OMP_NUM_THREADS when set, else the cores); lower it when other processes share the CPUs (docs/cpu-threads.md).")
-    packing: bool = Field(
-        True, description="Prefix-shared, padding-free batches ([prompt, chosen, rejected] once per pair, 4-D "
-        "attention masks). A start-up self-check falls back to padded batches (with a warning) where the model "
-        "disagrees. false = padded batches.",
-    )
-    attention: Literal["auto", "varlen", "flex", "dense", "padded"] = Field(
-        "auto", description="Attention backend of packed batches (docs/gpu-engine.md): varlen (FlashAttention "
-        "variable-length, CUDA), flex (flex_attention BlockMask, CUDA), dense (4-D mask), padded (no packing, as "
-        "packing: false). auto: dense on CPU; on CUDA the first of varlen, flex, dense that passes the start-up "
-        "self-check. packing: false means padded whatever this says.",
+    layout: Literal["auto", "varlen", "flex", "dense", "padded"] = Field(
+        "auto", description="How training batches are laid out (docs/gpu-engine.md). Packed, prefix-shared and "
+        "padding-free ([prompt, chosen, rejected] once per pair) with one of these attention backends: varlen "
+        "(FlashAttention variable-length, CUDA), flex (flex_attention BlockMask, CUDA), dense (4-D mask); or padded "
+        "(chosen and rejected as two padded rows, as TRL). auto: dense on CPU; on CUDA the first of varlen, flex, "
+        "dense that passes the start-up self-check. A packed layout the model fails falls back to padded (with a "
+        "warning). Replaces train.packing and train.attention (still read, with a warning, for one more release).",
     )
     reference_batch_size: int | None = Field(
         None, ge=1, description="Pairs per forward pass of the reference precompute (reference: precomputed); no "
         "gradients, so it can be larger than batch_size. None = eval.batch_size (as before this key existed).",
     )
     select: Literal["auto", "best_judge", "last"] = Field(
-        "last", description="Which point of the training path becomes the run's model (docs/select.md): best_judge "
+        "auto", description="Which point of the training path becomes the run's model (docs/select.md): best_judge "
         "evaluates train.select_points checkpoints on train.select_prompts held-out prompts with the eval judge "
         "(win rate vs the base, mean score, KL) and keeps the one with the highest win-rate lower bound; last keeps "
-        "the final step (the default in this release: best_judge costs ~30% more quickstart wall time, over its "
-        "budget). auto: best_judge when a judge will run (eval.enabled, eval.generate, output.save_model), else last.",
+        "the final step. auto (default): best_judge when a judge will run (eval.enabled, eval.generate, "
+        "output.save_model, held-out data, one process), else last.",
     )
     select_points: int = Field(4, ge=1, le=64, description="best_judge: checkpoints evaluated, evenly spaced over "
                                "the optimizer steps; the last step is always one of them.")
@@ -196,6 +196,33 @@ class TrainConfig(Section):
         None, ge=1, description="With packing: length-grouped training batches of up to this many tokens (prompt "
         "once plus both responses) instead of batch_size pairs; loss normalised per pair. None = batch_size pairs.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_layout_keys(cls, data: Any) -> Any:
+        """train.packing and train.attention (0.1.0's spellings) become train.layout, with a one-line warning.
+        Remove in the release after next."""
+        if not isinstance(data, dict) or not ({"packing", "attention"} & data.keys()):
+            return data
+        data = dict(data)
+        packing, attention = data.pop("packing", None), data.pop("attention", None)
+        if "layout" in data:
+            raise ValueError("train.packing / train.attention were replaced by train.layout; keep only train.layout")
+        if packing is not None and not isinstance(packing, bool):
+            raise ValueError(f"train.packing must be true or false, got {packing!r}; better: train.layout (auto, "
+                             "varlen, flex, dense or padded)")
+        layout = "padded" if packing is False else (attention or "auto")
+        said = [f"train.packing: {str(packing).lower()}" if packing is not None else "",
+                f"train.attention: {attention}" if attention is not None else ""]
+        log.warning("%s is deprecated: write train.layout: %s (it will stop working in the release after next)",
+                    " and ".join(x for x in said if x), layout)
+        data["layout"] = layout
+        return data
+
+    @property
+    def packed(self) -> bool:
+        """Prefix-shared packed batches (train.layout other than padded)."""
+        return self.layout != "padded"
 
 
 class EvalConfig(Section):

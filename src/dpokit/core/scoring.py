@@ -38,7 +38,7 @@ def pair_logps(model, encoded: list[dict], pad_id: int, batch_size: int = 8,
                packing: bool = True) -> dict[str, list[float]]:
     """Summed response log-probs and token counts for every encoded pair.
 
-    packing (`train.packing`): the packed layout (prompt once, LM head on response tokens only; 1.5x faster on a
+    packing (`train.layout`): the packed layout (prompt once, LM head on response tokens only; 1.5x faster on a
     CPU) when the model passes the packing self-check, else padded rows. Both give the same sums.
     """
     device = next(model.parameters()).device

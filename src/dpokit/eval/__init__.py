@@ -99,11 +99,11 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, quiet:
         tuned_lp, base_lp = extra.pop("pairs")
     else:
         extra = {}
-        tuned_lp = pair_logps(tuned, encoded, tokenizer.pad_token_id, bs, cfg.train.packing)
+        tuned_lp = pair_logps(tuned, encoded, tokenizer.pad_token_id, bs, cfg.train.packed)
         with _as_base(tuned, base) as base_model:
             base_lp = (base_logps_from_training(run, base_model, encoded, tokenizer.pad_token_id, bs,
-                                                cfg.train.packing)
-                       or pair_logps(base_model, encoded, tokenizer.pad_token_id, bs, cfg.train.packing))
+                                                cfg.train.packed)
+                       or pair_logps(base_model, encoded, tokenizer.pad_token_id, bs, cfg.train.packed))
     result = {"run_dir": str(run.path), "model": cfg.model.name_or_path, "beta": cfg.train.beta,
               "settings": settings.model_dump(mode="json"),
               "preference": preference_metrics(tuned_lp, base_lp, cfg.train.beta), **extra}
@@ -144,9 +144,9 @@ def feedback_metrics(tuned, base, encoded: list[dict], pad_id: int, batch_size: 
     """Ranked rows: `ranking` (pairwise accuracy, Kendall tau); unpaired rows: `unpaired` (accuracy on desirable
     and undesirable answers). `pairs`: (tuned, base) log-probs of the pairs the `preference` section is computed on
     (best vs worst; desirable vs undesirable answers to one prompt)."""
-    tuned_v, counts = feedback_logps(tuned, encoded, pad_id, batch_size, cfg.train.packing)
+    tuned_v, counts = feedback_logps(tuned, encoded, pad_id, batch_size, cfg.train.packed)
     with _as_base(tuned, base) as base_model:
-        base_v, _ = feedback_logps(base_model, encoded, pad_id, batch_size, cfg.train.packing)
+        base_v, _ = feedback_logps(base_model, encoded, pad_id, batch_size, cfg.train.packed)
     beta = cfg.train.beta
     pairs = (feedback_pairs(encoded, tuned_v, counts), feedback_pairs(encoded, base_v, counts))
     if "scores" in encoded[0]:

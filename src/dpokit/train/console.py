@@ -45,7 +45,7 @@ def describe_run(plan, setup, checkpoint: str | None, resumed_step: int, max_ste
             how = f"LoRA continued from {t.lora.init_from}"
     precision = "bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32"
     attention = cfg.model.attn_implementation or "default attention"
-    layout = "packed, prefix-shared" if t.packing else "padded batches"
+    layout = "packed, prefix-shared" if t.packed else "padded batches"
     steps = f"{max_steps} steps"
     if t.max_steps and t.max_steps > 0:
         steps += " (train.max_steps)"

@@ -230,7 +230,7 @@ def batches(cfg: RunConfig, lengths: Lengths) -> list[Batch]:
     to 2 rows per pair."""
     t = cfg.train
     n = len(lengths.pair)
-    if t.packing and t.max_tokens_per_batch:
+    if t.packed and t.max_tokens_per_batch:
         order = sorted(range(n), key=lambda i: lengths.pair[i])
         groups, current, used = [], [], 0
         for i in order:  # the same greedy grouping as dpokit.train.packing.TokenBudgetBatchSampler
@@ -247,7 +247,7 @@ def batches(cfg: RunConfig, lengths: Lengths) -> list[Batch]:
     out = []
     for g in groups:
         scored = sum(lengths.scored[i] for i in g)
-        if t.packing:
+        if t.packed:
             width = max(lengths.pair[i] for i in g)
             out.append(Batch(len(_first_fit_rows([lengths.pair[i] for i in g], width)), width, scored, len(g)))
         else:
@@ -357,7 +357,7 @@ def estimate(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Target
     settings = {"device": target.device, "gpus": n, "sharding": target.sharding,
                 "weights_dtype_bytes": w, "activation_dtype_bytes": act, "quantization": cfg.model.quantization, "trainable_params": trainable,
                 "params": shape.params, "lora": lora, "reference": reference,
-                "gradient_checkpointing": t.gradient_checkpointing, "packing": t.packing,
+                "gradient_checkpointing": t.gradient_checkpointing, "packing": t.packed,
                 "batch_size": t.batch_size, "max_tokens_per_batch": t.max_tokens_per_batch,
                 "pairs": len(lengths.pair), "largest_batch": {"rows": worst.rows, "width": worst.width,
                                                               "pairs": worst.pairs, "scored_tokens": worst.scored}}
@@ -374,7 +374,7 @@ def time_per_epoch(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: 
     t = cfg.train
     body = shape.params - shape.embedding_params - (0 if shape.tied else shape.vocab * shape.hidden)
     head = shape.vocab * shape.hidden
-    tokens = sum(b.rows * b.width for b in all_batches) if not t.packing else sum(lengths.pair)
+    tokens = sum(b.rows * b.width for b in all_batches) if not t.packed else sum(lengths.pair)
     scored = sum(lengths.scored)
     forward = 2 * body * tokens + 2 * head * scored
     if t.lora:
@@ -431,7 +431,7 @@ def suggestions(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Tar
                         target, shape, reference))
     worst_tokens = base.settings["largest_batch"]["rows"] * base.settings["largest_batch"]["width"]
     budget = max(worst_tokens // 2, max(lengths.pair))
-    if t.packing and budget < worst_tokens:
+    if t.packed and budget < worst_tokens:
         options.append((f"--set train.max_tokens_per_batch={budget} (smaller batches; raise train.grad_accum to "
                         "keep the step size)",
                         cfg.model_copy(update={"train": t.model_copy(update={"max_tokens_per_batch": budget})}),

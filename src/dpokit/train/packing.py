@@ -62,12 +62,12 @@ class TokenBudgetBatchSampler:
 
 
 def attention_candidates(train_cfg, cuda: bool) -> list[str]:
-    """Packed backends to try, in order (`train.attention`); empty: padded batches."""
-    if not train_cfg.packing or train_cfg.attention == "padded":
+    """Packed backends to try, in order (`train.layout`); empty: padded batches."""
+    if not train_cfg.packed:
         return []
-    if train_cfg.attention == "auto":
+    if train_cfg.layout == "auto":
         return ["varlen", "flex", "dense"] if cuda else ["dense"]  # CPU: dense is today's fastest there
-    return [train_cfg.attention] + ([] if train_cfg.attention == "dense" else ["dense"])
+    return [train_cfg.layout] + ([] if train_cfg.layout == "dense" else ["dense"])
 
 
 def _backend_problem(attention: str, models, probe: dict, pad_id: int, autocast=None) -> str | None:
@@ -106,13 +106,13 @@ def choose_collator(train_cfg, model, ref_model, pairs: list[dict], pad_id: int,
             break
         passed_over[attention] = reason
         if i + 1 == len(candidates):
-            log.warning("train.packing: falling back to padded batches: %s", reason)
+            log.warning("train.layout: falling back to padded batches: %s", reason)
             padded.passed_over = passed_over
             return padded, None
-        explicit = train_cfg.attention == attention
-        (log.warning if explicit else log.info)("train.attention: %s not used, trying %s: %s", attention,
+        explicit = train_cfg.layout == attention
+        (log.warning if explicit else log.info)("train.layout: %s not used, trying %s: %s", attention,
                                                 candidates[i + 1], reason)
-    log.info("train.attention: %s", attention)
+    log.info("train.layout: %s", attention)
     sampler = None
     if train_cfg.max_tokens_per_batch:
         sampler = TokenBudgetBatchSampler([pair_length(p) for p in pairs], train_cfg.max_tokens_per_batch,

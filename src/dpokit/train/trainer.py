@@ -398,7 +398,7 @@ def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, 
         ref.to(device)
     info = precompute(ref, train_enc, eval_enc, pad_id=tokenizer.pad_token_id,
                       template=getattr(tokenizer, "chat_template", None), max_length=cfg.data.max_length,
-                      batch_size=reference_batch_size(cfg), packing=cfg.train.packing, refresh=refresh,
+                      batch_size=reference_batch_size(cfg), packing=cfg.train.packed, refresh=refresh,
                       rank=rank, world=world)
     del ref
     return info
