@@ -209,7 +209,7 @@ def self_checks(base, pairs, opts) -> dict:
         if reason is None:
             reason = packing_self_check(base, pairs[0], tp.PAD, attention=attention, autocast=autocast)
         checks[attention] = {"passes": reason is None, "reason": reason}
-    collator, _ = choose_collator(TrainConfig(attention="auto"), base, None, pairs[:8], tp.PAD, autocast=autocast)
+    collator, _ = choose_collator(TrainConfig(layout="auto"), base, None, pairs[:8], tp.PAD, autocast=autocast)
     checks["auto_picks"] = getattr(collator, "attention", "padded")
     return checks
 

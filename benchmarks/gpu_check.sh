@@ -51,6 +51,6 @@ done
 timeout $T_TRAIN python3 -m dpokit train configs/tiny.yaml --overwrite --set output.dir=/tmp/run_check --set train.precision=$PRECISION \
   --set train.max_steps=6 --set eval.enabled=$EVAL --set eval.max_new_tokens=16 > "$OUT/train.log" 2>&1; note "train $PRECISION rc=$?"
 cp /tmp/run_check/train_summary.json "$OUT/" 2>/dev/null
-grep -E "train.attention|step-0|falling back" "$OUT/train.log" | tail -5 | tee -a "$OUT/gpu.txt"
+grep -E "train.layout|step-0|falling back" "$OUT/train.log" | tail -5 | tee -a "$OUT/gpu.txt"
 BUDGET=$(( 80 + T_GPU + T_TP + T_TRAIN ))
 note "gpu_check: $(( $(date +%s) - START )) s (budget $BUDGET s), $(find "$OUT" -type f | wc -l) files under \$OUT"
