@@ -8,7 +8,6 @@ reported together, each with its fix, as one `UserError` (exit 2, nothing writte
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from dpokit.core.config import RunConfig, check_paths
 from dpokit.core.errors import UserError
 from dpokit.core.judges import check_judge
-from dpokit.core.processes import is_main_process
+from dpokit.core.processes import is_main_process, world_size
 from dpokit.core.quant import bitsandbytes_problem
 from dpokit.core.run import RunDir
 from dpokit.train.distributed import launcher_problems, requested_strategy
@@ -134,10 +133,6 @@ def resolve_select(cfg: RunConfig, evaluate: bool) -> str:
         raise UserError(f"train.select: best_judge needs {' and '.join(missing)}; provide that, or set "
                         "train.select: last to keep the final step")
     return t.select
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def quantization_problems(cfg: RunConfig, reference: str | None) -> list[str]:
