@@ -178,3 +178,19 @@ def test_report_marks_the_kept_point(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| 4 |"))
     assert "kept" in row and "8 / 0 / 0" in row
     assert "kept step 4, not the last step 8" in md
+
+
+def test_default_selects_exactly_when_a_judge_will_run(tmp_path):
+    """train.select's default (auto) is best_judge when evaluation judges answers after training, and last when it
+    cannot (no generation, --no-eval, no saved model); plan_training records what will run."""
+    from dpokit.core.config import TrainConfig
+    from dpokit.train.plan import plan_training
+
+    assert TrainConfig().select == "auto"
+    cfg = config_from_dict(tiny_config(tmp_path, output={"dir": str(tmp_path / "a")}, eval={"max_new_tokens": 8}))
+    assert plan_training(cfg, evaluate=True).select == "best_judge"
+    assert plan_training(cfg, evaluate=False).select == "last"
+    no_gen = config_from_dict(tiny_config(tmp_path, output={"dir": str(tmp_path / "b")}, eval={"generate": False}))
+    assert plan_training(no_gen, evaluate=True).select == "last"
+    unsaved = config_from_dict(tiny_config(tmp_path, output={"dir": str(tmp_path / "c"), "save_model": False}))
+    assert plan_training(unsaved, evaluate=True).select == "last"
