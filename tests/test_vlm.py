@@ -209,3 +209,51 @@ def test_matches_trl_vision_dpo(family, images_per_prompt, tmp_path):
     n_images = len(examples) * images_per_prompt
     assert ours_images == [n_images, n_images]  # policy, reference: each image once per pair
     assert trl_images == [2 * n_images, 2 * n_images]  # chosen row and rejected row
+
+
+def test_qwen2vl_mrope_positions_in_the_shared_layout():
+    """Qwen2-VL's 3-D multimodal RoPE does not block the shared layout: with `packed_mrope_positions` (prompt +
+    chosen from the model's own rope index, rejected continuing from the prompt) the packed pairs' log-probs equal
+    each `prompt + response` scored alone with the positions the model computes itself, and each pair's images are
+    encoded once. Built from a config (no processor: transformers 5.24's Qwen2VLProcessor needs torchvision)."""
+    from transformers import AutoModelForImageTextToText, Qwen2VLConfig
+
+    from dpokit.core.batching import token_logps
+    from dpokit.core.vision import mrope_index_fn
+
+    image, start, end = 297, 298, 299
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    config = Qwen2VLConfig(text_config=text, image_token_id=image, vision_start_token_id=start,
+                           vision_end_token_id=end, video_token_id=296,
+                           vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                                              patch_size=14, spatial_merge_size=2, temporal_patch_size=2))
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def pair(grids, chosen, rejected):  # grids: (t, h, w) patches per image; 2x2 merge -> h*w/4 image tokens
+        prompt = [5, 6]
+        for t, h, w in grids:
+            prompt += [start] + [image] * (t * h * w // 4) + [end] + [7]
+        prompt += [8, 9]
+        patches = sum(t * h * w for t, h, w in grids)
+        return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
+                "pixel_values": torch.randn(patches, 3 * 2 * 14 * 14, generator=gen),
+                "image_grid_thw": torch.tensor(grids)}
+
+    pairs = [pair([(1, 4, 4)], [10, 11, 12, 13], [20, 21]), pair([(1, 4, 6), (1, 2, 2)], [14, 15], [22, 23, 24])]
+    counter = ImageCounter(model)
+    with torch.no_grad():
+        packed = batch_logps(model, pack_vision_pairs(pairs, 0, rope_index=mrope_index_fn(model)))
+        assert counter.calls == 1 and counter.images == sum(int(p["image_grid_thw"].prod(-1).sum()) for p in pairs)
+        for i, p in enumerate(pairs):
+            for key, slot in (("chosen_ids", "chosen"), ("rejected_ids", "rejected")):
+                ids = torch.tensor([p["prompt_ids"] + p[key]])
+                logits = model(input_ids=ids, pixel_values=p["pixel_values"], image_grid_thw=p["image_grid_thw"],
+                               mm_token_type_ids=(ids == image).int()).logits
+                n = len(p["prompt_ids"])
+                alone = token_logps(logits[0, n - 1:-1], ids[0, n:]).sum()
+                torch.testing.assert_close(packed[slot][i], alone, rtol=1e-5, atol=1e-5)
+    counter.close()

@@ -3,11 +3,16 @@
 Aliases (built deterministically on this machine, like the tiny LLaMA; no download):
 - `dpokit-tiny-vlm`: LLaVA-style (a CLIP vision tower, a projector, a LLaMA decoder). The processor expands each
   `<image>` placeholder to a fixed run of image tokens (16 per 32x32 image); positions are plain 1-D.
-- `dpokit-tiny-qwen2vl`: Qwen2-VL-style (a ViT with 2x2 patch merging, a Qwen2 decoder with multimodal RoPE). The
-  processor expands each `<|vision_start|><|image_pad|><|vision_end|>` to as many pads as the image's merged grid
-  (4 per 56x56 image); positions are 3-D (temporal, height, width) per token.
+- `dpokit-tiny-smolvlm`: Idefics3/SmolVLM-style (a SigLIP-like vision tower, pixel-shuffle merging by 2, a LLaMA
+  decoder). The processor expands each `<image>` to `<fake_token_around_image><global-img>`, 4 image tokens and
+  `<fake_token_around_image>`; pixel values are (prompts, images, 3, H, W) with a pixel mask.
 
 Both load with `AutoModelForImageTextToText` + `AutoProcessor`, `trust_remote_code` off.
+
+Qwen2-VL-style models (3-D multimodal RoPE): `pack_vision_pairs(rope_index=mrope_index_fn(model))` gives the packed
+rows their 3-D positions (`packed_mrope_positions`); tests/test_vlm.py checks it equals each sequence scored alone on
+a Qwen2-VL model built from its config. There is no tiny Qwen2-VL alias: transformers 5.24's Qwen2VLProcessor needs
+a video processor, which needs torchvision (not a dpokit dependency).
 
 Layout. A vision pair is encoded as `prompt_ids` (image tokens already expanded by the processor), `chosen_ids`,
 `rejected_ids` and the processor's image tensors for the prompt's images only (`pixel_values`, plus
@@ -208,8 +213,8 @@ def pad_vision_pairs(pairs: list[dict], pad_id: int, rope_index=None) -> dict:
 
 
 def mrope_index_fn(model):
-    """Qwen2-VL-style models: a function (input_ids, image_grid_thw, attention_mask) -> (3, B, L) position ids;
-    None for models with 1-D positions."""
+    """Qwen2-VL-style models (multimodal RoPE): a function (input_ids, image_grid_thw, attention_mask) -> (3, B, L)
+    position ids from the model's own `get_rope_index`; None for models with 1-D positions."""
     from dpokit.core.wrapped import transformers_model
 
     inner = transformers_model(model) or model
@@ -217,9 +222,11 @@ def mrope_index_fn(model):
     get = getattr(base, "get_rope_index", None)
     if get is None:
         return None
+    image_id = inner.config.image_token_id
 
     def rope_index(input_ids, image_grid_thw, attention_mask):
-        positions, _ = get(input_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+        positions, _ = get(input_ids, mm_token_type_ids=(input_ids == image_id).int(), image_grid_thw=image_grid_thw,
+                           attention_mask=attention_mask)
         return positions
 
     return rope_index
