@@ -116,6 +116,16 @@ def load_image(ref, base_dir: Path | None, where: str):
                     "fix that row")
 
 
+def image_ref(ref, base_dir: Path | None) -> str:
+    """A JSON-able record of an image: a path made absolute (relative ones against `base_dir`), else its kind."""
+    if isinstance(ref, dict) and ref.get("bytes") is None and ref.get("path"):
+        ref = ref["path"]
+    if isinstance(ref, str):
+        path = Path(os.path.expanduser(ref))
+        return str(path if path.is_absolute() or base_dir is None else base_dir / path)
+    return preview_ref(ref)
+
+
 def preview_ref(ref) -> str:
     return repr(ref) if isinstance(ref, str) else f"<{len(ref)} bytes>" if isinstance(ref, (bytes, bytearray)) \
         else f"<{type(ref).__name__}>"
@@ -191,6 +201,7 @@ def load_vision_preferences(model: str, *, source=None, rows: list[dict] | None 
             raise UserError(f"{where}: the prompt has {n_parts} image placeholder{'s' * (n_parts != 1)} "
                             f"({{\"type\": \"image\"}} parts or <image>) and {len(row['images'])} image"
                             f"{'s' * (len(row['images']) != 1)}; give one image per placeholder")
+        row["image_refs"] = [image_ref(ref, base) for ref in row["images"]]  # what the run folder records
         row["images"] = [load_image(ref, base, where) for ref in row["images"]]
         canonical.append(row)
         locations.append(where)

@@ -1,0 +1,96 @@
+"""`dpokit train` on image preference data (issue 29): configs/tiny-vlm.yaml (the generated shapes set, the tiny
+LLaVA-style dpokit-tiny-vlm, LoRA, sigmoid loss) end to end in a real subprocess, and the vision run's planning."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit.core.config import load_config
+from dpokit.core.vision import load_vlm, vision_tower
+from dpokit.train.vision import lora_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny-vlm.yaml"
+
+
+def test_dpokit_train_on_the_shapes_set_with_lora(cli, tmp_path):
+    run = tmp_path / "run"
+    result = cli("train", CONFIG, "--set", f"output.dir={run}", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "36 train rows, 12 held out" in result.stdout
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    assert len(losses) == 10 and losses[0] == pytest.approx(0.6931, abs=1e-3)  # step 0: policy = reference
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+    # the adapter: in the language model (and projector), none in the frozen vision tower; it moved from zero
+    adapter = load_file(run / "model" / "adapter_model.safetensors")
+    assert adapter and not [k for k in adapter if "vision_tower" in k]
+    assert any("language_model" in k for k in adapter)
+    assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0  # lora_B starts at zero
+
+    # the run folder records the images by absolute path; the processor is saved with the adapter
+    train = [json.loads(line) for line in (run / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 36 and all(Path(p).is_absolute() and Path(p).is_file() for r in train for p in r["images"])
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(run / "model").image_processor is not None
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["reference"] == "adapter" and summary["global_step"] == 10
+
+
+def test_lora_targets_leave_the_frozen_vision_tower_out():
+    import re
+
+    model = load_vlm("dpokit-tiny-vlm")
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    frozen = lora_targets(model, ["q_proj", "v_proj"], freeze_vision=True)
+    hit = [n for n in names if re.fullmatch(frozen, n)]
+    assert hit and all("language_model" in n for n in hit)
+    assert lora_targets(model, ["q_proj", "v_proj"], freeze_vision=False) == ["q_proj", "v_proj"]
+    assert any("vision_tower" in n and n.endswith("q_proj") for n in names)  # there was something to leave out
+    assert isinstance(vision_tower(model), torch.nn.Module)
+
+
+def _vision_cfg(tmp_path, **train):
+    cfg = load_config(CONFIG)
+    return cfg.model_copy(update={
+        "output": cfg.output.model_copy(update={"dir": str(tmp_path / "run")}),
+        "train": cfg.train.model_copy(update=train)})
+
+
+def test_full_fine_tune_keeps_the_vision_tower_fixed(tmp_path):
+    """train.freeze_vision (default true) without LoRA: the tower's weights do not move, the language model's do."""
+    from dpokit.train.trainer import run_training
+
+    cfg = _vision_cfg(tmp_path, lora=None, max_steps=2, learning_rate=1e-3)
+    before = {k: v.clone() for k, v in load_vlm("dpokit-tiny-vlm").state_dict().items()}
+    run_training(cfg)
+    after = load_vlm(str(tmp_path / "run" / "model")).state_dict()
+    tower = [k for k in after if "vision_tower" in k]
+    moved = [k for k in after if "language_model" in k and not torch.equal(after[k], before[k])]
+    assert tower and all(torch.equal(after[k], before[k]) for k in tower)
+    assert moved
+
+
+@pytest.mark.parametrize("update, needle", [
+    ({"engine": "trl"}, "train.engine: trl is not wired for image data"),
+    ({"reference": "precomputed"}, "train.reference: precomputed is not supported for image data"),
+])
+def test_vision_plan_refuses_what_is_not_wired(tmp_path, update, needle):
+    from dpokit.core.errors import UserError
+    from dpokit.train.plan import plan_training
+
+    with pytest.raises(UserError, match=needle):
+        plan_training(_vision_cfg(tmp_path, **update))
+
+
+def test_vision_run_with_evaluation_exits_2_before_weights_load(cli, tmp_path):
+    result = cli("train", CONFIG, "--set", f"output.dir={tmp_path / 'run'}", "--set", "eval.enabled=true")
+    assert result.returncode == 2
+    assert "eval.enabled: evaluating a vision-language run is not built yet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
