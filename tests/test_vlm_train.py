@@ -94,3 +94,38 @@ def test_vision_run_with_evaluation_exits_2_before_weights_load(cli, tmp_path):
     assert result.returncode == 2
     assert "eval.enabled: evaluating a vision-language run is not built yet" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_bad_image_inputs_to_dpokit_train_exit_2_with_one_line_and_nothing_written(cli, tmp_path):
+    """Each before any weights load: a missing image (file and row named), image data with a text-only model, a
+    model folder whose processor has no image processor."""
+    import shutil
+
+    from PIL import Image
+
+    from dpokit.core.vision import resolve_vlm_path
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "images" / "ok.png")
+    row = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+           "chosen": "A red square.", "rejected": "A blue circle."}
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(dict(row, images=[f"images/{n}.png"])) + "\n" for n in ("ok", "ok", "nope")))
+    no_image_processor = tmp_path / "no-image-processor"
+    no_image_processor.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        shutil.copy(Path(resolve_vlm_path("dpokit-tiny-vlm")) / name, no_image_processor / name)
+    run = tmp_path / "run"
+    cases = [
+        ((f"data.source={data}",), [f"{data}:3", "'images/nope.png' not found", "relative to the data file"]),
+        ((f"data.source={ROOT / 'configs/data/shapes/shapes_prefs.jsonl'}", "model.name_or_path=dpokit-tiny-llama"),
+         ["shapes_prefs.jsonl:1", "text-only model", "vision-language model"]),
+        ((f"model.name_or_path={no_image_processor}",), ["has no image processor", "with its processor"]),
+    ]
+    for sets, needles in cases:
+        args = [a for s in (*sets, f"output.dir={run}") for a in ("--set", s)]
+        result = cli("train", CONFIG, *args, env={"OMP_NUM_THREADS": "1"})
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and all(n in lines[0] for n in needles), lines
+        assert not run.exists()

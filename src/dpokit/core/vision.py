@@ -116,10 +116,14 @@ def load_processor(name_or_path: str, *, revision=None, trust_remote_code=False)
         processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"model.name_or_path: cannot load a processor for {name_or_path!r} ({first})") from None
+        if "image processor" in first.lower():
+            processor = None  # a tokenizer without its image processor: the message below
+        else:
+            raise UserError(f"model.name_or_path: cannot load a processor for {name_or_path!r} ({first})") from None
     if getattr(processor, "image_processor", None) is None:
-        raise UserError(f"model.name_or_path: the processor of {name_or_path!r} has no image processor; "
-                        "use a vision-language model's folder")
+        raise UserError(f"model.name_or_path: the processor of {name_or_path!r} has no image processor (no "
+                        "processor_config.json / preprocessor_config.json); use a vision-language model's folder with "
+                        "its processor")
     tokenizer = processor.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

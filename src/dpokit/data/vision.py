@@ -148,6 +148,13 @@ def model_takes_images(name_or_path: str, *, revision=None, trust_remote_code=Fa
     return getattr(config, "vision_config", None) is not None
 
 
+def check_model_takes_images(model: str, where: str) -> None:
+    """Image data with a text-only model: one line naming the first row, before any processor or weights load."""
+    if not model_takes_images(model):
+        raise UserError(f"{where}: the data holds images and {model!r} is a text-only model (no vision tower); use a "
+                        "vision-language model (e.g. dpokit-tiny-vlm) or text-only data")
+
+
 @dataclass
 class VisionData:
     rows: list[dict]  # canonical rows with `images` as PIL images
@@ -185,10 +192,7 @@ def load_vision_preferences(model: str, *, source=None, rows: list[dict] | None 
     items = vision_rows(source, rows)
     if not items:
         raise UserError(f"{source or 'rows'}: no rows; give at least one preference pair")
-    if not model_takes_images(model):
-        where = items[0][0]
-        raise UserError(f"{where}: the data holds images and {model!r} is a text-only model (no vision tower); use a "
-                        "vision-language model (e.g. dpokit-tiny-vlm) or text-only data")
+    check_model_takes_images(model, items[0][0])
     canonical, locations, formats = [], [], set()
     for where, base, raw in items:
         if not is_vision_row(raw):

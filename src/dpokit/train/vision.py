@@ -19,7 +19,12 @@ from dpokit.core.models import pick_dtype
 from dpokit.core.run import DataChecks, DataReport, Malformed, ReadCounts, RowChecks, SharedPrompts, Split
 from dpokit.core.vision import load_processor, load_vlm, pack_vision_pairs, vision_tower
 from dpokit.data import PreferenceData
-from dpokit.data.vision import is_vision_source, load_vision_preferences
+from dpokit.data.vision import (
+    check_model_takes_images,
+    is_vision_source,
+    load_vision_preferences,
+    vision_rows,
+)
 
 
 def is_vision_run(cfg: RunConfig) -> bool:
@@ -93,6 +98,8 @@ def _record(row: dict) -> dict:
 def prepare_vision_data(cfg: RunConfig) -> VisionSetup:
     """Processor and data, every check before any weights load."""
     name = cfg.model.name_or_path
+    rows = vision_rows(cfg.data.source)
+    check_model_takes_images(name, rows[0][0] if rows else str(cfg.data.source))
     processor = load_processor(cfg.model.tokenizer or name, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code)
     loaded = load_vision_preferences(name, source=cfg.data.source, max_length=cfg.data.max_length,
