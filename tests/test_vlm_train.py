@@ -21,6 +21,7 @@ def test_dpokit_train_on_the_shapes_set_with_lora(cli, tmp_path):
     result = cli("train", CONFIG, "--set", f"output.dir={run}", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "36 train rows, 12 held out" in result.stdout
+    assert "next: dpokit eval" not in result.stdout  # not offered: evaluation of vision runs is not built yet
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
@@ -129,3 +130,19 @@ def test_bad_image_inputs_to_dpokit_train_exit_2_with_one_line_and_nothing_writt
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and all(n in lines[0] for n in needles), lines
         assert not run.exists()
+
+
+def test_dpokit_plan_refuses_image_data_with_the_reason(tmp_path):
+    """The planner's arithmetic has no image tokens or vision tower yet: it says so instead of a text model's
+    (wrong) estimate."""
+    from dpokit.core.errors import UserError
+    from dpokit.train.resources import plan_resources
+
+    with pytest.raises(UserError, match="image preference data is not estimated yet"):
+        plan_resources(_vision_cfg(tmp_path))
+
+
+def test_dpokit_plan_refuses_image_data_with_one_line(cli, tmp_path):
+    result = cli("plan", CONFIG, "--set", f"output.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "image preference data is not estimated yet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
