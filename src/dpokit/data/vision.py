@@ -234,6 +234,15 @@ def is_vision_source(source: str) -> bool:
     path = Path(os.path.expanduser(str(source)))
     if not path.exists():
         return False
+    if path.suffix.lower() == ".jsonl":  # every text run asks: read its first row only, not the whole file
+        import json
+
+        try:
+            with path.open("rb") as fh:
+                first = next((line for line in fh if line.strip()), b"")
+            return is_vision_row(json.loads(first)) if first else False
+        except (OSError, ValueError):
+            return False  # the text path reports the bad file with its own message
     try:
         items = _file_rows(path)
     except UserError:
