@@ -146,3 +146,25 @@ def test_dpokit_plan_refuses_image_data_with_one_line(cli, tmp_path):
     result = cli("plan", CONFIG, "--set", f"output.dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "image preference data is not estimated yet" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resumed_vision_run_matches_the_straight_one(tmp_path):
+    """6 LoRA steps straight == 3 steps, stop, resume from checkpoint-3 for the last 3 (adapter, loss)."""
+    from conftest import StopAt
+    from dpokit.train.trainer import run_training
+
+    def cfg(name):
+        return _vision_cfg(tmp_path / name, max_steps=6, save_steps=3, batch_size=4, seed=3)
+
+    run_training(cfg("straight"))
+    run_training(cfg("split"), callbacks=[StopAt(3)])
+    assert (tmp_path / "split" / "run" / "checkpoints" / "checkpoint-3").is_dir()
+    run_training(cfg("split"), resume=True)
+    assert json.loads((tmp_path / "split" / "run" / "train_summary.json").read_text())["resumed_from"] == "checkpoint-3"
+    a, b = (load_file(tmp_path / n / "run" / "model" / "adapter_model.safetensors") for n in ("straight", "split"))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    loss = [[r for r in map(json.loads, (tmp_path / n / "run" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r][-1] for n in ("straight", "split")]
+    assert loss[0]["step"] == loss[1]["step"] == 6 and loss[1]["loss"] == pytest.approx(loss[0]["loss"], abs=1e-6)
