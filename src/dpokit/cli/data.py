@@ -71,8 +71,17 @@ def register(data_app: typer.Typer) -> None:
                 json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
         """Read, normalise and check preference data; print the report (nothing is written)."""
 
-        from dpokit.data.prepare import print_report, run_checks
+        import json
 
+        from dpokit.data.prepare import print_report, run_checks
+        from dpokit.data.vision import is_vision_source, load_vision_preferences, vision_report
+
+        if is_vision_source(source):  # images: checked against the model's processor, images never truncated
+            with keys_as_flags():
+                data = load_vision_preferences(model or "dpokit-tiny-llama", source=source,
+                                               max_length=max_length or 1024)
+            typer.echo(json.dumps(vision_report(data), indent=2 if json_out else None))
+            return
         with keys_as_flags():
             cfg = _cfg(source, fmt, columns, split, config_name, chat_template, max_length, truncation, on_error,
                        eval_fraction, seed, set_)

@@ -39,6 +39,15 @@ class PairCollator:
         return pad_pairs(pairs, self.pad_id)
 
 
+# Image tensors a vision-language batch carries beside the text (`dpokit.core.vision`); the forward passes them on.
+IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes")
+
+
+def image_inputs(batch: dict) -> dict:
+    """The image tensors of a batch, as forward keyword arguments (none for a text batch)."""
+    return {k: batch[k] for k in IMAGE_KEYS if k in batch}
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label) per position, in fp32 whatever the model's dtype (half-precision log-softmax loses the
     small differences DPO depends on)."""
@@ -48,7 +57,11 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sum of response-token log-probs per row, split into chosen/rejected halves, with token counts."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    extra = image_inputs(batch)
+    if "position_ids" in batch:
+        extra["position_ids"] = batch["position_ids"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **extra).logits
     labels = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:].to(torch.float32)
     per_token = token_logps(logits[:, :-1], labels) * mask

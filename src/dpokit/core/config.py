@@ -153,6 +153,8 @@ class TrainConfig(Section):
     )
     reference_model: str | None = Field(None, description="Another model id/folder as the reference.")
     disable_dropout: bool = Field(True, description="Turn dropout off in policy and reference (as TRL does).")
+    freeze_vision: bool = Field(True, description="Vision-language models: keep the vision tower's weights "
+                                "fixed (no LoRA adapter in it); false trains it too.")
     seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
     logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
     report_to: list[str] | str = Field(

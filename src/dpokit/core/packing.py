@@ -28,7 +28,7 @@ from dpokit.core.attention import (
     layout_attention,
     varlen_layout,
 )
-from dpokit.core.batching import PairCollator, pad_pairs, sequence_logps, token_logps
+from dpokit.core.batching import PairCollator, image_inputs, pad_pairs, sequence_logps, token_logps
 from dpokit.core.logp_head import HeadPlan, chunked_token_logps, head_plan
 from dpokit.core.wrapped import model_config
 
@@ -249,7 +249,8 @@ def _attn_impl(model) -> str | None:
 def _attention_inputs(model, batch: dict) -> tuple[dict, str | None]:
     """The packed forward's keyword arguments, and the layout that needs dpokit's attention function ("varlen",
     "flex"; None: the model's own attention with the dense mask)."""
-    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                  **image_inputs(batch))  # a vision batch: each pair's images once (dpokit.core.vision)
     if "varlen" in batch:  # one flattened row; the layout reaches the attention function as a keyword
         return dict(kwargs, **{VARLEN: batch["varlen"]}), "varlen"
     if "attention_mask" not in batch:  # flex: a BlockMask, passed explicitly

@@ -23,6 +23,7 @@ from dpokit.train.losses import loss_names, needs_reference, parse_loss_spec, te
 from dpokit.train.resilience import last_complete_checkpoint
 from dpokit.train.trackers import check_report_to
 from dpokit.train.trl_engine import check_trl_config
+from dpokit.train.vision import is_vision_run, vision_plan_problems
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class TrainPlan:
     replace_run_dir: bool  # --overwrite of a non-empty folder: deleted once setup has validated the data
     evaluate: bool  # the caller chains `dpokit.evaluate` after training (its judge was checked here)
     select: str = "last"  # best_judge | last: train.select as resolved (dpokit.train.select)
+    vision: bool = False  # the rows carry images (dpokit.train.vision)
 
 
 def pick_precision(precision: str) -> tuple[bool, bool]:
@@ -90,6 +92,10 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
 
     evaluate = cfg.eval.enabled if evaluate is None else evaluate
     evaluate = evaluate and cfg.output.save_model
+    vision = is_vision_run(cfg)
+    if vision:
+        problems += vision_plan_problems(cfg, evaluate)
+        evaluate = False
     select = check(resolve_select, cfg, evaluate) or "last"
     if (evaluate and cfg.eval.generate) or select == "best_judge":
         problems += check_judge(cfg.eval.judge, cfg.eval.judge_options)
@@ -110,7 +116,7 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
         raise UserError("; ".join(dict.fromkeys(problems)))  # each problem once, in the order found
     return TrainPlan(cfg=cfg, run_dir=run_dir, loss_terms=terms, reference=reference, bf16=precision[0],
                      fp16=precision[1], resume=resume, replace_run_dir=replace, evaluate=evaluate,
-                     select=select)
+                     select=select, vision=vision)
 
 
 def resolve_select(cfg: RunConfig, evaluate: bool) -> str:

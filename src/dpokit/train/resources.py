@@ -32,7 +32,11 @@ def plan_resources(cfg: RunConfig, *, gpus: int = 1, gpu_memory_mb: float | None
         raise UserError(f"--shard: unknown {sharding!r}; use one of {', '.join(est.SHARDING)}")
     if tflops is not None and not tflops > 0:
         raise UserError(f"--tflops: {tflops} is not a throughput; give a positive number (TFLOP/s per device)")
-    reference = plan_training(cfg, resume=resume, evaluate=evaluate, origin=origin).reference
+    plan = plan_training(cfg, resume=resume, evaluate=evaluate, origin=origin)
+    if plan.vision:  # before any config or tokenizer is read: the estimate would be a text model's, and wrong
+        raise UserError("dpokit plan: image preference data is not estimated yet (image tokens and the vision tower "
+                        "are not in the planner's arithmetic); train with dpokit train and read its peak memory")
+    reference = plan.reference
     if sharding == "zero3" and cfg.model.quantization != "none":
         raise UserError(f"--shard zero3: bitsandbytes' {cfg.model.quantization} weights cannot be sharded; plan with "
                         "--shard none or zero2 (each device holds the quantized base), or model.quantization: none")

@@ -66,6 +66,7 @@ from dpokit.train.resilience import (
 from dpokit.train.select import SelectionCallback
 from dpokit.train.trackers import tracker_arguments
 from dpokit.train.trl_engine import build_trl_trainer
+from dpokit.train.vision import VisionPairCollator, load_vision_model, lora_targets, prepare_vision_data
 
 log = logging.getLogger(__name__)
 
@@ -315,9 +316,9 @@ def build_reference(cfg: RunConfig, model, reference: str):
     return ref
 
 
-def apply_lora(model, lora_cfg):
+def apply_lora(model, lora_cfg, target_modules=None):
     peft_cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                          target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
+                          target_modules=target_modules or lora_cfg.target_modules, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as err:
@@ -386,6 +387,7 @@ class Setup:
     eval_enc: list[dict]
     ref_model: object | None
     precomputed: dict | None
+    processor: object | None = None  # vision-language runs: saved with the model
 
 
 def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, refresh: bool = False) -> dict:
@@ -435,6 +437,29 @@ def setup(plan: TrainPlan, refresh_reference: bool = False) -> Setup:
     return Setup(model, tokenizer, data, train_enc, eval_enc, ref_model, precomputed)
 
 
+def setup_vision(plan: TrainPlan) -> Setup:
+    """setup() for image data: processor and data (every check) first, then the vision-language model, its vision
+    tower frozen (train.freeze_vision), LoRA outside it, the reference as for text (vision.py's plan refuses
+    precomputed)."""
+    cfg = plan.cfg
+    set_seed(cfg.train.seed)
+    apply_token_env(cfg.model)
+    v = prepare_vision_data(cfg)
+    model = load_vision_model(cfg)
+    if cfg.train.disable_dropout:
+        disable_dropout(model)
+    init_from = cfg.train.lora.init_from if cfg.train.lora is not None else None
+    if init_from:
+        model = load_lora(model, init_from)
+    ref_model = build_reference(cfg, model, plan.reference)
+    if cfg.train.lora is not None and not init_from:
+        model = apply_lora(model, cfg.train.lora,
+                           lora_targets(model, cfg.train.lora.target_modules, cfg.train.freeze_vision))
+    if cfg.train.gradient_checkpointing and cfg.train.lora is not None:
+        model.enable_input_require_grads()
+    return Setup(model, v.processor.tokenizer, v.data, v.train_enc, v.eval_enc, ref_model, None, v.processor)
+
+
 def write_run_start(plan: TrainPlan, s: Setup) -> None:
     """The run folder (main process only): manifest, resolved config and the exact data used, so eval and reports
     read only artifacts. The split is seeded, so every rank holds the same rows without reading them back."""
@@ -466,7 +491,12 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
     args = training_arguments(plan, has_eval=bool(s.eval_enc))
     if s.ref_model is not None and not is_quantized(s.ref_model):
         s.ref_model.to(args.device)
-    if cfg.train.engine == "trl":
+    if plan.vision:  # each pair once with its images once; the loss is DPOTrainer's as for text
+        trainer = DPOTrainer(model=s.model, args=args, train_dataset=s.train_enc, eval_dataset=s.eval_enc or None,
+                             processing_class=s.tokenizer, dpo_cfg=cfg.train, ref_model=s.ref_model,
+                             data_collator=VisionPairCollator(s.tokenizer.pad_token_id))
+        trainer.attention_choice = {"backend": "dense", "passed_over": {}}
+    elif cfg.train.engine == "trl":
         trainer = build_trl_trainer(cfg, s.model, s.tokenizer, args, s.train_enc, s.eval_enc, s.ref_model,
                                     plan.reference)
     else:
@@ -551,7 +581,7 @@ def save(plan: TrainPlan, s: Setup, trainer: Trainer, output, wall: float, check
         with quiet_hf(logs=False):  # no "Writing model shards" bar; transformers' warnings stay visible
             trainer.save_model(str(run_dir.model_dir))
         if trainer.is_world_process_zero():
-            s.tokenizer.save_pretrained(str(run_dir.model_dir))
+            (s.processor or s.tokenizer).save_pretrained(str(run_dir.model_dir))
             (run_dir.model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: we write JSON instead
             chmod_tree_as_created(run_dir.model_dir)
     final = dict(output.metrics)
@@ -604,7 +634,7 @@ def run_training(cfg: RunConfig | TrainPlan, resume: bool = False, callbacks: li
     quiet_non_main_process()
     plan = cfg if isinstance(cfg, TrainPlan) else plan_training(cfg, resume=resume)
     threads = apply_num_threads(plan.cfg.train.num_threads)
-    s = setup(plan, refresh_reference)
+    s = setup_vision(plan) if plan.vision else setup(plan, refresh_reference)
     # After setup: bad data has failed by now with its one line. The sample excludes this process's own CPU time.
     if progress and not torch.cuda.is_available():
         warning = oversubscription_warning(threads, cpu_load_of_others())

@@ -1,0 +1,170 @@
+"""`dpokit train` on image preference data (issue 29): configs/tiny-vlm.yaml (the generated shapes set, the tiny
+LLaVA-style dpokit-tiny-vlm, LoRA, sigmoid loss) end to end in a real subprocess, and the vision run's planning."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit.core.config import load_config
+from dpokit.core.vision import load_vlm, vision_tower
+from dpokit.train.vision import lora_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny-vlm.yaml"
+
+
+def test_dpokit_train_on_the_shapes_set_with_lora(cli, tmp_path):
+    run = tmp_path / "run"
+    result = cli("train", CONFIG, "--set", f"output.dir={run}", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "36 train rows, 12 held out" in result.stdout
+    assert "next: dpokit eval" not in result.stdout  # not offered: evaluation of vision runs is not built yet
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    assert len(losses) == 10 and losses[0] == pytest.approx(0.6931, abs=1e-3)  # step 0: policy = reference
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+    # the adapter: in the language model (and projector), none in the frozen vision tower; it moved from zero
+    adapter = load_file(run / "model" / "adapter_model.safetensors")
+    assert adapter and not [k for k in adapter if "vision_tower" in k]
+    assert any("language_model" in k for k in adapter)
+    assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0  # lora_B starts at zero
+
+    # the run folder records the images by absolute path; the processor is saved with the adapter
+    train = [json.loads(line) for line in (run / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 36 and all(Path(p).is_absolute() and Path(p).is_file() for r in train for p in r["images"])
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(run / "model").image_processor is not None
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["reference"] == "adapter" and summary["global_step"] == 10
+
+
+def test_lora_targets_leave_the_frozen_vision_tower_out():
+    import re
+
+    model = load_vlm("dpokit-tiny-vlm")
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    frozen = lora_targets(model, ["q_proj", "v_proj"], freeze_vision=True)
+    hit = [n for n in names if re.fullmatch(frozen, n)]
+    assert hit and all("language_model" in n for n in hit)
+    assert lora_targets(model, ["q_proj", "v_proj"], freeze_vision=False) == ["q_proj", "v_proj"]
+    assert any("vision_tower" in n and n.endswith("q_proj") for n in names)  # there was something to leave out
+    assert isinstance(vision_tower(model), torch.nn.Module)
+
+
+def _vision_cfg(tmp_path, **train):
+    cfg = load_config(CONFIG)
+    return cfg.model_copy(update={
+        "output": cfg.output.model_copy(update={"dir": str(tmp_path / "run")}),
+        "train": cfg.train.model_copy(update=train)})
+
+
+def test_full_fine_tune_keeps_the_vision_tower_fixed(tmp_path):
+    """train.freeze_vision (default true) without LoRA: the tower's weights do not move, the language model's do."""
+    from dpokit.train.trainer import run_training
+
+    cfg = _vision_cfg(tmp_path, lora=None, max_steps=2, learning_rate=1e-3)
+    before = {k: v.clone() for k, v in load_vlm("dpokit-tiny-vlm").state_dict().items()}
+    run_training(cfg)
+    after = load_vlm(str(tmp_path / "run" / "model")).state_dict()
+    tower = [k for k in after if "vision_tower" in k]
+    moved = [k for k in after if "language_model" in k and not torch.equal(after[k], before[k])]
+    assert tower and all(torch.equal(after[k], before[k]) for k in tower)
+    assert moved
+
+
+@pytest.mark.parametrize("update, needle", [
+    ({"engine": "trl"}, "train.engine: trl is not wired for image data"),
+    ({"reference": "precomputed"}, "train.reference: precomputed is not supported for image data"),
+])
+def test_vision_plan_refuses_what_is_not_wired(tmp_path, update, needle):
+    from dpokit.core.errors import UserError
+    from dpokit.train.plan import plan_training
+
+    with pytest.raises(UserError, match=needle):
+        plan_training(_vision_cfg(tmp_path, **update))
+
+
+def test_vision_run_with_evaluation_exits_2_before_weights_load(cli, tmp_path):
+    result = cli("train", CONFIG, "--set", f"output.dir={tmp_path / 'run'}", "--set", "eval.enabled=true")
+    assert result.returncode == 2
+    assert "eval.enabled: evaluating a vision-language run is not built yet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_bad_image_inputs_to_dpokit_train_exit_2_with_one_line_and_nothing_written(cli, tmp_path):
+    """Each before any weights load: a missing image (file and row named), image data with a text-only model, a
+    model folder whose processor has no image processor."""
+    import shutil
+
+    from PIL import Image
+
+    from dpokit.core.vision import resolve_vlm_path
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "images" / "ok.png")
+    row = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+           "chosen": "A red square.", "rejected": "A blue circle."}
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(dict(row, images=[f"images/{n}.png"])) + "\n" for n in ("ok", "ok", "nope")))
+    no_image_processor = tmp_path / "no-image-processor"
+    no_image_processor.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        shutil.copy(Path(resolve_vlm_path("dpokit-tiny-vlm")) / name, no_image_processor / name)
+    run = tmp_path / "run"
+    cases = [
+        ((f"data.source={data}",), [f"{data}:3", "'images/nope.png' not found", "relative to the data file"]),
+        ((f"data.source={ROOT / 'configs/data/shapes/shapes_prefs.jsonl'}", "model.name_or_path=dpokit-tiny-llama"),
+         ["shapes_prefs.jsonl:1", "text-only model", "vision-language model"]),
+        ((f"model.name_or_path={no_image_processor}",), ["has no image processor", "with its processor"]),
+    ]
+    for sets, needles in cases:
+        args = [a for s in (*sets, f"output.dir={run}") for a in ("--set", s)]
+        result = cli("train", CONFIG, *args, env={"OMP_NUM_THREADS": "1"})
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and all(n in lines[0] for n in needles), lines
+        assert not run.exists()
+
+
+def test_dpokit_plan_refuses_image_data_with_the_reason(tmp_path):
+    """The planner's arithmetic has no image tokens or vision tower yet: it says so instead of a text model's
+    (wrong) estimate."""
+    from dpokit.core.errors import UserError
+    from dpokit.train.resources import plan_resources
+
+    with pytest.raises(UserError, match="image preference data is not estimated yet"):
+        plan_resources(_vision_cfg(tmp_path))
+
+
+def test_dpokit_plan_refuses_image_data_with_one_line(cli, tmp_path):
+    result = cli("plan", CONFIG, "--set", f"output.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "image preference data is not estimated yet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resumed_vision_run_matches_the_straight_one(tmp_path):
+    """6 LoRA steps straight == 3 steps, stop, resume from checkpoint-3 for the last 3 (adapter, loss)."""
+    from conftest import StopAt
+    from dpokit.train.trainer import run_training
+
+    def cfg(name):
+        return _vision_cfg(tmp_path / name, max_steps=6, save_steps=3, batch_size=4, seed=3)
+
+    run_training(cfg("straight"))
+    run_training(cfg("split"), callbacks=[StopAt(3)])
+    assert (tmp_path / "split" / "run" / "checkpoints" / "checkpoint-3").is_dir()
+    run_training(cfg("split"), resume=True)
+    assert json.loads((tmp_path / "split" / "run" / "train_summary.json").read_text())["resumed_from"] == "checkpoint-3"
+    a, b = (load_file(tmp_path / n / "run" / "model" / "adapter_model.safetensors") for n in ("straight", "split"))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    loss = [[r for r in map(json.loads, (tmp_path / n / "run" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r][-1] for n in ("straight", "split")]
+    assert loss[0]["step"] == loss[1]["step"] == 6 and loss[1]["loss"] == pytest.approx(loss[0]["loss"], abs=1e-6)
