@@ -126,7 +126,20 @@ class TrainConfig(Section):
     simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target reward margin gamma (loss: simpo).")
     sft_weight: float = Field(0.0, ge=0.0, description="Weight of an NLL term on the chosen response (RPO); 0 = off.")
     beta: float = Field(0.1, gt=0.0, description="Strength of the KL penalty toward the reference (DPO beta).")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO label noise rate.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO label noise rate (also eps of "
+                                   "exo_pair, which needs it > 0, and of aot / aot_unpaired).")
+    discopop_tau: float = Field(0.05, gt=0.0, description="DiscoPOP temperature tau of the mixing sigmoid s(beta h / tau) "
+                                "(loss: discopop; TRL's discopop_tau).")
+    f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field(
+        "reverse_kl", description="f-DPO: the divergence to the reference whose f'(pi/ref) replaces the log-ratio "
+        "(TRL's f_divergence_type); reverse_kl = DPO. Only for sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, "
+        "discopop, sft.")
+    f_alpha: float | None = Field(None, description="alpha of f_divergence: alpha_divergence (TRL's "
+                                  "f_alpha_divergence_coef; 1 = reverse KL); required with it.")
+    ld_alpha: float | None = Field(None, ge=0.0, le=1.0, description="LD-DPO: weight in [0, 1] of the response tokens "
+                                   "past the shorter response's length (TRL's ld_alpha); None = off (weight 1).")
+    use_weighting: bool = Field(False, description="WPO: weight each pair's loss by the policy's length-normalised, "
+                                "sampling-aligned probability of both responses (TRL's use_weighting).")
     desirable_weight: float = Field(1.0, gt=0.0, description="KTO weight of desirable rows (lambda_D, loss: kto).")
     undesirable_weight: float = Field(1.0, gt=0.0, description="KTO weight of undesirable rows (lambda_U, loss: kto).")
     learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate.")
@@ -294,6 +307,9 @@ class RunConfig(Section):
             problems.append("train.reference: 'adapter' needs train.lora; set train.lora or use reference: model")
         if self.train.reference_model and self.train.reference not in ("auto", "model", "precomputed"):
             problems.append("train.reference_model: only used with reference: model or precomputed")
+        if self.train.f_divergence == "alpha_divergence" and self.train.f_alpha is None:
+            problems.append("train.f_alpha: f_divergence: alpha_divergence needs its alpha; set train.f_alpha "
+                            "(e.g. 0.5; TRL's default f_alpha_divergence_coef)")
         # Loss names are checked against the loss registry by the training plan (dpokit.train.plan), which
         # lives above this layer.
         if problems:

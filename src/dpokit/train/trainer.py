@@ -101,11 +101,12 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         self.reference_forwards += 1
         with torch.no_grad():
+            ld_alpha = self.dpo_cfg.ld_alpha
             if self.ref_model is not None:
-                out = batch_logps(self.ref_model, batch)
+                out = batch_logps(self.ref_model, batch, ld_alpha)
             else:  # LoRA: the base model is the policy with its adapter switched off
                 with self.accelerator.unwrap_model(model).disable_adapter():
-                    out = batch_logps(model, batch)
+                    out = batch_logps(model, batch, ld_alpha)
         return out["chosen"], out["rejected"]
 
     # Workaround: transformers 5.x Trainer leaves autocast to accelerate (`autocast_smart_context_manager` is a
@@ -121,9 +122,9 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if is_list_batch(inputs):
             return self._feedback_loss(model, inputs, return_outputs, num_items_in_batch)
-        policy = batch_logps(model, inputs)
+        policy = batch_logps(model, inputs, self.dpo_cfg.ld_alpha, self.dpo_cfg.use_weighting)
         lp = PairLogps(policy["chosen"], policy["rejected"], chosen_tokens=policy["chosen_tokens"],
-                       rejected_tokens=policy["rejected_tokens"])
+                       rejected_tokens=policy["rejected_tokens"], weights=policy.get("wpo_weights"))
         if self.needs_reference:
             lp.ref_chosen, lp.ref_rejected = self.reference_logps(model, inputs)
         losses = combined_loss(self.loss_terms, lp, self.dpo_cfg)

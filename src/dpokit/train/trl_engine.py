@@ -53,7 +53,16 @@ def dpo_config(args: TrainingArguments, train_cfg):
     # Our pairs are already truncated by data.max_length; TRL must not cut them again.
     return DPOConfig(**base, beta=train_cfg.beta, loss_type=loss_type, loss_weights=loss_weights,
                      label_smoothing=train_cfg.label_smoothing, max_length=None, precompute_ref_log_probs=False,
-                     disable_dropout=train_cfg.disable_dropout)
+                     disable_dropout=train_cfg.disable_dropout, **trl_loss_options(train_cfg))
+
+
+def trl_loss_options(train_cfg) -> dict:
+    """dpokit's loss options under TRL's DPOConfig names."""
+    options = {"f_divergence_type": train_cfg.f_divergence, "ld_alpha": train_cfg.ld_alpha,
+               "use_weighting": train_cfg.use_weighting, "discopop_tau": train_cfg.discopop_tau}
+    if train_cfg.f_alpha is not None:
+        options["f_alpha_divergence_coef"] = train_cfg.f_alpha
+    return options
 
 
 def build_trl_trainer(cfg, model, tokenizer, args, train_enc, eval_enc, ref_model, reference):
