@@ -28,6 +28,11 @@ def trl_loss_types(train_cfg) -> tuple[list[str], list[float]]:
     if train_cfg.label_smoothing and any(name == "sigmoid" for name, _ in terms):
         raise UserError("train.label_smoothing: TRL's sigmoid loss ignores label smoothing (cDPO); use engine: native "
                         "or label_smoothing: 0")
+    if train_cfg.use_weighting and any(name == "sft" for name, _ in terms):
+        # TRL 1.16 multiplies sft's expanded per-sequence tensor in place and raises ("more than one element of
+        # the written-to tensor refers to a single memory location"); drop when TRL clones it.
+        raise UserError("train.use_weighting: TRL 1.16 fails with WPO weighting on the sft term; use engine: native, "
+                        "or drop sft / use_weighting")
     return [trl_names[name] for name, _ in terms], [weight for _, weight in terms]
 
 
