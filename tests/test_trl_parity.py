@@ -189,3 +189,39 @@ def test_every_trl_loss_option_matches_trl_through_the_packed_path(loss, eps, op
     names for the options (f_divergence_type, f_alpha_divergence_coef, ld_alpha, use_weighting, discopop_tau).
     (use_weighting with sft is not compared: TRL 1.16 raises there, multiplying an expanded tensor in place.)"""
     _check_parity(loss, eps, options, tiny_llama, tmp_path)
+
+
+def test_packed_log_probs_differ_from_padded_only_by_fp32_summation(tiny_llama):
+    """Why `_check_parity` bounds the packed gradients of the log-ratio-reading losses by the layout gap: the
+    packed forward's per-token log-probs equal the padded (TRL's) ones within 1e-6, and their exact (fp64-summed)
+    sequence sums within 2e-6; what is left is fp32 rounding of a ~-100..-170 sum (an ulp there is 7.6e-6 to
+    1.5e-5), which TRL's own fp32 sum carries too: it sits up to a few ulp from the exact sum of its own terms
+    (measured 1.6e-5 here). exp(-u) (forward_kl), sigma(2 u) (discopop at tau 0.05) turn that into a relative
+    gradient error of the same size, so 1e-5 against TRL is below fp32's resolution for those losses alone."""
+    from dpokit.core.batching import token_logps
+    from dpokit.core.packing import PackedPairCollator, packed_token_logps
+
+    base, tokenizer = tiny_llama
+    pairs = _pairs(tokenizer)
+    packed_batch = PackedPairCollator(tokenizer.pad_token_id)([dict(p) for p in pairs])
+    padded = PairCollator(tokenizer.pad_token_id)([dict(p) for p in pairs])
+    mask = padded["loss_mask"][:, 1:].bool()
+    rows, cols = mask.nonzero(as_tuple=True)
+    for model in (_perturbed(base).eval(), base):
+        with torch.no_grad():
+            per_token, _ = packed_token_logps(model, packed_batch)
+            logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+            ref_tokens = token_logps(logits[:, :-1][rows, cols], padded["input_ids"][:, 1:][rows, cols])
+        # padded tokens come row by row (slot order), each response in order; packed ones sorted the same way
+        order = (packed_batch["score_slot"] * (mask.shape[1] + 1) + packed_batch["score_index"]).argsort()
+        assert torch.equal(packed_batch["score_slot"][order], rows)
+        per_token = per_token[order]
+        assert (per_token - ref_tokens).abs().max().item() < 1e-6
+        exact = torch.zeros(mask.shape[0], dtype=torch.float64).index_add(0, rows, per_token.double())
+        exact_ref = torch.zeros(mask.shape[0], dtype=torch.float64).index_add(0, rows, ref_tokens.double())
+        assert (exact - exact_ref).abs().max().item() < 2e-6
+        dense = torch.zeros(mask.shape, dtype=torch.float32)
+        dense[rows, cols] = ref_tokens
+        fp32_sum = dense.sum(-1)  # TRL's (and dpokit padded's) reduction
+        ulp = torch.finfo(torch.float32).eps * exact_ref.abs()
+        assert ((fp32_sum.double() - exact_ref).abs() <= 4 * ulp).all()
