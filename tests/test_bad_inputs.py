@@ -230,6 +230,21 @@ def _case_trl_weighting_with_sft(tmp_path):
     return cfg, ["train.use_weighting", "sft", "engine: native"]
 
 
+def _case_sync_reference_with_precomputed(tmp_path):
+    return _config(tmp_path, train={"reference": "precomputed", "sync_reference": {"alpha": 0.5, "steps": 2}}), [
+        "train.sync_reference", "precomputed", "reference: model"]
+
+
+def _case_sync_reference_with_lora(tmp_path):
+    return _config(tmp_path, train={"lora": {"r": 4}, "sync_reference": {"alpha": 0.5, "steps": 2}}), [
+        "train.sync_reference", "LoRA", "disabled adapter"]
+
+
+def _case_sync_reference_alpha_above_1(tmp_path):
+    return _config(tmp_path, train={"sync_reference": {"alpha": 1.5}}), ["train.sync_reference.alpha", "1.5",
+                                                                         "less than or equal to 1"]
+
+
 def _case_missing_relative_source(tmp_path):
     return _config(tmp_path, data={"source": "./no-such-data.jsonl"}), ["data.source", "no-such-data.jsonl", "not found"]
 
@@ -314,6 +329,9 @@ CASES = {
     "ld_alpha_with_precomputed_reference": _case_ld_alpha_with_precomputed_reference,
     "weighting_with_aot": _case_weighting_with_aot,
     "trl_weighting_with_sft": _case_trl_weighting_with_sft,
+    "sync_reference_with_precomputed": _case_sync_reference_with_precomputed,
+    "sync_reference_with_lora": _case_sync_reference_with_lora,
+    "sync_reference_alpha_above_1": _case_sync_reference_alpha_above_1,
     "missing_relative_source": _case_missing_relative_source,
     "model_folder_missing": _case_model_folder_missing,
     "output_dir_not_empty": _case_output_dir_not_empty,
@@ -415,7 +433,8 @@ def test_data_inspect_names_its_own_flag_not_the_config_key(tmp_path, capfd):
 
 
 @pytest.mark.parametrize("case", ["loss_typo_did_you_mean", "ld_alpha_outside_0_1", "negative_discopop_tau",
-                                  "alpha_divergence_without_f_alpha", "f_divergence_with_reference_free_loss"])
+                                  "alpha_divergence_without_f_alpha", "f_divergence_with_reference_free_loss",
+                                  "sync_reference_with_precomputed"])
 def test_loss_option_errors_from_dpokit_plan_in_a_real_process(tmp_path, case):
     """The loss options' bad inputs (issue 27) end `dpokit plan` too, in a fresh interpreter: exit 2, one line."""
     config, needles, *_ = CASES[case](tmp_path)

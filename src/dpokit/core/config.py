@@ -118,6 +118,12 @@ class LoraConfig(Section):
         "adapter. dpokit iterate sets it for each round.")
 
 
+class SyncReferenceConfig(Section):
+    alpha: float = Field(0.6, ge=0.0, le=1.0, description="TR-DPO mix-up weight: every `steps` steps the reference "
+                         "becomes alpha * policy + (1 - alpha) * reference (TRL's ref_model_mixup_alpha).")
+    steps: int = Field(512, ge=1, description="Optimizer steps between reference syncs (TRL's ref_model_sync_steps).")
+
+
 class TrainConfig(Section):
     engine: Literal["native", "trl"] = Field("native", description="native (dpokit) or trl (trl.DPOTrainer).")
     loss: str | list[str] | dict[str, float] = Field(
@@ -156,6 +162,10 @@ class TrainConfig(Section):
         "auto", description="Mixed precision. auto: bf16 on a GPU that supports it, fp32 on CPU."
     )
     lora: LoraConfig | None = Field(None, description="LoRA settings; absent = full fine-tune.")
+    sync_reference: SyncReferenceConfig | None = Field(
+        None, description="TR-DPO (Gorbatovski et al. 2024, \"Learn Your Reference Model for Real Good Alignment\"; "
+        "TRL's sync_ref_model): soft-update a separate reference model (reference: model) toward the policy. "
+        "Absent = a fixed reference.")
     reference: Literal["auto", "model", "adapter", "precomputed", "none"] = Field(
         "auto",
         description="Reference policy: a frozen copy (model), the base under a disabled LoRA adapter (adapter), "

@@ -82,6 +82,7 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
                         f"{terms_kind(terms)} rows; use train.engine: native")
     reference = check(resolve_reference, cfg, terms) if terms else None
     problems += per_token_option_problems(cfg, terms, reference)
+    problems += sync_reference_problems(cfg, reference, resume)
     if reference is not None and cfg.train.engine == "trl":
         reference = check(check_trl_config, cfg.train, reference)
     precision = check(pick_precision, cfg.train.precision) or (False, False)
@@ -193,6 +194,29 @@ def per_token_option_problems(cfg: RunConfig, terms: list[tuple[str, float]], re
         problems.append("train.ld_alpha: the precomputed reference cache holds whole-response sums, not LD-DPO's "
                         "shared/tail split; use train.reference: model (or adapter with LoRA), or unset ld_alpha")
     return problems
+
+
+def sync_reference_problems(cfg: RunConfig, reference: str | None, resume: bool) -> list[str]:
+    """TR-DPO needs reference weights of its own to move: a separate reference model."""
+    if cfg.train.sync_reference is None or reference is None:
+        return []
+    fixes = {"precomputed": "the precomputed reference is a cache of log-probs, not weights to sync; use "
+                            "train.reference: model, or unset train.sync_reference",
+             "adapter": "with LoRA the reference is the base under the disabled adapter, which the policy shares; "
+                        "moving it toward the policy would move the policy's base too; use train.reference: model "
+                        "(a separate copy), or unset train.sync_reference",
+             "none": f"loss {cfg.train.loss!r} is reference-free; unset train.sync_reference"}
+    if reference in fixes:
+        return [f"train.sync_reference: {fixes[reference]}"]
+    if cfg.train.lora is not None:
+        return ["train.sync_reference: with LoRA only the adapter trains, and the policy's parameters are not a "
+                "separate reference's to mix; train the full model (unset train.lora), or unset "
+                "train.sync_reference"]
+    if resume:
+        return ["--resume: train.sync_reference's synced reference is not part of dpokit's checkpoints yet, so a "
+                "resumed run would restart from the initial reference; start a fresh run, or unset "
+                "train.sync_reference"]
+    return []
 
 
 def _loss_terms(cfg: RunConfig) -> list[tuple[str, float]]:

@@ -280,6 +280,28 @@ class FiniteGradientCallback(TrainerCallback):
             check_finite_step(None, total, state.global_step)
 
 
+class SyncReferenceCallback(TrainerCallback):
+    """TR-DPO (train.sync_reference; TRL's SyncRefModelCallback): after every `steps`-th optimizer step,
+    reference <- alpha * policy + (1 - alpha) * reference, parameter by parameter (matched by name)."""
+
+    def __init__(self, policy, reference, alpha: float, steps: int):
+        self.policy, self.reference, self.alpha, self.steps = policy, reference, alpha, steps
+        names = [n for n, _ in policy.named_parameters()]
+        if names != [n for n, _ in reference.named_parameters()]:
+            raise UserError("train.sync_reference: the reference model's parameters are not the policy's (another "
+                            "architecture in train.reference_model?); use a reference of the policy's architecture, "
+                            "or unset train.sync_reference")
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        for (_, ref), (_, pol) in zip(self.reference.named_parameters(), self.policy.named_parameters(), strict=True):
+            ref.mul_(1.0 - self.alpha).add_(pol.to(ref.dtype), alpha=self.alpha)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.steps == 0:
+            self.sync()
+
+
 class MetricsFileCallback(TrainerCallback):
     """Appends every logged row to run_dir/metrics.jsonl (main process only), so curves survive a crash."""
 
@@ -488,6 +510,9 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
     trainer.add_callback(MetricsFileCallback(plan.run_dir.metrics))
     if not isinstance(trainer, DPOTrainer):  # DPOTrainer checks loss and gradient norm itself (_get_grad_norm)
         trainer.add_callback(FiniteGradientCallback(trainer.model))
+    elif cfg.train.sync_reference is not None:  # engine: trl syncs with TRL's own callback (sync_ref_model)
+        sync = cfg.train.sync_reference
+        trainer.add_callback(SyncReferenceCallback(trainer.model, s.ref_model, sync.alpha, sync.steps))
     for callback in callbacks or []:
         trainer.add_callback(callback)
     return trainer

@@ -67,6 +67,9 @@ def trl_loss_options(train_cfg) -> dict:
                "use_weighting": train_cfg.use_weighting, "discopop_tau": train_cfg.discopop_tau}
     if train_cfg.f_alpha is not None:
         options["f_alpha_divergence_coef"] = train_cfg.f_alpha
+    if train_cfg.sync_reference is not None:
+        options.update(sync_ref_model=True, ref_model_mixup_alpha=train_cfg.sync_reference.alpha,
+                       ref_model_sync_steps=train_cfg.sync_reference.steps)
     return options
 
 

@@ -1,0 +1,78 @@
+"""TR-DPO reference syncing (train.sync_reference, issue 27): after every `steps`-th optimizer step the reference is
+alpha * policy + (1 - alpha) * the reference before, as TRL's SyncRefModelCallback does."""
+
+import copy
+
+import torch
+from transformers import TrainerCallback
+
+from conftest import tiny_config
+from dpokit.core.config import RunConfig, TrainConfig
+from dpokit.train.plan import plan_training
+from dpokit.train.trainer import SyncReferenceCallback, build_trainer, setup, write_run_start
+from dpokit.train.trl_engine import trl_loss_options
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_callback_mixes_the_policy_into_the_reference_every_n_steps(tiny_llama):
+    """ref_new = alpha * policy + (1 - alpha) * ref_old at steps N, 2N; untouched in between."""
+    base, _ = tiny_llama
+    policy, reference = copy.deepcopy(base), copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    callback = SyncReferenceCallback(policy, reference, alpha=0.25, steps=3)
+
+    class State:
+        global_step = 0
+
+    state = State()
+    old = _params(reference)
+    for step in (1, 2):
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+        assert all(torch.equal(p, old[n]) for n, p in reference.named_parameters()), step
+    state.global_step = 3
+    callback.on_step_end(None, state, None)
+    pol = _params(policy)
+    for name, p in reference.named_parameters():
+        want = 0.25 * pol[name] + 0.75 * old[name]
+        torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p, old[name]) or torch.equal(pol[name], old[name])
+
+
+def test_a_training_run_syncs_its_reference_after_n_steps(tmp_path):
+    """A real run (tiny LLaMA, reference: model, sync every 2 steps, alpha 0.5): after step 1 the reference is the
+    initial one; after step 2 it is 0.5 * the policy after step 2 + 0.5 * the initial reference."""
+    raw = tiny_config(tmp_path, train={"reference": "model", "max_steps": 2, "batch_size": 2, "learning_rate": 1e-2,
+                                       "sync_reference": {"alpha": 0.5, "steps": 2}, "save_steps": 0},
+                      eval={"enabled": False})
+    plan = plan_training(RunConfig(**raw), evaluate=False)
+    s = setup(plan)
+    initial = _params(s.ref_model)
+    seen = {}
+
+    class Record(TrainerCallback):  # runs after the sync callback (user callbacks are added last)
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen[state.global_step] = (_params(model), _params(s.ref_model))
+
+    write_run_start(plan, s)
+    trainer = build_trainer(plan, s, [Record()])
+    trainer.train()
+    policy_1, ref_1 = seen[1]
+    assert all(torch.equal(ref_1[n], initial[n]) for n in initial)
+    assert any(not torch.equal(policy_1[n], initial[n]) for n in initial)  # the policy did move
+    policy_2, ref_2 = seen[2]
+    for name in initial:
+        torch.testing.assert_close(ref_2[name], 0.5 * policy_2[name] + 0.5 * initial[name], rtol=1e-6, atol=1e-7)
+
+
+def test_engine_trl_gets_trls_sync_options():
+    cfg = TrainConfig(sync_reference={"alpha": 0.3, "steps": 7})
+    opts = trl_loss_options(cfg)
+    assert (opts["sync_ref_model"], opts["ref_model_mixup_alpha"], opts["ref_model_sync_steps"]) == (True, 0.3, 7)
+    assert "sync_ref_model" not in trl_loss_options(TrainConfig())
