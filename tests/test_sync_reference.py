@@ -76,3 +76,39 @@ def test_engine_trl_gets_trls_sync_options():
     opts = trl_loss_options(cfg)
     assert (opts["sync_ref_model"], opts["ref_model_mixup_alpha"], opts["ref_model_sync_steps"]) == (True, 0.3, 7)
     assert "sync_ref_model" not in trl_loss_options(TrainConfig())
+
+
+def test_a_run_killed_after_a_sync_resumes_to_the_straight_runs_losses(tmp_path):
+    """Sync every 2 steps, checkpoint every 3: the run stops after step 3 (one sync, at step 2, behind it); the
+    checkpoint holds the synced reference, and the resumed steps 4-6 (a sync at step 4) equal the straight run's."""
+    from conftest import StopAt
+    from dpokit.core.config import config_from_dict
+    from dpokit.core.io import read_jsonl
+    from dpokit.train.resilience import SYNCED_REFERENCE_FILE
+    from dpokit.train.trainer import run_training
+
+    def cfg(name):
+        return config_from_dict(tiny_config(
+            tmp_path, output={"dir": str(tmp_path / name), "save_model": False}, eval={"enabled": False},
+            train={"max_steps": 6, "batch_size": 4, "save_steps": 3, "reference": "model", "learning_rate": 1e-2,
+                   "sync_reference": {"alpha": 0.5, "steps": 2}}))
+
+    def steps(name):
+        return {r["step"]: r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r}
+
+    run_training(cfg("straight"))
+    run_training(cfg("split"), callbacks=[StopAt(3)])
+    assert (tmp_path / "split" / "checkpoints" / "checkpoint-3" / SYNCED_REFERENCE_FILE).is_file()
+    run_training(cfg("split"), resume=True)
+    straight, resumed = steps("straight"), steps("split")
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert abs(straight[step][key] - resumed[step][key]) <= 1e-6 * max(1.0, abs(straight[step][key])), \
+                (step, key, straight[step][key], resumed[step][key])
+    # the checkpoint's reference is the synced one (step 2), not the initial model a plain resume would rebuild
+    from dpokit.core.models import load_model
+
+    saved = torch.load(tmp_path / "split" / "checkpoints" / "checkpoint-3" / SYNCED_REFERENCE_FILE, weights_only=True)
+    initial = dict(load_model("dpokit-tiny-llama", dtype="float32").named_parameters())
+    assert any(not torch.equal(saved[n], initial[n].detach()) for n in saved)

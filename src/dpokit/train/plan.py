@@ -212,10 +212,10 @@ def sync_reference_problems(cfg: RunConfig, reference: str | None, resume: bool)
         return ["train.sync_reference: with LoRA only the adapter trains, and the policy's parameters are not a "
                 "separate reference's to mix; train the full model (unset train.lora), or unset "
                 "train.sync_reference"]
-    if resume:
-        return ["--resume: train.sync_reference's synced reference is not part of dpokit's checkpoints yet, so a "
-                "resumed run would restart from the initial reference; start a fresh run, or unset "
-                "train.sync_reference"]
+    if resume and cfg.train.engine == "trl":
+        return ["--resume: with engine: trl the synced reference (TRL's sync_ref_model) is not part of the "
+                "checkpoints, so a resumed run would restart from the initial reference; use engine: native, or "
+                "start a fresh run"]
     return []
 
 

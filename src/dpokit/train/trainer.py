@@ -60,6 +60,7 @@ from dpokit.train.resilience import (
     last_complete_checkpoint,
     quiet_non_main_process,
     restore_loss_sum,
+    restore_synced_reference,
     trim_metrics,
     whole_run_train_loss,
 )
@@ -513,6 +514,7 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
     elif cfg.train.sync_reference is not None:  # engine: trl syncs with TRL's own callback (sync_ref_model)
         sync = cfg.train.sync_reference
         trainer.add_callback(SyncReferenceCallback(trainer.model, s.ref_model, sync.alpha, sync.steps))
+        trainer.synced_reference = s.ref_model  # checkpointed with the weights (AtomicCheckpointMixin)
     for callback in callbacks or []:
         trainer.add_callback(callback)
     return trainer
@@ -526,6 +528,7 @@ def fit(plan: TrainPlan, trainer: Trainer, console: ConsoleCallback | None = Non
         clean_staging(plan.run_dir.checkpoints)
         trim_metrics(plan.run_dir.metrics, checkpoint_step(checkpoint))
         restore_loss_sum(trainer, checkpoint)
+        restore_synced_reference(trainer, checkpoint)
     if console is not None:
         console.checkpoint = checkpoint
         trainer.add_callback(console)
