@@ -183,6 +183,68 @@ def _case_trl_label_smoothing(tmp_path):
     return cfg, ["train.label_smoothing", "engine: native"]
 
 
+def _case_loss_typo_did_you_mean(tmp_path):
+    return _config(tmp_path, train={"loss": "sigmoid:1.0,apo_zer:0.5"}), ["train.loss", "'apo_zer'",
+                                                                          "did you mean 'apo_zero'?"]
+
+
+def _case_ld_alpha_outside_0_1(tmp_path):
+    return _config(tmp_path, train={"ld_alpha": 1.5}), ["train.ld_alpha", "1.5", "less than or equal to 1"]
+
+
+def _case_negative_discopop_tau(tmp_path):
+    return _config(tmp_path, train={"loss": "discopop", "discopop_tau": -0.05}), ["train.discopop_tau", "-0.05",
+                                                                                "greater than 0"]
+
+
+def _case_alpha_divergence_without_f_alpha(tmp_path):
+    return _config(tmp_path, train={"f_divergence": "alpha_divergence"}), ["train.f_alpha", "alpha_divergence",
+                                                                          "set train.f_alpha"]
+
+
+def _case_f_divergence_with_reference_free_loss(tmp_path):
+    return _config(tmp_path, train={"loss": "simpo", "reference": "none", "f_divergence": "js_divergence"}), [
+        "train.f_divergence", "js_divergence", "simpo", "reverse_kl"]
+
+
+def _case_f_divergence_with_nca(tmp_path):
+    return _config(tmp_path, train={"loss": "nca_pair", "f_divergence": "forward_kl"}), [
+        "train.f_divergence", "nca_pair", "reverse_kl"]
+
+
+def _case_exo_pair_without_label_smoothing(tmp_path):
+    return _config(tmp_path, train={"loss": "exo_pair"}), ["train.label_smoothing", "exo_pair", "0.001"]
+
+
+def _case_ld_alpha_with_precomputed_reference(tmp_path):
+    return _config(tmp_path, train={"ld_alpha": 0.5, "reference": "precomputed"}), [
+        "train.ld_alpha", "precomputed", "reference: model"]
+
+
+def _case_weighting_with_aot(tmp_path):
+    return _config(tmp_path, train={"loss": "aot", "use_weighting": True}), ["train.use_weighting", "aot"]
+
+
+def _case_trl_weighting_with_sft(tmp_path):
+    cfg = _config(tmp_path, train={"engine": "trl", "loss": "sigmoid:1.0,sft:0.5", "use_weighting": True})
+    return cfg, ["train.use_weighting", "sft", "engine: native"]
+
+
+def _case_sync_reference_with_precomputed(tmp_path):
+    return _config(tmp_path, train={"reference": "precomputed", "sync_reference": {"alpha": 0.5, "steps": 2}}), [
+        "train.sync_reference", "precomputed", "reference: model"]
+
+
+def _case_sync_reference_with_lora(tmp_path):
+    return _config(tmp_path, train={"lora": {"r": 4}, "sync_reference": {"alpha": 0.5, "steps": 2}}), [
+        "train.sync_reference", "LoRA", "disabled adapter"]
+
+
+def _case_sync_reference_alpha_above_1(tmp_path):
+    return _config(tmp_path, train={"sync_reference": {"alpha": 1.5}}), ["train.sync_reference.alpha", "1.5",
+                                                                         "less than or equal to 1"]
+
+
 def _case_missing_relative_source(tmp_path):
     return _config(tmp_path, data={"source": "./no-such-data.jsonl"}), ["data.source", "no-such-data.jsonl", "not found"]
 
@@ -257,6 +319,19 @@ CASES = {
     "bf16_on_cpu": _case_bf16_on_cpu,
     "trl_unsupported_loss": _case_trl_unsupported_loss,
     "trl_label_smoothing": _case_trl_label_smoothing,
+    "loss_typo_did_you_mean": _case_loss_typo_did_you_mean,
+    "ld_alpha_outside_0_1": _case_ld_alpha_outside_0_1,
+    "negative_discopop_tau": _case_negative_discopop_tau,
+    "alpha_divergence_without_f_alpha": _case_alpha_divergence_without_f_alpha,
+    "f_divergence_with_reference_free_loss": _case_f_divergence_with_reference_free_loss,
+    "f_divergence_with_nca": _case_f_divergence_with_nca,
+    "exo_pair_without_label_smoothing": _case_exo_pair_without_label_smoothing,
+    "ld_alpha_with_precomputed_reference": _case_ld_alpha_with_precomputed_reference,
+    "weighting_with_aot": _case_weighting_with_aot,
+    "trl_weighting_with_sft": _case_trl_weighting_with_sft,
+    "sync_reference_with_precomputed": _case_sync_reference_with_precomputed,
+    "sync_reference_with_lora": _case_sync_reference_with_lora,
+    "sync_reference_alpha_above_1": _case_sync_reference_alpha_above_1,
     "missing_relative_source": _case_missing_relative_source,
     "model_folder_missing": _case_model_folder_missing,
     "output_dir_not_empty": _case_output_dir_not_empty,
@@ -355,3 +430,12 @@ def test_data_inspect_names_its_own_flag_not_the_config_key(tmp_path, capfd):
     res = run_main(capfd, "data", "inspect", src, "--model", "dpokit-tiny-gpt2")
     line = _assert_user_error(res, "chat template", "--chat-template")
     assert "data.chat_template" not in line
+
+
+@pytest.mark.parametrize("case", ["loss_typo_did_you_mean", "ld_alpha_outside_0_1", "negative_discopop_tau",
+                                  "alpha_divergence_without_f_alpha", "f_divergence_with_reference_free_loss",
+                                  "sync_reference_with_precomputed"])
+def test_loss_option_errors_from_dpokit_plan_in_a_real_process(tmp_path, case):
+    """The loss options' bad inputs (issue 27) end `dpokit plan` too, in a fresh interpreter: exit 2, one line."""
+    config, needles, *_ = CASES[case](tmp_path)
+    _assert_user_error(run_cli("plan", config), *needles)

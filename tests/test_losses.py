@@ -21,7 +21,7 @@ from dpokit.train.losses import (
 # swapped length or a sign error cannot cancel out, and a margin past 1/beta (the hinge loss's zero region).
 PAIRS = [(-12.0, -15.0, -13.0, -14.0, 6, 5), (-30.5, -22.0, -29.0, -23.5, 12, 9), (-4.0, -9.0, -4.0, -9.0, 2, 4),
          (-8.0, -20.0, -10.0, -18.5, 4, 10)]
-CFG = SimpleNamespace(beta=0.3, label_smoothing=0.15, simpo_gamma=0.4)
+CFG = SimpleNamespace(beta=0.3, label_smoothing=0.15, simpo_gamma=0.4, discopop_tau=0.7, f_divergence="reverse_kl")
 
 
 def logsig(x):
@@ -57,13 +57,42 @@ def direct(name, pw, pl, rw, rl, nw, nl, c=CFG):
     if name == "sft":  # batch token-mean NLL of chosen; per-pair share
         total_tokens = sum(p[4] for p in PAIRS)
         return -pw * len(PAIRS) / total_tokens
+    r_w, r_l, z = b * (pw - rw), b * (pl - rl), b * h
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    if name == "exo_pair":  # KL((s(z), s(-z)) || (1-eps, eps))
+        return sig(z) * math.log(sig(z) / (1 - eps)) + sig(-z) * math.log(sig(-z) / eps)
+    if name == "nca_pair":
+        return -logsig(r_w) - 0.5 * logsig(-r_w) - 0.5 * logsig(-r_l)
+    if name == "bco_pair":
+        return -logsig(r_w) - logsig(-r_l)
+    if name == "sppo_hard":
+        return (pw - rw - 1 / (2 * b)) ** 2 + (pl - rl + 1 / (2 * b)) ** 2
+    if name == "apo_zero":
+        return 1 - sig(r_w) + sig(r_l)
+    if name == "apo_down":
+        return sig(r_w) + 1 - sig(r_w - r_l)
+    if name == "discopop":
+        m = sig(z / c.discopop_tau)
+        return -logsig(z) * (1 - m) + math.exp(-z) * m
+    if name == "sigmoid_norm":
+        return -logsig(b * ((pw - rw) / nw - (pl - rl) / nl))
     raise AssertionError(name)
+
+
+def direct_batch(name, c=CFG):
+    """AOT's batch-level losses: the k-th smallest margin (aot) or log-ratio (aot_unpaired) of each side matched."""
+    b, eps = c.beta, c.label_smoothing
+    if name == "aot":
+        left, right = sorted(p[0] - p[1] for p in PAIRS), sorted(p[2] - p[3] for p in PAIRS)
+    else:
+        left, right = sorted(p[0] - p[2] for p in PAIRS), sorted(p[1] - p[3] for p in PAIRS)
+    return [-(1 - eps) * logsig(b * (x - y)) - eps * logsig(-b * (x - y)) for x, y in zip(left, right, strict=True)]
 
 
 @pytest.mark.parametrize("name", loss_names("pair"))
 def test_loss_matches_direct_formula(name):
     got = REGISTRY[name].fn(lp_tensors(), CFG)
-    want = [direct(name, *p) for p in PAIRS]
+    want = direct_batch(name) if REGISTRY[name].batch_level else [direct(name, *p) for p in PAIRS]
     assert got.tolist() == pytest.approx(want, rel=1e-12, abs=1e-12)
 
 

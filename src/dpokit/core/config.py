@@ -121,6 +121,12 @@ class LoraConfig(Section):
         "adapter. dpokit iterate sets it for each round.")
 
 
+class SyncReferenceConfig(Section):
+    alpha: float = Field(0.6, ge=0.0, le=1.0, description="TR-DPO mix-up weight: every `steps` steps the reference "
+                         "becomes alpha * policy + (1 - alpha) * reference (TRL's ref_model_mixup_alpha).")
+    steps: int = Field(512, ge=1, description="Optimizer steps between reference syncs (TRL's ref_model_sync_steps).")
+
+
 class TrainConfig(Section):
     engine: Literal["native", "trl"] = Field("native", description="native (dpokit) or trl (trl.DPOTrainer).")
     loss: str | list[str] | dict[str, float] = Field(
@@ -129,7 +135,20 @@ class TrainConfig(Section):
     simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target reward margin gamma (loss: simpo).")
     sft_weight: float = Field(0.0, ge=0.0, description="Weight of an NLL term on the chosen response (RPO); 0 = off.")
     beta: float = Field(0.1, gt=0.0, description="Strength of the KL penalty toward the reference (DPO beta).")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO label noise rate.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO label noise rate (also eps of "
+                                   "exo_pair, which needs it > 0, and of aot / aot_unpaired).")
+    discopop_tau: float = Field(0.05, gt=0.0, description="DiscoPOP temperature tau of the mixing sigmoid s(beta h / tau) "
+                                "(loss: discopop; TRL's discopop_tau).")
+    f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field(
+        "reverse_kl", description="f-DPO: the divergence to the reference whose f'(pi/ref) replaces the log-ratio "
+        "(TRL's f_divergence_type); reverse_kl = DPO. Only for sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, "
+        "discopop, sft.")
+    f_alpha: float | None = Field(None, description="alpha of f_divergence: alpha_divergence (TRL's "
+                                  "f_alpha_divergence_coef; 1 = reverse KL); required with it.")
+    ld_alpha: float | None = Field(None, ge=0.0, le=1.0, description="LD-DPO: weight in [0, 1] of the response tokens "
+                                   "past the shorter response's length (TRL's ld_alpha); None = off (weight 1).")
+    use_weighting: bool = Field(False, description="WPO: weight each pair's loss by the policy's length-normalised, "
+                                "sampling-aligned probability of both responses (TRL's use_weighting).")
     desirable_weight: float = Field(1.0, gt=0.0, description="KTO weight of desirable rows (lambda_D, loss: kto).")
     undesirable_weight: float = Field(1.0, gt=0.0, description="KTO weight of undesirable rows (lambda_U, loss: kto).")
     learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate.")
@@ -146,6 +165,10 @@ class TrainConfig(Section):
         "auto", description="Mixed precision. auto: bf16 on a GPU that supports it, fp32 on CPU."
     )
     lora: LoraConfig | None = Field(None, description="LoRA settings; absent = full fine-tune.")
+    sync_reference: SyncReferenceConfig | None = Field(
+        None, description="TR-DPO (Gorbatovski et al. 2024, \"Learn Your Reference Model for Real Good Alignment\"; "
+        "TRL's sync_ref_model): soft-update a separate reference model (reference: model) toward the policy. "
+        "Absent = a fixed reference.")
     reference: Literal["auto", "model", "adapter", "precomputed", "none"] = Field(
         "auto",
         description="Reference policy: a frozen copy (model), the base under a disabled LoRA adapter (adapter), "
@@ -323,6 +346,9 @@ class RunConfig(Section):
             problems.append("train.reference: 'adapter' needs train.lora; set train.lora or use reference: model")
         if self.train.reference_model and self.train.reference not in ("auto", "model", "precomputed"):
             problems.append("train.reference_model: only used with reference: model or precomputed")
+        if self.train.f_divergence == "alpha_divergence" and self.train.f_alpha is None:
+            problems.append("train.f_alpha: f_divergence: alpha_divergence needs its alpha; set train.f_alpha "
+                            "(e.g. 0.5; TRL's default f_alpha_divergence_coef)")
         # Loss names are checked against the loss registry by the training plan (dpokit.train.plan), which
         # lives above this layer.
         if problems:

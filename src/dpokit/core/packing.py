@@ -69,7 +69,7 @@ def pack_pairs(pairs: list[dict], pad_id: int, pad_to_multiple_of: int = 1,
                attention: str = "dense") -> dict[str, torch.Tensor]:
     """A packed batch of B pairs. Keys: input_ids, position_ids, document_ids, segment_ids (R, W); with attention
     "dense" attention_mask (R, 1, W, W) bool, True = may attend; with "varlen" one row and its `varlen` layout;
-    score_row/score_pos/score_target/score_slot (N,) for the N scored tokens; num_pairs (int)."""
+    score_row/score_pos/score_target/score_slot/score_index (N,) for the N scored tokens; num_pairs (int)."""
     n_pairs = len(pairs)
     groups = [(p["prompt_ids"], [p["chosen_ids"], p["rejected_ids"]]) for p in pairs]
     batch = pack_groups(groups, pad_id, pad_to_multiple_of, slot_of=lambda i, k: i + k * n_pairs,
@@ -111,7 +111,7 @@ def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pa
         # Every position sees itself (padding included: a query with nothing to attend to gives NaN under sdpa).
         mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
         causal = torch.ones((width, width), dtype=torch.bool).tril()
-    s_row, s_pos, s_tgt, s_slot = [], [], [], []
+    s_row, s_pos, s_tgt, s_slot, s_idx = [], [], [], [], []
     for r, members in enumerate(rows):
         start = 0
         for i in members:
@@ -131,6 +131,7 @@ def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pa
                     if src < 0:
                         continue
                     s_row.append(r), s_pos.append(start + src), s_tgt.append(resp[t]), s_slot.append(slot_of(i, k))
+                    s_idx.append(t)
                 at += len(resp)
             seg = torch.tensor(segment, dtype=torch.long)
             document_ids[r, start:end] = i
@@ -144,6 +145,7 @@ def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pa
         "input_ids": input_ids, "position_ids": position_ids, "document_ids": document_ids, "segment_ids": segment_ids,
         "score_row": torch.tensor(s_row, dtype=torch.long), "score_pos": torch.tensor(s_pos, dtype=torch.long),
         "score_target": torch.tensor(s_tgt, dtype=torch.long), "score_slot": torch.tensor(s_slot, dtype=torch.long),
+        "score_index": torch.tensor(s_idx, dtype=torch.long),  # the token's position in its response (LD-DPO)
     }
     if dense:
         batch["attention_mask"] = mask
@@ -296,17 +298,99 @@ def packed_slot_logps(model, batch: dict[str, torch.Tensor], n_slots: int) -> tu
     return sums, counts
 
 
-def packed_sequence_logps(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Same output as `batching.sequence_logps` (chosen/rejected sums and token counts), from a packed batch."""
+def packed_sequence_logps(model, batch: dict[str, torch.Tensor], ld_alpha: float | None = None,
+                          wpo: bool = False) -> dict[str, torch.Tensor]:
+    """Same output as `batching.sequence_logps` (chosen/rejected sums and token counts), from a packed batch.
+    `ld_alpha` and `wpo`: see `pair_token_sums`."""
     n = int(batch["num_pairs"])
-    sums, counts = packed_slot_logps(model, batch, 2 * n)
-    return {"chosen": sums[:n], "rejected": sums[n:], "chosen_tokens": counts[:n], "rejected_tokens": counts[n:],
-            "chosen_nll_sum": -sums[:n]}
+    if ld_alpha is None and not wpo:
+        sums, counts = packed_slot_logps(model, batch, 2 * n)
+        return {"chosen": sums[:n], "rejected": sums[n:], "chosen_tokens": counts[:n], "rejected_tokens": counts[n:],
+                "chosen_nll_sum": -sums[:n]}
+    per_token, sum_sq = packed_token_logps(model, batch, wpo)
+    return pair_token_sums(per_token, batch["score_slot"], batch["score_index"], n, ld_alpha, sum_sq)
 
 
-def batch_logps(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sequence log-probs of a padded or a packed batch."""
-    return packed_sequence_logps(model, batch) if is_packed(batch) else sequence_logps(model, batch)
+def packed_token_logps(model, batch: dict, wpo: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p of every scored token of a packed batch (N,), and with `wpo` log sum_v p(v)^2 at each (detached)."""
+    kwargs, layout = _attention_inputs(model, batch)
+    plan = head_plan(model)
+    rows, pos, targets = batch["score_row"], batch["score_pos"], batch["score_target"]
+    with layout_attention(model, layout):
+        if isinstance(plan, HeadPlan):
+            hidden = decoder_hidden_states(model, plan, kwargs)[rows, pos]
+            per_token = chunked_token_logps(hidden, plan.head, targets, softcap=plan.softcap)
+            sum_sq = chunked_log_sum_sq_probs(hidden, plan.head, softcap=plan.softcap) if wpo else None
+        else:
+            logits = model(**kwargs).logits[rows, pos]
+            per_token = token_logps(logits, targets)
+            sum_sq = log_sum_sq_probs(logits) if wpo else None
+    return per_token, sum_sq
+
+
+def pair_token_sums(per_token: torch.Tensor, slot: torch.Tensor, index: torch.Tensor, n: int,
+                    ld_alpha: float | None = None, sum_sq: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-pair sums from per-token log-probs (N,) with their slots (chosen of pair i = i, rejected = n + i) and
+    positions in the response. `ld_alpha` (LD-DPO, Liu et al. 2024, "Length Desensitization in Direct Preference
+    Optimization", Eq. 7, as TRL): tokens past the shorter response's length of the pair count ld_alpha times.
+    `sum_sq` (WPO, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization", Eq. 2, as TRL):
+    adds `wpo_weights` (n,) = w_chosen * w_rejected, w = exp(mean over the response of log p(y_t) - log sum_v
+    p(v)^2), detached, from the plain (not LD-weighted) log-probs."""
+    ones = torch.ones_like(per_token, dtype=torch.float32)
+    counts = torch.zeros(2 * n, dtype=torch.float32, device=per_token.device).index_add(0, slot, ones)
+    weighted = per_token
+    if ld_alpha is not None:
+        shared = torch.minimum(counts[:n], counts[n:]).repeat(2)
+        weighted = torch.where(index < shared[slot], per_token, per_token * ld_alpha)
+    sums = torch.zeros(2 * n, dtype=per_token.dtype, device=per_token.device).index_add(0, slot, weighted)
+    out = {"chosen": sums[:n], "rejected": sums[n:], "chosen_tokens": counts[:n], "rejected_tokens": counts[n:],
+           "chosen_nll_sum": -torch.zeros_like(sums).index_add(0, slot, per_token)[:n]}
+    if sum_sq is not None:
+        with torch.no_grad():
+            aligned = torch.zeros_like(counts).index_add(0, slot, (per_token.detach() - sum_sq).float())
+            w = torch.exp(aligned / counts.clamp(min=1))
+            out["wpo_weights"] = w[:n] * w[n:]
+    return out
+
+
+def padded_sequence_logps(model, batch: dict, ld_alpha: float | None = None, wpo: bool = False) -> dict:
+    """`batching.sequence_logps` with LD-DPO / WPO (`pair_token_sums`) for a padded [chosen; rejected] batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    mask = batch["loss_mask"][:, 1:].bool()
+    rows, cols = mask.nonzero(as_tuple=True)
+    scored = logits[:, :-1][rows, cols]
+    per_token = token_logps(scored, batch["input_ids"][:, 1:][rows, cols])
+    index = (mask.long().cumsum(-1) - 1)[rows, cols]
+    return pair_token_sums(per_token, rows, index, mask.shape[0] // 2, ld_alpha,
+                           log_sum_sq_probs(scored) if wpo else None)
+
+
+def log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v p(v)^2 per row of logits (fp32, detached): WPO's sampling-alignment term."""
+    with torch.no_grad():
+        return torch.logsumexp(2 * torch.log_softmax(logits.float(), dim=-1), dim=-1)
+
+
+def chunked_log_sum_sq_probs(hidden: torch.Tensor, head, chunk: int = 1024, softcap: float | None = None):
+    """`log_sum_sq_probs` of head(hidden) without a [tokens x vocab] tensor at once (detached)."""
+    with torch.no_grad():
+        parts = []
+        for s in range(0, hidden.shape[0], chunk):
+            logits = torch.nn.functional.linear(hidden[s:s + chunk], head.weight, head.bias)
+            if softcap:
+                logits = torch.tanh(logits.float() / softcap) * softcap
+            parts.append(log_sum_sq_probs(logits))
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def batch_logps(model, batch: dict[str, torch.Tensor], ld_alpha: float | None = None,
+                wpo: bool = False) -> dict[str, torch.Tensor]:
+    """Sequence log-probs of a padded or a packed batch; `ld_alpha` / `wpo`: LD-DPO and WPO (`pair_token_sums`)."""
+    if is_packed(batch):
+        return packed_sequence_logps(model, batch, ld_alpha, wpo)
+    if ld_alpha is None and not wpo:
+        return sequence_logps(model, batch)
+    return padded_sequence_logps(model, batch, ld_alpha, wpo)
 
 
 def batch_num_pairs(batch: dict) -> int:

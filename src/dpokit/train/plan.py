@@ -19,7 +19,7 @@ from dpokit.core.processes import is_main_process, world_size
 from dpokit.core.quant import bitsandbytes_problem
 from dpokit.core.run import RunDir
 from dpokit.train.distributed import launcher_problems, requested_strategy
-from dpokit.train.losses import loss_names, needs_reference, parse_loss_spec, terms_kind
+from dpokit.train.losses import loss_names, needs_reference, option_problems, parse_loss_spec, terms_kind
 from dpokit.train.resilience import last_complete_checkpoint
 from dpokit.train.trackers import check_report_to
 from dpokit.train.trl_engine import check_trl_config
@@ -82,6 +82,8 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
         problems.append(f"train.engine: trl trains pairs only, and loss {cfg.train.loss!r} takes "
                         f"{terms_kind(terms)} rows; use train.engine: native")
     reference = check(resolve_reference, cfg, terms) if terms else None
+    problems += per_token_option_problems(cfg, terms, reference)
+    problems += sync_reference_problems(cfg, reference, resume)
     if reference is not None and cfg.train.engine == "trl":
         reference = check(check_trl_config, cfg.train, reference)
     precision = check(pick_precision, cfg.train.precision) or (False, False)
@@ -178,6 +180,44 @@ def check_loss_kind(terms: list[tuple[str, float]], kind: str) -> None:
            "undesirable row"}[want]
     raise UserError(f"train.loss: {names} trains on {want} rows, but the data is {kind}; set data.kind: {want} "
                     f"({how}) or use a loss for {kind} rows ({', '.join(loss_names(kind))})")
+
+
+def per_token_option_problems(cfg: RunConfig, terms: list[tuple[str, float]], reference: str | None) -> list[str]:
+    """The loss options the losses or the reference cannot take (f-divergence, WPO, LD-DPO), each with its fix."""
+    if not terms:
+        return []
+    problems = option_problems(terms, cfg.train)
+    options = [k for k in ("ld_alpha", "use_weighting") if getattr(cfg.train, k) not in (None, False)]
+    if options and terms_kind(terms) != "pair":
+        problems.append(f"train.{options[0]}: applies to pair losses only, and loss {cfg.train.loss!r} takes "
+                        f"{terms_kind(terms)} rows; unset it, or use a pair loss")
+    if cfg.train.ld_alpha is not None and reference == "precomputed":
+        problems.append("train.ld_alpha: the precomputed reference cache holds whole-response sums, not LD-DPO's "
+                        "shared/tail split; use train.reference: model (or adapter with LoRA), or unset ld_alpha")
+    return problems
+
+
+def sync_reference_problems(cfg: RunConfig, reference: str | None, resume: bool) -> list[str]:
+    """TR-DPO needs reference weights of its own to move: a separate reference model."""
+    if cfg.train.sync_reference is None or reference is None:
+        return []
+    fixes = {"precomputed": "the precomputed reference is a cache of log-probs, not weights to sync; use "
+                            "train.reference: model, or unset train.sync_reference",
+             "adapter": "with LoRA the reference is the base under the disabled adapter, which the policy shares; "
+                        "moving it toward the policy would move the policy's base too; use train.reference: model "
+                        "(a separate copy), or unset train.sync_reference",
+             "none": f"loss {cfg.train.loss!r} is reference-free; unset train.sync_reference"}
+    if reference in fixes:
+        return [f"train.sync_reference: {fixes[reference]}"]
+    if cfg.train.lora is not None:
+        return ["train.sync_reference: with LoRA only the adapter trains, and the policy's parameters are not a "
+                "separate reference's to mix; train the full model (unset train.lora), or unset "
+                "train.sync_reference"]
+    if resume and cfg.train.engine == "trl":
+        return ["--resume: with engine: trl the synced reference (TRL's sync_ref_model) is not part of the "
+                "checkpoints, so a resumed run would restart from the initial reference; use engine: native, or "
+                "start a fresh run"]
+    return []
 
 
 def _loss_terms(cfg: RunConfig) -> list[tuple[str, float]]:

@@ -122,6 +122,8 @@ def trim_metrics(path: Path, last_step: int) -> None:
 # `_initial_global_step` (transformers 5.x; tests/test_resume.py fails if they change). Remove if Trainer ever
 # carries its loss total across a resume.
 LOSS_SUM_FILE = "dpokit_loss_sum.json"
+# TR-DPO (train.sync_reference): the synced reference's parameters, so a resume continues from them.
+SYNCED_REFERENCE_FILE = "dpokit_synced_reference.pt"
 
 
 def loss_sum_so_far(trainer) -> float:
@@ -129,6 +131,21 @@ def loss_sum_so_far(trainer) -> float:
     pending = getattr(trainer, "_tr_loss", None)
     pending = nested_gather(pending, trainer.args.parallel_mode).mean().item() if pending is not None else 0.0
     return getattr(trainer, "_loss_sum_before_resume", 0.0) + trainer._total_loss_scalar + pending
+
+
+def restore_synced_reference(trainer, checkpoint: str) -> None:
+    """TR-DPO: load the reference as it was synced at `checkpoint` (saved by AtomicCheckpointMixin)."""
+    synced = getattr(trainer, "synced_reference", None)
+    if synced is None:
+        return
+    path = Path(checkpoint, SYNCED_REFERENCE_FILE)
+    if not path.is_file():
+        raise UserError(f"--resume: {checkpoint} holds no synced reference ({SYNCED_REFERENCE_FILE}), but "
+                        "train.sync_reference is set; resume with the config the run started with, or start fresh")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for name, param in synced.named_parameters():
+            param.copy_(saved[name])
 
 
 def restore_loss_sum(trainer, checkpoint: str) -> None:
@@ -184,6 +201,10 @@ class AtomicCheckpointMixin:
         if self.args.should_save:
             atomic_write_text(os.path.join(staging_root, name, LOSS_SUM_FILE),
                               json.dumps({"global_step": self.state.global_step, "loss_sum": loss_sum}))
+            synced = getattr(self, "synced_reference", None)
+            if synced is not None:
+                torch.save({n: p.detach().cpu() for n, p in synced.named_parameters()},
+                           os.path.join(staging_root, name, SYNCED_REFERENCE_FILE))
         # Every rank writes parts (RNG state, sharded optimizer); rename only when all are done.
         self.accelerator.wait_for_everyone()
         if self.args.should_save:

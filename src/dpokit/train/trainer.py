@@ -60,6 +60,7 @@ from dpokit.train.resilience import (
     last_complete_checkpoint,
     quiet_non_main_process,
     restore_loss_sum,
+    restore_synced_reference,
     trim_metrics,
     whole_run_train_loss,
 )
@@ -102,11 +103,12 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         self.reference_forwards += 1
         with torch.no_grad():
+            ld_alpha = self.dpo_cfg.ld_alpha
             if self.ref_model is not None:
-                out = batch_logps(self.ref_model, batch)
+                out = batch_logps(self.ref_model, batch, ld_alpha)
             else:  # LoRA: the base model is the policy with its adapter switched off
                 with self.accelerator.unwrap_model(model).disable_adapter():
-                    out = batch_logps(model, batch)
+                    out = batch_logps(model, batch, ld_alpha)
         return out["chosen"], out["rejected"]
 
     # Workaround: transformers 5.x Trainer leaves autocast to accelerate (`autocast_smart_context_manager` is a
@@ -122,9 +124,9 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if is_list_batch(inputs):
             return self._feedback_loss(model, inputs, return_outputs, num_items_in_batch)
-        policy = batch_logps(model, inputs)
+        policy = batch_logps(model, inputs, self.dpo_cfg.ld_alpha, self.dpo_cfg.use_weighting)
         lp = PairLogps(policy["chosen"], policy["rejected"], chosen_tokens=policy["chosen_tokens"],
-                       rejected_tokens=policy["rejected_tokens"])
+                       rejected_tokens=policy["rejected_tokens"], weights=policy.get("wpo_weights"))
         if self.needs_reference:
             lp.ref_chosen, lp.ref_rejected = self.reference_logps(model, inputs)
         losses = combined_loss(self.loss_terms, lp, self.dpo_cfg)
@@ -278,6 +280,28 @@ class FiniteGradientCallback(TrainerCallback):
             norms = torch._foreach_norm(grads)
             total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]))
             check_finite_step(None, total, state.global_step)
+
+
+class SyncReferenceCallback(TrainerCallback):
+    """TR-DPO (train.sync_reference; TRL's SyncRefModelCallback): after every `steps`-th optimizer step,
+    reference <- alpha * policy + (1 - alpha) * reference, parameter by parameter (matched by name)."""
+
+    def __init__(self, policy, reference, alpha: float, steps: int):
+        self.policy, self.reference, self.alpha, self.steps = policy, reference, alpha, steps
+        names = [n for n, _ in policy.named_parameters()]
+        if names != [n for n, _ in reference.named_parameters()]:
+            raise UserError("train.sync_reference: the reference model's parameters are not the policy's (another "
+                            "architecture in train.reference_model?); use a reference of the policy's architecture, "
+                            "or unset train.sync_reference")
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        for (_, ref), (_, pol) in zip(self.reference.named_parameters(), self.policy.named_parameters(), strict=True):
+            ref.mul_(1.0 - self.alpha).add_(pol.to(ref.dtype), alpha=self.alpha)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.steps == 0:
+            self.sync()
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -517,6 +541,10 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
     trainer.add_callback(MetricsFileCallback(plan.run_dir.metrics))
     if not isinstance(trainer, DPOTrainer):  # DPOTrainer checks loss and gradient norm itself (_get_grad_norm)
         trainer.add_callback(FiniteGradientCallback(trainer.model))
+    elif cfg.train.sync_reference is not None:  # engine: trl syncs with TRL's own callback (sync_ref_model)
+        sync = cfg.train.sync_reference
+        trainer.add_callback(SyncReferenceCallback(trainer.model, s.ref_model, sync.alpha, sync.steps))
+        trainer.synced_reference = s.ref_model  # checkpointed with the weights (AtomicCheckpointMixin)
     for callback in callbacks or []:
         trainer.add_callback(callback)
     return trainer
@@ -530,6 +558,7 @@ def fit(plan: TrainPlan, trainer: Trainer, console: ConsoleCallback | None = Non
         clean_staging(plan.run_dir.checkpoints)
         trim_metrics(plan.run_dir.metrics, checkpoint_step(checkpoint))
         restore_loss_sum(trainer, checkpoint)
+        restore_synced_reference(trainer, checkpoint)
     if console is not None:
         console.checkpoint = checkpoint
         trainer.add_callback(console)

@@ -28,6 +28,11 @@ def trl_loss_types(train_cfg) -> tuple[list[str], list[float]]:
     if train_cfg.label_smoothing and any(name == "sigmoid" for name, _ in terms):
         raise UserError("train.label_smoothing: TRL's sigmoid loss ignores label smoothing (cDPO); use engine: native "
                         "or label_smoothing: 0")
+    if train_cfg.use_weighting and any(name == "sft" for name, _ in terms):
+        # TRL 1.16 multiplies sft's expanded per-sequence tensor in place and raises ("more than one element of
+        # the written-to tensor refers to a single memory location"); drop when TRL clones it.
+        raise UserError("train.use_weighting: TRL 1.16 fails with WPO weighting on the sft term; use engine: native, "
+                        "or drop sft / use_weighting")
     return [trl_names[name] for name, _ in terms], [weight for _, weight in terms]
 
 
@@ -53,7 +58,19 @@ def dpo_config(args: TrainingArguments, train_cfg):
     # Our pairs are already truncated by data.max_length; TRL must not cut them again.
     return DPOConfig(**base, beta=train_cfg.beta, loss_type=loss_type, loss_weights=loss_weights,
                      label_smoothing=train_cfg.label_smoothing, max_length=None, precompute_ref_log_probs=False,
-                     disable_dropout=train_cfg.disable_dropout)
+                     disable_dropout=train_cfg.disable_dropout, **trl_loss_options(train_cfg))
+
+
+def trl_loss_options(train_cfg) -> dict:
+    """dpokit's loss options under TRL's DPOConfig names."""
+    options = {"f_divergence_type": train_cfg.f_divergence, "ld_alpha": train_cfg.ld_alpha,
+               "use_weighting": train_cfg.use_weighting, "discopop_tau": train_cfg.discopop_tau}
+    if train_cfg.f_alpha is not None:
+        options["f_alpha_divergence_coef"] = train_cfg.f_alpha
+    if train_cfg.sync_reference is not None:
+        options.update(sync_ref_model=True, ref_model_mixup_alpha=train_cfg.sync_reference.alpha,
+                       ref_model_sync_steps=train_cfg.sync_reference.steps)
+    return options
 
 
 def build_trl_trainer(cfg, model, tokenizer, args, train_enc, eval_enc, ref_model, reference):
