@@ -193,3 +193,41 @@ def test_report_training_section_renders_in_the_browser(tiny_run, browser, tmp_p
 
     image = Image.open(shot).convert("RGB")
     assert image.size[0] > 300 and not_blank(image.resize((image.size[0], max(image.size[1], 450))))
+
+
+def _iterate_summary(model: str) -> dict:
+    def arm(k):
+        return {"round": k, "win_rate_vs_initial": 0.6, "win_rate_vs_initial_ci": [0.5, 0.7],
+                "win_rate_vs_previous": 0.55, "win_rate_vs_previous_ci": [0.4, 0.6], "mean_score": 0.2 * k,
+                "mean_score_ci": [0.1, 0.3], "kl_from_initial": 0.3 * k, "kl_from_initial_ci": [0.2, 0.4],
+                "mean_length": 10.0, "distinct_2": 0.5, "pairs": 20, "steps": 4, "seconds": 3.2}
+    return {"rounds": [arm(1), arm(2)], "offline": {**arm(2), "round": None},
+            "initial": {"mean_score": 0.1, "mean_score_ci": [0.0, 0.2], "mean_length": 9.0, "distinct_2": 0.4},
+            "judge": "sentiment", "model": model, "reference": "frozen", "rounds_planned": 3, "held_out_prompts": 8,
+            "last_round_vs_offline": {"win_rate": 0.5, "win_rate_ci": [0.3, 0.7]},
+            "verdict": "Better: it's good", "outcome": "better"}
+
+
+def test_sweep_and_iterate_reports_escape_user_text_and_share_one_context(tmp_path):
+    """The templates autoescape: a label or model name with markup is text in the HTML (and as typed in the
+    Markdown); both documents come from one context, so their table rows carry the same cells."""
+    from dpokit.report import write_iterate_report, write_sweep_report
+
+    rows = [{"label": "<script>alert(1)</script>", "kl": 0.5, "kl_ci": [0.4, 0.6], "reward": 0.3,
+             "reward_ci": [0.2, 0.4], "accuracy": 0.7, "run_dir": "runs/a|b", "base_reward": 0.1}]
+    (tmp_path / "sweep").mkdir()
+    page = write_sweep_report(tmp_path / "sweep", rows, "mean score").read_text()
+    md = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "<script" not in page and "<td>&lt;script&gt;alert(1)&lt;/script&gt;</td>" in page
+    assert "| <script>alert(1)</script> | 0.500 [0.400, 0.600] | 0.300 [0.200, 0.400] | 0.700 | runs/a\\|b |" in md
+    assert "![reward vs KL](sweep_frontier.png)" in md and (tmp_path / "sweep" / "sweep_frontier.png").is_file()
+
+    (tmp_path / "it").mkdir()
+    page = write_iterate_report(tmp_path / "it", _iterate_summary("<img src=x onerror=alert(1)>")).read_text()
+    md = (tmp_path / "it" / "iterate.md").read_text()
+    assert page.split("<body>", 1)[1].startswith('<p id="verdict" class="verdict ok">Better: it&#x27;s good</p>')
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;, judge sentiment" in page
+    assert md.startswith("**Better: it's good**") and page.count("data:image/png;base64,") == 2
+    for cells in (["round 2", "0.600 [0.500, 0.700]", "0.550 [0.400, 0.600]", "0.400 [0.100, 0.300]"], ["pi0", "0.500", "–"]):
+        assert "<td>" + "</td><td>".join(cells) in page and "| " + " | ".join(cells) in md
+    assert all((tmp_path / "it" / "iterate_plots" / f"{k}.png").is_file() for k in ("by_round", "frontier"))

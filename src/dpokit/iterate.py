@@ -25,6 +25,7 @@ DIR (`--out`) holds:
   offline/             --compare-offline: the offline arm, trained from pi0 for the rounds' total optimizer steps
   iterate.json         one entry per finished round (and `offline`); written after every round
   iterate.html         score, win rate vs pi0 and KL per round; every round and the offline arm on one frontier
+  iterate.md           the same report in Markdown, its plots in iterate_plots/
 
 An interrupted iterate continues where it stopped: finished rounds (in iterate.json with the same settings key, and
 an eval.json) are kept, a round with a checkpoint resumes from it (`train.save_steps`), and cached pairs are reused.

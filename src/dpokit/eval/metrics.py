@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from dpokit.core.stats import (  # shared with training's checkpoint selection (dpokit.train.select)
@@ -35,15 +36,8 @@ def histogram_edges(values: list[float], bins: int = 10) -> list[float]:
 
 
 def histogram(values: list[float], edges: list[float]) -> list[int]:
-    """Counts per [edge_k, edge_k+1) bin; the last bin is closed on the right (as numpy.histogram)."""
-    counts = [0] * (len(edges) - 1)
-    for v in values:
-        for k in range(len(counts)):
-            last = k == len(counts) - 1
-            if edges[k] <= v < edges[k + 1] or (last and v == edges[k + 1]):
-                counts[k] += 1
-                break
-    return counts
+    """Counts per [edge_k, edge_k+1) bin; the last bin is closed on the right (numpy.histogram)."""
+    return [int(c) for c in np.histogram(np.asarray(values, dtype=float), bins=np.asarray(edges, dtype=float))[0]]
 
 
 def length_summary(lengths: dict[str, list[int]], bins: int = 10) -> dict:
@@ -51,8 +45,7 @@ def length_summary(lengths: dict[str, list[int]], bins: int = 10) -> dict:
     edges = histogram_edges([v for vals in lengths.values() for v in vals], bins)
     out = {"unit": "tokens", "histogram_edges": edges}
     for who, vals in lengths.items():
-        ordered = sorted(vals)
-        median = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2 if ordered else float("nan")
+        median = float(np.median(vals)) if vals else float("nan")
         out[who] = {"mean": interval([float(v) for v in vals]), "median": median,
                     "min": min(vals) if vals else None, "max": max(vals) if vals else None,
                     "histogram": histogram(vals, edges), "values": list(vals)}
