@@ -585,13 +585,15 @@ def needs_reference(terms: list[tuple[str, float]]) -> bool:
     return any(REGISTRY[name].needs_reference for name, _ in terms)
 
 
-def combined_loss(terms: list[tuple[str, float]], lp: PairLogps, cfg) -> torch.Tensor:
-    """Per-pair sum of weighted losses (each times the pair's WPO weight when `lp.weights` is set, as TRL does)."""
+def combined_loss(terms: list[tuple[str, float]], lp: PairLogps | ListLogps | UnpairedLogps, cfg) -> torch.Tensor:
+    """Per-row sum of weighted losses (each times the pair's WPO weight when `lp.weights` is set, as TRL does; only
+    pairs carry WPO weights, list and unpaired rows have none)."""
+    pair_weights = getattr(lp, "weights", None)
     total = None
     for name, weight in terms:
         value = REGISTRY[name].fn(lp, cfg)
-        if lp.weights is not None:  # WPO: every term scaled per pair; sft's batch token-mean by each pair's weight
-            value = (value.mean().expand_as(value) if name == "sft" else value) * lp.weights
+        if pair_weights is not None:  # WPO: every term scaled per pair; sft's batch token-mean by each pair's weight
+            value = (value.mean().expand_as(value) if name == "sft" else value) * pair_weights
         value = weight * value
         total = value if total is None else total + value
     return total
