@@ -23,6 +23,10 @@ from dpokit.core.vision import (
     resolve_vlm_path,
     vision_tower,
 )
+from test_trl_parity import (  # one perturbed policy and gradient reader for every parity test
+    _grads,
+    _perturbed,
+)
 
 FAMILIES = list(VLM_ALIASES)
 
@@ -124,19 +128,6 @@ def test_packed_equals_padded_and_each_image_encoded_once(family, images_per_pro
     per_prompt = sum(p["prompt_ids"].count(image_id) for p in pairs)
     assert int((batch["input_ids"] == image_id).sum()) == per_prompt
     assert int((pad_vision_pairs(pairs, pad)["input_ids"] == image_id).sum()) == 2 * per_prompt
-
-
-def _perturbed(model, seed=1, scale=0.02):
-    policy = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return policy
-
-
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _dpokit_side(base, processor, examples, tmp_path):
