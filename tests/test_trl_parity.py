@@ -128,12 +128,11 @@ OPTIONS = [("sigmoid", 0.0, {"f_divergence": "forward_kl"}), ("sigmoid", 0.0, {"
 
 
 def _check_parity(loss, eps, options, tiny_llama, tmp_path):
-    """One batch through TRL, dpokit padded and dpokit packed. Padded: loss, rewards and every gradient within 1e-5
-    of TRL's. Packed: the loss within 1e-5 and every gradient within 1e-5, or, where dpokit's own packed and padded
-    gradients differ by more (`layout`), within twice that: the packed layout (4-D mask, another summation order)
-    moves each ~-100 fp32 log-prob sum by about one ulp (1e-5), and a loss whose gradient reads the log-ratio itself
-    (f-divergences through exp(-u); discopop through sigma(beta h / tau), 1/tau = 20) turns that absolute error into
-    a relative one of the same size. Returns the worst packed gradient error against TRL and the layout gap."""
+    """One batch through TRL, dpokit padded and dpokit packed: the loss, rewards and every gradient within 1e-5 of
+    TRL's. The one exception is discopop at its default tau 0.05 through the packed path (sigma(beta h / tau)
+    multiplies the fp32 rounding of each ~-100 log-prob sum by 20): there TRL's own gradient is 2.7e-5 from the
+    fp64 answer, and `test_discopop_packed_gradient_is_closer_to_fp64_than_trls` shows dpokit's is closer.
+    Returns the worst packed gradient error against TRL and the packed-vs-padded gap."""
     from dpokit.train.losses import parse_loss_spec
     from dpokit.train.trl_engine import trl_loss_options
 
@@ -162,7 +161,8 @@ def _check_parity(loss, eps, options, tiny_llama, tmp_path):
     assert padded_gap < 1e-5, ("padded", _grad_gap(grads[False], trl_g))
     packed_gap = max(_grad_gap(grads[True], trl_g).values())
     layout = max(_grad_gap(grads[True], grads[False]).values())
-    assert packed_gap < max(1e-5, 2 * layout), ("packed", packed_gap, "layout", layout)
+    if loss != "discopop" or options.get("discopop_tau", 0.05) >= 0.5:
+        assert packed_gap < 1e-5, ("packed", packed_gap, "layout", layout)
     return packed_gap, layout
 
 
@@ -177,9 +177,33 @@ def test_every_trl_loss_type_matches_trl_through_the_packed_path(loss, eps, tiny
     """Loss, rewards/* and every gradient equal TRL's on one batch (issue 27 must-show 1). bco_pair: TRL 1.16 keeps
     no running reward mean (older TRL shifted by one), so there is no first-batch special case to match."""
     assert {n for n, _ in ALL_TRL} == set(trl_loss_names().values())
-    packed_gap, layout = _check_parity(loss, eps, {}, tiny_llama, tmp_path)
-    if loss not in ("discopop",):  # discopop: see _check_parity; at tau 0.05 its packed gap is ~1e-4, as is `layout`
-        assert packed_gap < 1e-5, (packed_gap, layout)
+    _check_parity(loss, eps, {}, tiny_llama, tmp_path)
+
+
+def test_discopop_packed_gradient_is_closer_to_fp64_than_trls(tiny_llama, tmp_path):
+    """discopop at tau 0.05 reads sigma(20 beta h): a log-prob sum's fp32 rounding (an ulp of -150 is 1.5e-5) comes
+    back 20 times larger in the gradient, so two fp32 implementations summing in different orders cannot agree to
+    1e-5. The judge is then the fp64 answer (dpokit's padded path on the same model in float64, which equals TRL's
+    math): dpokit's packed fp32 gradient (sequence sums accumulated in fp64, `dpokit.core.packing.slot_sums`) is
+    at least as close to it as TRL's fp32 gradient. Measured 2026-12-03: dpokit 1.3e-5, TRL 2.7e-5."""
+    from dpokit.train.trl_engine import trl_loss_options
+
+    base, tokenizer = tiny_llama
+    pairs = _pairs(tokenizer)
+    torch.manual_seed(0)
+    _, _, trl_g = trl_side(base, _perturbed(base), tokenizer, pairs, ["discopop"], [1.0], 0.0, tmp_path,
+                           **trl_loss_options(TrainConfig(loss="discopop", beta=0.1)))
+    _, _, packed = dpokit_side(base, _perturbed(base), tokenizer, pairs, "discopop", 0.0, tmp_path / "packed",
+                               packed=True)
+    base64 = copy.deepcopy(base).double()
+    _, _, exact = dpokit_side(base64, _perturbed(base64), tokenizer, pairs, "discopop", 0.0, tmp_path / "fp64")
+
+    def worst(grads):
+        return max(((grads[n].double() - g).norm() / g.norm()).item() for n, g in exact.items())
+
+    ours, trls = worst(packed), worst(trl_g)
+    assert ours <= trls, (ours, trls)
+    assert ours < 5e-5  # and both are fp32-close to the exact answer
 
 
 @pytest.mark.parametrize("loss,eps,options", OPTIONS, ids=[f"{c[0]}-{'-'.join(map(str, c[2].values())) or 'plain'}"
@@ -192,12 +216,12 @@ def test_every_trl_loss_option_matches_trl_through_the_packed_path(loss, eps, op
 
 
 def test_packed_log_probs_differ_from_padded_only_by_fp32_summation(tiny_llama):
-    """Why `_check_parity` bounds the packed gradients of the log-ratio-reading losses by the layout gap: the
+    """Why the packed and TRL's sequence log-probs can differ at all (and discopop's gradients by more than 1e-5): the
     packed forward's per-token log-probs equal the padded (TRL's) ones within 1e-6, and their exact (fp64-summed)
     sequence sums within 2e-6; what is left is fp32 rounding of a ~-100..-170 sum (an ulp there is 7.6e-6 to
     1.5e-5), which TRL's own fp32 sum carries too: it sits up to a few ulp from the exact sum of its own terms
-    (measured 1.6e-5 here). exp(-u) (forward_kl), sigma(2 u) (discopop at tau 0.05) turn that into a relative
-    gradient error of the same size, so 1e-5 against TRL is below fp32's resolution for those losses alone."""
+    (measured 1.6e-5 here). dpokit's packed sums are accumulated in fp64 (`slot_sums`), so they carry half an ulp;
+    discopop at tau 0.05 (sigma(20 beta h)) turns TRL's few ulp into a 2.7e-5 relative gradient error."""
     from dpokit.core.batching import token_logps
     from dpokit.core.packing import PackedPairCollator, packed_token_logps
 
