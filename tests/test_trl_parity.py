@@ -124,7 +124,8 @@ OPTIONS = [("sigmoid", 0.0, {"f_divergence": "forward_kl"}), ("sigmoid", 0.0, {"
            ("discopop", 0.0, {"f_divergence": "js_divergence", "discopop_tau": 0.5}),
            ("sigmoid", 0.0, {"ld_alpha": 0.5}), ("ipo", 0.0, {"ld_alpha": 0.5}),
            ("sigmoid", 0.0, {"use_weighting": True}), ("apo_zero:1.0,sigmoid:0.5", 0.0, {"use_weighting": True}),
-           ("nca_pair:1.0,sigmoid_norm:0.5", 0.0, {}), ("apo_down:0.7,bco_pair:0.3", 0.0, {"ld_alpha": 0.5})]
+           ("nca_pair:1.0,sigmoid_norm:0.5", 0.0, {}), ("apo_down:0.7,bco_pair:0.3", 0.0, {"ld_alpha": 0.5}),
+           ("sigmoid:1.0,sft:0.5", 0.0, {"ld_alpha": 0.5})]  # sft: the NLL of every chosen token, unweighted
 
 
 def _check_parity(loss, eps, options, tiny_llama, tmp_path):

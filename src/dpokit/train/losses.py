@@ -37,6 +37,7 @@ class PairLogps:
     chosen_tokens: torch.Tensor | None = None  # (B,) response token counts
     rejected_tokens: torch.Tensor | None = None
     weights: torch.Tensor | None = None  # (B,) WPO pair weights (train.use_weighting), detached; None = 1
+    chosen_unweighted: torch.Tensor | None = None  # (B,) `chosen` without LD-DPO's tail weight; None = the same
 
     def logratios(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.chosen - self.ref_chosen, self.rejected - self.ref_rejected
@@ -184,10 +185,12 @@ def sft_loss(lp: PairLogps, cfg) -> torch.Tensor:
         L_batch = -(sum_i pi_w,i) / (sum_i |y_w,i|)
 
     returned as a per-pair tensor whose mean is L_batch (each entry -pi_w,i * B / sum|y_w|), so it composes with
-    the other per-pair losses. Reference-free; weight it with `train.sft_weight` or in `train.loss`.
+    the other per-pair losses. Reference-free; weight it with `train.sft_weight` or in `train.loss`. With
+    `train.ld_alpha` the NLL is of every chosen token at full weight, as TRL's (LD-DPO weights the preference term).
     """
     batch = lp.chosen.shape[0]
-    return -lp.chosen * batch / lp.chosen_tokens.sum().clamp(min=1)
+    chosen = lp.chosen if lp.chosen_unweighted is None else lp.chosen_unweighted
+    return -chosen * batch / lp.chosen_tokens.sum().clamp(min=1)
 
 
 def exo_pair_loss(lp: PairLogps, cfg) -> torch.Tensor:

@@ -126,7 +126,8 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
             return self._feedback_loss(model, inputs, return_outputs, num_items_in_batch)
         policy = batch_logps(model, inputs, self.dpo_cfg.ld_alpha, self.dpo_cfg.use_weighting)
         lp = PairLogps(policy["chosen"], policy["rejected"], chosen_tokens=policy["chosen_tokens"],
-                       rejected_tokens=policy["rejected_tokens"], weights=policy.get("wpo_weights"))
+                       rejected_tokens=policy["rejected_tokens"], weights=policy.get("wpo_weights"),
+                       chosen_unweighted=-policy["chosen_nll_sum"] if self.dpo_cfg.ld_alpha is not None else None)
         if self.needs_reference:
             lp.ref_chosen, lp.ref_rejected = self.reference_logps(model, inputs)
         losses = combined_loss(self.loss_terms, lp, self.dpo_cfg)
