@@ -130,7 +130,8 @@ def held_out_accuracy() -> dict:
         for name in runs:
             tuned = load(f"{tmp}/{name}/model", dtype="float32")
             tuned_v, _ = feedback_logps(tuned, encoded, tokenizer.pad_token_id)
-            results[name] = ranking_metrics(tuned_v, base_v, [r["scores"] for r in encoded], beta=0.1)
+            results[name] = ranking_metrics(tuned_v, base_v, [r["scores"] for r in encoded],
+                                            beta=0.1).model_dump()
     return results
 
 

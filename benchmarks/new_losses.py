@@ -50,7 +50,7 @@ def main():
                 encoded, _ = encode_rows(RunDir(f"{tmp}/{loss}").read_eval_pairs(), tokenizer, cfg.data)
                 base_lp = pair_logps(base, encoded, tokenizer.pad_token_id)
             tuned = load_model(f"{tmp}/{loss}/model", dtype="float32")
-            m = preference_metrics(pair_logps(tuned, encoded, tokenizer.pad_token_id), base_lp, beta=cfg.train.beta)
+            m = preference_metrics(pair_logps(tuned, encoded, tokenizer.pad_token_id), base_lp, beta=cfg.train.beta).model_dump()
             results[loss] = {"label_smoothing": eps, "train_loss": round(final.get("train_loss", float("nan")), 4),
                              "held_out_pairs": m["n_pairs"],
                              "implicit_reward_accuracy": m["implicit_reward_accuracy"],

@@ -49,16 +49,15 @@ def evaluation(*, accuracy=(40, 48), outcomes=None, len_base=None, len_tuned=Non
     outcomes = outcomes if outcomes is not None else [1, 0, -1, 1] * 3
     len_base = len_base or [20] * len(outcomes)
     len_tuned = len_tuned or [20] * len(outcomes)
-    acc = outcome_summary([1] * k + [-1] * (n - k))["win"]
+    acc = outcome_summary([1] * k + [-1] * (n - k)).win
     gen = {"n_prompts": len(outcomes), "samples_per_prompt": 1, "n_samples": len(outcomes),
            "decoding": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64, "seed": 0},
            "judge": {"name": "python", "kind": "pointwise", "details": {}}, "outcomes": outcome_summary(outcomes),
-           "scores": scores, "lengths": length_summary({"base": len_base, "tuned": len_tuned}),
+           "scores": scores, "lengths": length_summary(base=len_base, tuned=len_tuned),
            "length_controlled": {"tolerance": 0.1, "regression": None,
                                  "buckets": length_buckets(outcomes, len_tuned, len_base, 0.1)}}
     kl = kl_summary([kl_per_answer + 0.1 * (i % 3) for i in range(len(outcomes))], [0.0] * len(outcomes),
-                    [tokens] * len(outcomes))
-    kl["exact_sampling"] = True
+                    [tokens] * len(outcomes), exact_sampling=True)
     return EvalResult.model_validate({
         "run_dir": "x", "model": "m", "beta": 0.1,
         "preference": {"n_pairs": n, "implicit_reward_accuracy": acc, "reward_margin": {"value": 0.5, "ci": [0.4, 0.6]},

@@ -172,9 +172,9 @@ def test_ranking_metrics_by_hand():
     from dpokit.eval.likelihood import ranking_metrics
 
     m = ranking_metrics([[2.0, 3.0, 1.0], [0.0, 1.0, -1.0]], [[0.0] * 3] * 2, [[3, 2, 1], [2, 2, 1]], beta=1.0)
-    assert m["n_ordered_pairs"] == 5 and m["pairwise_accuracy"]["value"] == pytest.approx(0.8)
-    assert m["kendall_tau"]["value"] == pytest.approx((1 / 3 + 1) / 2)
-    assert m["best_vs_worst_accuracy"]["value"] == 1.0 and m["n_lists"] == 2
+    assert m.n_ordered_pairs == 5 and m.pairwise_accuracy.value == pytest.approx(0.8)
+    assert m.kendall_tau.value == pytest.approx((1 / 3 + 1) / 2)
+    assert m.best_vs_worst_accuracy.value == 1.0 and m.n_lists == 2
 
 
 def test_unpaired_metrics_by_hand():
@@ -183,10 +183,10 @@ def test_unpaired_metrics_by_hand():
     m = unpaired_metrics([1.0, -2.0, 0.5, 3.0, -1.0], [0.0, 0.0, 1.0, 1.0, 0.0], [True, True, True, False, False],
                          beta=0.5)
     # rewards (0.5, -1, -0.25 | 1, -0.5): desirable raised 1 of 3, undesirable lowered 1 of 2
-    assert m["desirable_accuracy"]["value"] == pytest.approx(1 / 3)
-    assert m["undesirable_accuracy"]["value"] == pytest.approx(0.5)
-    assert m["balanced_accuracy"] == pytest.approx((1 / 3 + 0.5) / 2)
-    assert m["reward_desirable"]["value"] == pytest.approx((0.5 - 1 - 0.25) / 3)
+    assert m.desirable_accuracy.value == pytest.approx(1 / 3)
+    assert m.undesirable_accuracy.value == pytest.approx(0.5)
+    assert m.balanced_accuracy == pytest.approx((1 / 3 + 0.5) / 2)
+    assert m.reward_desirable.value == pytest.approx((0.5 - 1 - 0.25) / 3)
 
 
 def test_loss_and_data_kind_mismatch_is_one_line_error(cli, tmp_path):

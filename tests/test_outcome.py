@@ -58,8 +58,8 @@ def make_run(tmp_path, name, rows, kl_per_answer=2.0):
     scores_b, scores_t = [r[3] for r in rows], [r[4] for r in rows]
     gen = generation_summary(cfg.eval, {"name": "python", "kind": "pointwise", "details": {}}, len(rows), outcomes,
                              len_t, len_b, scores_t, scores_b)
-    kl = kl_summary([kl_per_answer + 0.1 * (i % 3) for i in range(len(rows))], [0.0] * len(rows), len_t)
-    kl["exact_sampling"] = True
+    kl = kl_summary([kl_per_answer + 0.1 * (i % 3) for i in range(len(rows))], [0.0] * len(rows), len_t,
+                    exact_sampling=True)
     # 48 held-out pairs, the tuned model ranks 40 right (implicit-reward accuracy 0.83).
     base_lp = {"chosen": [-20.0] * 48, "rejected": [-20.0] * 48, "chosen_tokens": [10] * 48,
                "rejected_tokens": [10] * 48}
@@ -224,10 +224,10 @@ def test_lc_win_rate_equals_the_closed_form_of_a_saturated_fit():
     fit = length_controlled_win_rate(outcomes, len_t, len_b, ridge=0.0)
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     a, se = math.log(5) / 2, math.sqrt(0.8)
-    assert fit["value"] == pytest.approx(math.sqrt(5) / (1 + math.sqrt(5)), abs=1e-9)
-    assert fit["intercept"] == pytest.approx(a, abs=1e-9)
-    assert fit["ci"] == pytest.approx([sig(a - 1.959964 * se), sig(a + 1.959964 * se)], abs=1e-6)
-    assert outcome_summary(outcomes)["win_rate"]["value"] == 0.75
+    assert fit.value == pytest.approx(math.sqrt(5) / (1 + math.sqrt(5)), abs=1e-9)
+    assert fit.intercept == pytest.approx(a, abs=1e-9)
+    assert fit.ci == pytest.approx([sig(a - 1.959964 * se), sig(a + 1.959964 * se)], abs=1e-6)
+    assert outcome_summary(outcomes).win_rate.value == 0.75
 
 
 def test_lc_win_rate_matches_an_independent_scipy_fit_with_the_default_ridge():
@@ -253,18 +253,18 @@ def test_lc_win_rate_matches_an_independent_scipy_fit_with_the_default_ridge():
     w = p * (1 - p)
     info = np.array([[w.sum(), (w * z).sum()], [(w * z).sum(), (w * z * z).sum() + 1.0]])
     se = math.sqrt(np.linalg.inv(info)[0, 0])
-    assert fit["intercept"] == pytest.approx(a, abs=1e-5) and fit["slope"] == pytest.approx(b, abs=1e-5)
-    assert fit["value"] == pytest.approx(1 / (1 + math.exp(-a)), abs=1e-6)
-    assert fit["ci"][0] == pytest.approx(1 / (1 + math.exp(-(a - 1.959964 * se))), abs=1e-5)
-    assert fit["length_diff_sd"] == pytest.approx(d.std())
+    assert fit.intercept == pytest.approx(a, abs=1e-5) and fit.slope == pytest.approx(b, abs=1e-5)
+    assert fit.value == pytest.approx(1 / (1 + math.exp(-a)), abs=1e-6)
+    assert fit.ci[0] == pytest.approx(1 / (1 + math.exp(-(a - 1.959964 * se))), abs=1e-5)
+    assert fit.length_diff_sd == pytest.approx(d.std())
 
 
 def test_lc_win_rate_edge_cases():
     every_win = length_controlled_win_rate([1] * 10, [5] * 10, [3] * 10)
-    assert every_win["value"] == 1.0 and every_win["method"].startswith("every outcome equal")
+    assert every_win.value == 1.0 and every_win.method.startswith("every outcome equal")
     # Separation (the one loss is the shortest tuned answer): the ridge keeps the fit finite.
     separated = length_controlled_win_rate([-1] + [1] * 9, [1] + [10 + i for i in range(9)], [10] * 10)
-    assert separated is not None and 0.5 < separated["value"] < 1.0
+    assert separated is not None and 0.5 < separated.value < 1.0
     assert length_controlled_win_rate([1, -1], [4, 4], [3, 3]) is None  # every answer 1 token longer: confounded
     assert length_controlled_win_rate([None, None], [4, 5], [3, 3]) is None
 

@@ -252,7 +252,7 @@ def win_rate_against(judge, run: RunDir, other: RunDir | None) -> dict:
             raise UserError(f"{run.path} and {other.path} answered different held-out prompts; re-run both rounds "
                             "with the same eval settings")
     cmp = judge_pairs(judge, [s.prompt for s in samples], tuned, against)
-    return outcome_summary(cmp.outcomes)["win_rate"]
+    return outcome_summary(cmp.outcomes).win_rate
 
 
 def mean_distinct_2(texts: list[str]) -> float | None:
@@ -271,8 +271,8 @@ def run_record(run: RunDir, judge, previous: RunDir | None, *, label, seconds: f
         "round": label if label != "offline" else None,
         "win_rate_vs_initial": gen.outcomes.win_rate.value, "win_rate_vs_initial_ci": gen.outcomes.win_rate.ci,
         "lc_win_rate_vs_initial": lc.value if lc else None, "lc_win_rate_vs_initial_ci": lc.ci if lc else None,
-        "win_rate_vs_previous": vs_prev["value"] if vs_prev else None,
-        "win_rate_vs_previous_ci": vs_prev["ci"] if vs_prev else None,
+        "win_rate_vs_previous": vs_prev.value if vs_prev else None,
+        "win_rate_vs_previous_ci": vs_prev.ci if vs_prev else None,
         "kl_from_initial": kl.sequence.value, "kl_from_initial_ci": kl.sequence.ci,
         "mean_score": score.value if score else None, "mean_score_ci": score.ci if score else None,
         "mean_length": gen.lengths.tuned.mean.value,
@@ -367,7 +367,7 @@ def run_offline(iteration: Iteration, summary: dict, judge, progress: bool, call
     last = iteration.round_dir(len(iteration.chunks))
     summary["offline"] = row
     rate = win_rate_against(judge, last, run)
-    summary["last_round_vs_offline"] = {"win_rate": rate["value"], "win_rate_ci": rate["ci"]}
+    summary["last_round_vs_offline"] = {"win_rate": rate.value, "win_rate_ci": rate.ci}
     write_summary(iteration, summary)
 
 

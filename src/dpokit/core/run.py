@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dpokit import __version__
-from dpokit.core.config import RunConfig, config_from_dict
+from dpokit.core.config import EvalConfig, RunConfig, config_from_dict
 from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text, read_jsonl, write_jsonl
 
@@ -329,6 +329,25 @@ class PreferenceMetrics(Model):
         "log-probability, summed (`sum`) or per token (`mean_per_token`)")
 
 
+class RankingMetrics(Model):
+    n_lists: int = Field(description="held-out lists with at least one ordered (untied) response pair")
+    n_ordered_pairs: int
+    pairwise_accuracy: Metric = Field(description="share of ordered response pairs whose implicit rewards agree "
+                                      "with the given order (Wilson interval, pairs treated as independent)")
+    kendall_tau: Metric = Field(description="per list (concordant - discordant) / ordered pairs, mean over lists")
+    best_vs_worst_accuracy: Metric = Field(description="share of lists where the best response out-rewards the worst")
+
+
+class UnpairedMetrics(Model):
+    n_desirable: int
+    n_undesirable: int
+    desirable_accuracy: Metric = Field(description="share of desirable answers the tuned model raised (reward > 0)")
+    undesirable_accuracy: Metric = Field(description="share of undesirable answers it lowered (reward < 0)")
+    balanced_accuracy: float = Field(description="the mean of the two accuracies")
+    reward_desirable: Metric = Field(description="mean implicit reward of the desirable answers")
+    reward_undesirable: Metric
+
+
 class Outcomes(Model):
     n: int
     wins: int
@@ -466,20 +485,26 @@ class KL(Model):
                                  "are not exactly from pi_tuned and the estimate is biased")
 
 
+class EvalSettings(EvalConfig):
+    """The `eval` section as eval.json records it: keys a later minor version adds are kept, not refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 class EvalResult(Artifact):
     run_dir: str
     model: str = Field(description="the base model")
     beta: float = Field(description="train.beta, the scale of the implicit reward")
-    settings: dict[str, Any] | None = Field(None, description="the `eval` config section used for this evaluation "
+    settings: EvalSettings | None = Field(None, description="the `eval` config section used for this evaluation "
                                             "(after any `dpokit eval --set eval.KEY=VALUE`)")
     preference: PreferenceMetrics
     generation: Generation | None = Field(None, description="judged answers of tuned vs base (`null` with "
                                           "eval.generate: false)")
     kl: KL | None = Field(None, description="KL(tuned || base) on the tuned model's own samples")
-    ranking: dict[str, Any] | None = Field(None, description="ranked held-out lists: pairwise accuracy and Kendall "
+    ranking: RankingMetrics | None = Field(None, description="ranked held-out lists: pairwise accuracy and Kendall "
                                            "tau of the implicit rewards against the given order (`null` for pairs)")
-    unpaired: dict[str, Any] | None = Field(None, description="unpaired held-out rows (KTO): share of desirable "
-                                            "answers the tuned model raised and undesirable ones it lowered")
+    unpaired: UnpairedMetrics | None = Field(None, description="unpaired held-out rows (KTO): share of desirable "
+                                             "answers the tuned model raised and undesirable ones it lowered")
 
 
 class EvalSample(Model):

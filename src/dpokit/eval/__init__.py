@@ -186,7 +186,7 @@ def generation_summary(e: EvalConfig, judge: dict, n_prompts: int, outcomes: lis
         "judge": judge,
         "outcomes": outcome_summary(outcomes),
         "scores": None,
-        "lengths": length_summary({"base": len_b, "tuned": len_t}),
+        "lengths": length_summary(base=len_b, tuned=len_t),
         "length_controlled": {"tolerance": e.length_tolerance,
                               "buckets": length_buckets(outcomes, len_t, len_b, e.length_tolerance),
                               "win_rate": length_controlled_win_rate(outcomes, len_t, len_b),
@@ -228,8 +228,7 @@ def generation_metrics(cfg, judge, prompts: list, tuned, base, tokenizer, batch_
         lp_t, n_tok = response_logps(tuned, p_ids, r_ids, tokenizer.pad_token_id, batch_size)
     with _as_base(tuned, base) as base_model:
         lp_b, _ = response_logps(base_model, p_ids, r_ids, tokenizer.pad_token_id, batch_size)
-    kl = kl_summary(lp_t, lp_b, n_tok)
-    kl["exact_sampling"] = e.temperature == 1.0 and e.top_p == 1.0
+    kl = kl_summary(lp_t, lp_b, n_tok, exact_sampling=e.temperature == 1.0 and e.top_p == 1.0)
     records = []
     for k, (p, t, b) in enumerate(zip(flat_prompts, tuned_s, base_s, strict=False)):
         records.append({"prompt": p, "sample": k % e.samples_per_prompt, "base": b.text, "tuned": t.text,

@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
-from dpokit.core.stats import mean_interval, proportion
+from dpokit.core.run import LikelihoodAccuracy, PreferenceMetrics, RankingMetrics, UnpairedMetrics
+from dpokit.core.stats import interval, proportion
 
 
-def preference_metrics(tuned: dict, base: dict, beta: float) -> dict:
+def preference_metrics(tuned: dict, base: dict, beta: float) -> PreferenceMetrics:
     """Implicit reward r = beta * (log pi_tuned - log pi_base); accuracy = share of pairs with r_chosen > r_rejected.
     Likelihood accuracy: chosen more likely than rejected (summed, and per token) under each model."""
     n = len(tuned["chosen"])
     margins = [beta * ((tuned["chosen"][i] - base["chosen"][i]) - (tuned["rejected"][i] - base["rejected"][i]))
                for i in range(n)]
-    mean, low, high = mean_interval(margins)
 
-    def likelihood(lp):
+    def likelihood(lp) -> LikelihoodAccuracy:
         per_tok = [(lp["chosen"][i] / max(lp["chosen_tokens"][i], 1)) > (lp["rejected"][i] / max(lp["rejected_tokens"][i], 1))
                    for i in range(n)]
-        return {"sum": proportion([lp["chosen"][i] > lp["rejected"][i] for i in range(n)]),
-                "mean_per_token": proportion(per_tok)}
+        return LikelihoodAccuracy(sum=proportion([lp["chosen"][i] > lp["rejected"][i] for i in range(n)]),
+                                  mean_per_token=proportion(per_tok))
 
-    return {
-        "n_pairs": n,
-        "implicit_reward_accuracy": proportion([m > 0 for m in margins]),
-        "reward_margin": {"value": mean, "ci": [low, high], "n": n},
-        "likelihood_accuracy": {"base": likelihood(base), "tuned": likelihood(tuned)},
-    }
+    return PreferenceMetrics(n_pairs=n, implicit_reward_accuracy=proportion([m > 0 for m in margins]),
+                             reward_margin=interval(margins),
+                             likelihood_accuracy={"base": likelihood(base), "tuned": likelihood(tuned)})
 
 
-def ranking_metrics(tuned: list[list[float]], base: list[list[float]], scores: list[list[float]], beta: float) -> dict:
+def ranking_metrics(tuned: list[list[float]], base: list[list[float]], scores: list[list[float]],
+                    beta: float) -> RankingMetrics:
     """Ranked held-out lists (responses best first, with their scores): do the implicit rewards
     r = beta * (log pi_tuned - log pi_base) order the responses as the scores do?
 
@@ -44,13 +42,11 @@ def ranking_metrics(tuned: list[list[float]], base: list[list[float]], scores: l
         agree += [x > 0 for x in signs]
         taus.append(sum(signs) / len(signs))
         best_worst.append(r[0] > r[-1])
-    mean, low, high = mean_interval(taus)
-    return {"n_lists": len(taus), "n_ordered_pairs": len(agree), "pairwise_accuracy": proportion(agree),
-            "kendall_tau": {"value": mean, "ci": [low, high], "n": len(taus)},
-            "best_vs_worst_accuracy": proportion(best_worst)}
+    return RankingMetrics(n_lists=len(taus), n_ordered_pairs=len(agree), pairwise_accuracy=proportion(agree),
+                          kendall_tau=interval(taus), best_vs_worst_accuracy=proportion(best_worst))
 
 
-def unpaired_metrics(tuned: list[float], base: list[float], labels: list[bool], beta: float) -> dict:
+def unpaired_metrics(tuned: list[float], base: list[float], labels: list[bool], beta: float) -> UnpairedMetrics:
     """Unpaired (KTO) held-out rows: the tuned model should raise desirable answers and lower undesirable ones
     relative to the base, i.e. implicit reward r = beta * (log pi_tuned - log pi_base) > 0 for desirable and < 0
     for undesirable. Accuracy per class (Wilson intervals), their mean (balanced accuracy), mean reward per class."""
@@ -58,15 +54,10 @@ def unpaired_metrics(tuned: list[float], base: list[float], labels: list[bool], 
     good = [x for x, label in zip(r, labels, strict=True) if label]
     bad = [x for x, label in zip(r, labels, strict=True) if not label]
     desirable, undesirable = proportion([x > 0 for x in good]), proportion([x < 0 for x in bad])
-
-    def mean_reward(values):
-        mean, low, high = mean_interval(values)
-        return {"value": mean, "ci": [low, high], "n": len(values)}
-
-    return {"n_desirable": len(good), "n_undesirable": len(bad), "desirable_accuracy": desirable,
-            "undesirable_accuracy": undesirable,
-            "balanced_accuracy": (desirable["value"] + undesirable["value"]) / 2,
-            "reward_desirable": mean_reward(good), "reward_undesirable": mean_reward(bad)}
+    return UnpairedMetrics(n_desirable=len(good), n_undesirable=len(bad), desirable_accuracy=desirable,
+                           undesirable_accuracy=undesirable,
+                           balanced_accuracy=(desirable.value + undesirable.value) / 2,
+                           reward_desirable=interval(good), reward_undesirable=interval(bad))
 
 
 def feedback_pairs(encoded: list[dict], values: list[list[float]], counts: list[list[int]]) -> dict[str, list]:

@@ -1,6 +1,7 @@
 """Generation metrics: win/tie/loss with intervals, response lengths, a length-controlled view, KL(tuned||base).
 
-All functions take plain lists so each can be checked against a hand computation.
+All functions take plain lists, so each can be checked against a hand computation, and return the typed records
+eval.json stores (`dpokit.core.run`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ import math
 import numpy as np
 import torch
 
+from dpokit.core.run import (
+    Coefficient,
+    LengthBucket,
+    LengthControlledWinRate,
+    LengthStats,
+    LengthSummary,
+    ScoreLengthRegression,
+)
 from dpokit.core.stats import (  # shared with training's checkpoint selection (dpokit.train.select)
     Z95,
     interval,
@@ -40,16 +49,17 @@ def histogram(values: list[float], edges: list[float]) -> list[int]:
     return [int(c) for c in np.histogram(np.asarray(values, dtype=float), bins=np.asarray(edges, dtype=float))[0]]
 
 
-def length_summary(lengths: dict[str, list[int]], bins: int = 10) -> dict:
+def length_summary(base: list[int], tuned: list[int], bins: int = 10) -> LengthSummary:
     """Mean (with interval), median and a histogram on shared edges, for each model's answer lengths (tokens)."""
-    edges = histogram_edges([v for vals in lengths.values() for v in vals], bins)
-    out = {"unit": "tokens", "histogram_edges": edges}
-    for who, vals in lengths.items():
-        median = float(np.median(vals)) if vals else float("nan")
-        out[who] = {"mean": interval([float(v) for v in vals]), "median": median,
-                    "min": min(vals) if vals else None, "max": max(vals) if vals else None,
-                    "histogram": histogram(vals, edges), "values": list(vals)}
-    return out
+    edges = histogram_edges([*base, *tuned], bins)
+
+    def stats(vals: list[int]) -> LengthStats:
+        return LengthStats(mean=interval([float(v) for v in vals]),
+                           median=float(np.median(vals)) if vals else float("nan"),
+                           min=min(vals) if vals else None, max=max(vals) if vals else None,
+                           histogram=histogram(vals, edges), values=list(vals))
+
+    return LengthSummary(histogram_edges=edges, base=stats(base), tuned=stats(tuned))
 
 
 BUCKETS = ("tuned_shorter", "length_matched", "tuned_longer")
@@ -62,7 +72,8 @@ def length_bucket(len_tuned: int, len_base: int, tolerance: float) -> str:
     return "tuned_longer" if len_tuned > len_base else "tuned_shorter"
 
 
-def length_buckets(outcomes: list[int | None], len_tuned: list[int], len_base: list[int], tolerance: float) -> list[dict]:
+def length_buckets(outcomes: list[int | None], len_tuned: list[int], len_base: list[int],
+                   tolerance: float) -> list[LengthBucket]:
     """Win/tie/loss of tuned vs base within each length bucket: a win rate that holds within length_matched is not
     a verbosity effect."""
     groups: dict[str, list[int | None]] = {name: [] for name in BUCKETS}
@@ -71,13 +82,13 @@ def length_buckets(outcomes: list[int | None], len_tuned: list[int], len_base: l
     rows = []
     for name in BUCKETS:
         s = outcome_summary(groups[name])
-        rows.append({"bucket": name, "n": s["n"], "wins": s["wins"], "ties": s["ties"], "losses": s["losses"],
-                     "unparseable": s["unparseable"], "win_rate": s["win_rate"]})
+        rows.append(LengthBucket(bucket=name, n=s.n, wins=s.wins, ties=s.ties, losses=s.losses,
+                                 unparseable=s.unparseable, win_rate=s.win_rate))
     return rows
 
 
 def score_length_regression(scores_tuned: list[float], scores_base: list[float], len_tuned: list[int],
-                            len_base: list[int]) -> dict | None:
+                            len_base: list[int]) -> ScoreLengthRegression | None:
     """OLS of judge score on [1, length, is_tuned] over all answers of both models: `tuned_effect` is the score
     gain of the tuned model at equal length, `per_token` the score change per extra token. Normal 95% intervals
     from the classical OLS standard errors. None when the design is degenerate (too few answers or no length
@@ -98,12 +109,12 @@ def score_length_regression(scores_tuned: list[float], scores_base: list[float],
     sigma2 = float(resid @ resid) / (n - k)
     se = torch.sqrt(torch.clamp(torch.diag(inv) * sigma2, min=0.0))
 
-    def coef(j):
+    def coef(j) -> Coefficient:
         b, s = float(beta[j]), float(se[j])
-        return {"value": b, "ci": [b - Z95 * s, b + Z95 * s], "se": s}
+        return Coefficient(value=b, ci=[b - Z95 * s, b + Z95 * s], se=s)
 
-    return {"model": "score ~ 1 + length_tokens + is_tuned (OLS)", "n": n, "intercept": coef(0),
-            "per_token": coef(1), "tuned_effect": coef(2)}
+    return ScoreLengthRegression(model="score ~ 1 + length_tokens + is_tuned (OLS)", n=n, intercept=coef(0),
+                                 per_token=coef(1), tuned_effect=coef(2))
 
 
 # Length-controlled win rate: the slope's Gaussian prior (a ridge penalty of LC_RIDGE * slope^2 / 2 on the
@@ -142,7 +153,7 @@ def _fit_logistic(y: list[float], z: list[float], ridge: float) -> tuple[float, 
 
 
 def length_controlled_win_rate(outcomes: list[int | None], len_tuned: list[int], len_base: list[int],
-                               ridge: float = LC_RIDGE, z95: float = Z95) -> dict | None:
+                               ridge: float = LC_RIDGE, z95: float = Z95) -> LengthControlledWinRate | None:
     """The win rate the judge would give at equal answer length (AlpacaEval 2's length-controlled win rate, with
     the length term only).
 
@@ -165,7 +176,8 @@ def length_controlled_win_rate(outcomes: list[int | None], len_tuned: list[int],
     raw = win_rate_metric(sum(o == 1 for o, _ in pairs), sum(o == 0 for o, _ in pairs), n)
     base = {"n": n, "ridge": ridge, "length_diff_sd": sd, "intercept": None, "slope": None}
     if len(set(y)) == 1:
-        return {**base, "value": raw["value"], "ci": raw["ci"], "method": "every outcome equal: the raw win rate"}
+        return LengthControlledWinRate(**base, value=raw.value, ci=raw.ci,
+                                       method="every outcome equal: the raw win rate")
     if sd == 0 and any(d):
         return None
     z = [x / sd for x in d] if sd > 0 else [0.0] * n
@@ -174,9 +186,9 @@ def length_controlled_win_rate(outcomes: list[int | None], len_tuned: list[int],
         return None
     a, b, cov = fit
     se = math.sqrt(max(cov[0][0], 0.0))
-    return {**base, "value": _sigmoid(a), "ci": [_sigmoid(a - z95 * se), _sigmoid(a + z95 * se)],
-            "method": "logistic regression on the standardized length difference", "intercept": a,
-            "slope": b if sd > 0 else None}
+    return LengthControlledWinRate(**{**base, "intercept": a, "slope": b if sd > 0 else None}, value=_sigmoid(a),
+                                   ci=[_sigmoid(a - z95 * se), _sigmoid(a + z95 * se)],
+                                   method="logistic regression on the standardized length difference")
 
 
 __all__ = ["kl_summary", "length_buckets", "length_controlled_win_rate", "length_summary", "outcome_summary",

@@ -141,7 +141,7 @@ def export_labels(db: str | Path, out: str | Path, *, overwrite: bool = False) -
         "choices": {c: sum(a["choice"] == c for a in labels) for c in ("first", "second", "tie", "skip")},
         "annotators": dict(sorted(Counter(a["annotator"] for a in labels).items())),
         "agreement": agreement([(a["item"], a["annotator"], a["choice"]) for a in labels if a["choice"] != "skip"]),
-        "left_chosen": (proportion([a["choice"] == a["left_answer"] for a in decided]) if decided
+        "left_chosen": (proportion([a["choice"] == a["left_answer"] for a in decided]).model_dump() if decided
                         else {"value": None, "ci": [None, None], "n": 0}),
     }
     return summary

@@ -154,7 +154,7 @@ class SelectionCallback(TrainerCallback):
         return Selection(select="best_judge", criterion=CRITERION, judge=self.cfg.eval.judge, prompts=self.prompts,
                          overlap_with_eval_prompts=self.overlap, decoding=self.decoding, base_answers=texts,
                          base_tokens=[len(s.response_ids) for s in samples], base_scores=scores,
-                         base_mean_score=Metric.model_validate(interval(scores)) if scores else None,
+                         base_mean_score=interval(scores) if scores else None,
                          base_seconds=time.time() - start,
                          planned_steps=planned_steps(max_steps, self.cfg.train.select_points),
                          seconds=time.time() - start)
@@ -174,9 +174,8 @@ class SelectionCallback(TrainerCallback):
         finally:
             model.train(was_training)
         return SelectionPoint(
-            step=step, epoch=epoch, outcomes={k: out[k] for k in ("wins", "ties", "losses", "unparseable")},
-            win_rate=Metric.model_validate(out["win_rate"]),
-            mean_score=Metric.model_validate(interval(cmp.scores_a)) if cmp.scores_a else None,
+            step=step, epoch=epoch, outcomes={k: getattr(out, k) for k in ("wins", "ties", "losses", "unparseable")},
+            win_rate=out.win_rate, mean_score=interval(cmp.scores_a) if cmp.scores_a else None,
             kl=kl, mean_tokens=sum(len(s.response_ids) for s in samples) / max(1, len(samples)),
             seconds=time.time() - start)
 
@@ -191,7 +190,7 @@ class SelectionCallback(TrainerCallback):
             if base is None:
                 return None
             lp_b, _ = response_logps(base, p_ids, r_ids, self.tokenizer.pad_token_id, bs)
-        return Metric.model_validate(kl_summary(lp_t, lp_b, n_tok)["sequence"])
+        return kl_summary(lp_t, lp_b, n_tok).sequence
 
     # --- weights ---------------------------------------------------------------------------------------------------
 
