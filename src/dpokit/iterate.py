@@ -39,6 +39,7 @@ import time
 from functools import cached_property
 from pathlib import Path
 
+from pydantic import Field
 from rich.console import Console
 
 from dpokit.core.config import RunConfig, config_from_dict
@@ -46,7 +47,7 @@ from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text, read_jsonl, write_jsonl
 from dpokit.core.judges import build_judge, check_judge
 from dpokit.core.judges import compare as judge_pairs
-from dpokit.core.run import SCHEMA_VERSION, RunDir, format_interval
+from dpokit.core.run import SCHEMA_VERSION, Artifact, Model, RunDir, format_interval, parse_artifact
 from dpokit.data.generate import (
     model_identity,
     pair_settings,
@@ -73,6 +74,72 @@ PLACEHOLDER_SOURCE = "iterate-generated-pairs"
 
 def default_config_path() -> Path:
     return bundled_config_path("iterate.yaml")
+
+
+# --- iterate.json ------------------------------------------------------------------------------------------------
+
+Interval = list[float | None]
+
+
+class RoundRecord(Model):
+    """One round (or the offline arm, `round` null) as iterate.json records it."""
+
+    round: int | None = Field(description="the round number; null for the offline arm")
+    win_rate_vs_initial: float | None = Field(description="judge win rate of this policy over pi0 (tie = 1/2)")
+    win_rate_vs_initial_ci: Interval | None
+    lc_win_rate_vs_initial: float | None = Field(description="the same at equal answer length")
+    lc_win_rate_vs_initial_ci: Interval | None
+    win_rate_vs_previous: float | None = Field(description="over the previous round's policy (round 1: pi0)")
+    win_rate_vs_previous_ci: Interval | None
+    kl_from_initial: float | None = Field(description="KL(policy || pi0) per answer, nats")
+    kl_from_initial_ci: Interval | None
+    mean_score: float | None = Field(description="mean judge score of its answers (pointwise judges)")
+    mean_score_ci: Interval | None
+    mean_length: float | None = Field(description="mean answer length, tokens")
+    distinct_2: float | None = Field(description="mean distinct-2 of its answers")
+    pairs: int | None = Field(description="pairs trained")
+    steps: int | None = Field(description="optimizer steps")
+    reference: str | None
+    step0_check: bool | None = Field(description="whether the policy equalled the reference at step 0")
+    resumed_from: str | None
+    seconds: float
+    run_dir: str
+    prompts: int | None = Field(None, description="prompts sampled for the round's pairs")
+    key: str | None = Field(None, description="the settings key: a round of other settings is not reused")
+
+
+class InitialRecord(Model):
+    """pi0, from round 1's base answers."""
+
+    mean_score: float | None
+    mean_score_ci: Interval | None
+    mean_length: float | None
+    distinct_2: float | None
+    kl_from_initial: float
+
+
+class OfflineComparison(Model):
+    win_rate: float | None = Field(description="the last round's win rate over the offline arm")
+    win_rate_ci: Interval | None
+
+
+class IterateSummary(Artifact):
+    """iterate.json: written after every round, read back to continue an interrupted iterate."""
+
+    model: str | None = None
+    judge: str | None = None
+    reference: str | None = Field(None, description="iterate.reference: `initial` or `previous`")
+    rounds_planned: int | None = None
+    held_out_prompts: int | None = None
+    config: RunConfig | None = Field(None, description="the resolved config every round started from")
+    rounds: list[RoundRecord] = Field(default_factory=list)
+    initial: InitialRecord | None = None
+    offline: RoundRecord | None = None
+    last_round_vs_offline: OfflineComparison | None = None
+    verdict: str | None = Field(None, description="the last round vs pi0, as the report's first line says it")
+    outcome: str | None = None
+    wall_seconds: float | None = None
+    report: str | None = None
 
 
 def load_iterate_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -300,7 +367,7 @@ def read_summary(iteration: Iteration) -> dict:
     path = iteration.summary_path
     if not path.is_file():
         return {"rounds": []}
-    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary = parse_artifact(IterateSummary, path).model_dump(mode="json")
     kept = []
     for row in summary.get("rounds", []):
         k = row["round"]
@@ -316,7 +383,9 @@ def read_summary(iteration: Iteration) -> dict:
 
 
 def write_summary(iteration: Iteration, summary: dict) -> None:
-    atomic_write_text(iteration.summary_path, json.dumps(summary, indent=2))
+    """iterate.json, checked against `IterateSummary` on the way out (a wrong key fails here, not at the next read)."""
+    typed = IterateSummary.model_validate(summary)
+    atomic_write_text(iteration.summary_path, typed.model_dump_json(indent=2))
 
 
 def run_rounds(iteration: Iteration, summary: dict, judge, progress: bool, callbacks: dict, console) -> None:

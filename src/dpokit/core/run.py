@@ -575,6 +575,15 @@ def _parse(model: type[Model], raw: Any, path: Path) -> Any:
                         "hand or by another tool: re-run the stage that writes it") from None
 
 
+def parse_artifact(model: type[Model], path: Path) -> Any:
+    """A JSON artifact read through its model: another schema_version or a changed shape is one line."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: cannot read it ({err}); re-run the stage that writes it") from None
+    return _parse(model, raw, Path(path))
+
+
 def _dump(model: Model) -> str:
     # json, not model_dump_json: keeps NaN as NaN (an interval of one value), as the files always had it.
     return json.dumps(model.model_dump(mode="python"), indent=2, ensure_ascii=False)
