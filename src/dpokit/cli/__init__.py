@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from dpokit.core.config import ModelConfig, PairsConfig
+from dpokit.core.config import ModelConfig, PairsConfig, checked_overrides
 from dpokit.core.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,7 +30,7 @@ _register_data_commands(data_app)
 _state = {"debug": False, "quiet": False}
 
 SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", help="Override a config key: --set section.key=value (repeatable).")]
+    "--set", callback=checked_overrides, help="Override a config key: --set section.key=value (repeatable).")]
 
 
 def _version(value: bool) -> None:
@@ -69,21 +69,15 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
-def check_set_values(argv: list[str]) -> None:
-    """`--set train.beta 0.2` (a space for '=') would reach the user as click's "unexpected extra argument (0.2)";
-    name the --set value and the fix instead."""
-    from dpokit.core.config import parse_override
-
-    for flag, value in zip(argv, argv[1:]):
-        if flag == "--set" and "=" not in value:
-            parse_override(value)  # raises the UserError that explains the form
-
-
 GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")
 
 
 def hoist_global_flags(argv: list[str]) -> list[str]:
-    """Move global flags given after the command to the front, where click expects them (`--` ends the search)."""
+    """Move global flags given after the command to the front, where click expects them (`--` ends the search).
+
+    Workaround: click parses a group's options only before the subcommand's name, so `dpokit train x.yaml --debug`
+    would be "no such option"; declaring the five flags on every command instead would repeat them ~25 times.
+    Remove if click (or typer) gains options that apply after the subcommand."""
     end = argv.index("--") if "--" in argv else len(argv)
     flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
     return flags + [a for i, a in enumerate(argv) if i >= end or a not in GLOBAL_FLAGS]
@@ -136,7 +130,7 @@ def train(
 def eval_(
     run_dir: Annotated[str, typer.Argument(help="A run folder written by `dpokit train`.")],
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override an eval setting for this evaluation: --set eval.KEY=VALUE (repeatable), e.g. "
+        "--set", callback=checked_overrides, help="Override an eval setting for this evaluation: --set eval.KEY=VALUE (repeatable), e.g. "
         "--set eval.judge=python --set eval.num_prompts=32. The settings used are recorded in eval.json.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass (eval.batch_size).")] = None,
     export: Annotated[tuple[str, str] | None, typer.Option(
@@ -199,7 +193,7 @@ def data_generate(
         "--config", help="Run config YAML (e.g. configs/quickstart.yaml) whose pairs section, model.name_or_path and "
         "data.system_prompt to use; flags and --set override it.")] = None,
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a pairs key: --set pairs.KEY=VALUE (repeatable), e.g. --set pairs.num_samples=8 "
+        "--set", callback=checked_overrides, help="Override a pairs key: --set pairs.KEY=VALUE (repeatable), e.g. --set pairs.num_samples=8 "
         "--set pairs.judge_options.model=./my-rm. Keys: `dpokit config-keys` (pairs section).")] = None,
 ) -> None:
     """Sample answers per prompt, score them with a judge, write best-vs-worst preference pairs (JSONL).
@@ -359,7 +353,6 @@ def _click_exception_types():
 
 def main() -> None:
     try:
-        check_set_values(sys.argv[1:])
         app(args=hoist_global_flags(sys.argv[1:]), prog_name="dpokit", standalone_mode=False)
     except UserError as err:
         if _state["debug"]:

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from dpokit.core.config import checked_overrides
+
 Source = Annotated[str, typer.Argument(help="Local .jsonl/.json/.csv/.parquet file or folder, or a hub dataset id.")]
 Format = Annotated[str, typer.Option("--format", help="Row shape (see `dpokit data formats`); auto detects it.")]
 Columns = Annotated[str | None, typer.Option(
@@ -25,7 +27,7 @@ OnError = Annotated[str | None, typer.Option("--on-error", help="Malformed rows:
 EvalFraction = Annotated[float, typer.Option("--eval-fraction", help="Hold out this fraction of prompts.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for the split (and best_random pairing).")]
 Sets = Annotated[list[str] | None, typer.Option(
-    "--set", help="Any other data key: --set pairing=best_random (repeatable).")]
+    "--set", callback=checked_overrides, help="Any other data key: --set pairing=best_random (repeatable).")]
 
 
 def _cfg(source, fmt, columns, split, config_name, chat_template, max_length, truncation, on_error,

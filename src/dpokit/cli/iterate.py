@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from dpokit.core.config import checked_overrides
+
 
 def iterate(
     config: Annotated[str | None, typer.Option(help="Iterate config; default: the bundled configs/iterate.yaml.")] = None,
@@ -13,7 +15,7 @@ def iterate(
     out: Annotated[str, typer.Option(help="Output folder: pairs, one run folder per round, iterate.json, "
                                           "iterate.html.")] = "runs/iterate",
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a config key: --set section.key=value (repeatable).")] = None,
+        "--set", callback=checked_overrides, help="Override a config key: --set section.key=value (repeatable).")] = None,
     compare_offline: Annotated[bool, typer.Option(
         "--compare-offline", help="Also train the budget-matched offline arm (iterate.compare_offline).")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over: remove OUT (written by dpokit iterate) "

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from dpokit.core.config import checked_overrides
 from dpokit.core.errors import UserError
 
 
@@ -27,7 +28,7 @@ def plan(
                                           "scratch folder) and show predicted vs measured.")] = False,
     measure_steps: Annotated[int, typer.Option(help="Optimizer steps for --measure (the first is not timed).")] = 3,
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a config key: --set section.key=value (repeatable).")] = None,
+        "--set", callback=checked_overrides, help="Override a config key: --set section.key=value (repeatable).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Plan as `dpokit train --overwrite`: an existing "
                                             "run folder will be replaced.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Plan as `dpokit train --resume`.")] = False,

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from dpokit.core.config import checked_overrides
+
 
 def compare(
     run_dir: Annotated[str, typer.Argument(help="A run folder written by `dpokit train`.")],
@@ -40,7 +42,7 @@ def report(
 def sweep(
     config: Annotated[str, typer.Argument(help="Run config YAML.")],
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a key; comma-separated values sweep it: --set train.beta=0.05,0.1,0.5")] = None,
+        "--set", callback=checked_overrides, help="Override a key; comma-separated values sweep it: --set train.beta=0.05,0.1,0.5")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing run folders.")] = False,
 ) -> None:
     """Train and evaluate one run per swept value; write a reward-vs-KL frontier report (sweep.html)."""

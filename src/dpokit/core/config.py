@@ -373,6 +373,16 @@ def _resolve_relative_paths(raw: dict, base: Path) -> None:
                 raw[section][key] = str(candidate.resolve())
 
 
+def checked_overrides(values: list[str] | None) -> list[str] | None:
+    """The CLI's `--set` callback: `--set train.beta 0.2` (a space for '=') names the --set value and the fix. Click
+    runs option callbacks before it refuses extra arguments, so this line comes instead of its "unexpected extra
+    argument (0.2)"."""
+    for item in values or []:
+        if "=" not in item:
+            parse_override(item)  # raises the UserError that explains the form
+    return values
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (['section', 'key'], parsed value). Values are read as YAML scalars/lists."""
     if "=" not in item:
