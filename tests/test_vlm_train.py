@@ -1,5 +1,5 @@
 """`dpokit train` on image preference data (issue 29): configs/tiny-vlm.yaml (the generated shapes set, the tiny
-LLaVA-style dpokit-tiny-vlm, LoRA, sigmoid loss) end to end in a real subprocess, and the vision run's planning."""
+LLaVA-style dpokit-tiny-vlm, LoRA, sigmoid loss) end to end in a real subprocess, and the vision run's planning (the resource planner: tests/test_vlm_plan.py)."""
 
 import json
 from pathlib import Path
@@ -130,22 +130,6 @@ def test_bad_image_inputs_to_dpokit_train_exit_2_with_one_line_and_nothing_writt
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and all(n in lines[0] for n in needles), lines
         assert not run.exists()
-
-
-def test_dpokit_plan_refuses_image_data_with_the_reason(tmp_path):
-    """The planner's arithmetic has no image tokens or vision tower yet: it says so instead of a text model's
-    (wrong) estimate."""
-    from dpokit.core.errors import UserError
-    from dpokit.train.resources import plan_resources
-
-    with pytest.raises(UserError, match="image preference data is not estimated yet"):
-        plan_resources(_vision_cfg(tmp_path))
-
-
-def test_dpokit_plan_refuses_image_data_with_one_line(cli, tmp_path):
-    result = cli("plan", CONFIG, "--set", f"output.dir={tmp_path / 'run'}")
-    assert result.returncode == 2 and "image preference data is not estimated yet" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_resumed_vision_run_matches_the_straight_one(tmp_path):

@@ -47,6 +47,20 @@ class ModelShape:
     reference_params: int | None = None  # train.reference_model when it is another model
     quantizable_params: int = 0  # weights of the linear layers bitsandbytes quantizes (all but the LM head)
     largest_linear: int = 0  # weights of the largest of them (dequantized one at a time while it computes)
+    vision: VisionShape | None = None  # vision-language models: the vision tower
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """The vision tower of a vision-language model (its projector counts with the language model)."""
+
+    params: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    patch: int  # pixels per patch side: one tower position per patch
+    frozen: bool  # train.freeze_vision: no gradients, so no activations kept and no backward through it
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,7 @@ class Lengths:
     pair: list[int]  # prompt once + both responses (the packed layout)
     scored: list[int]  # response tokens that go through the LM head
     padded: list[int]  # longest of prompt+chosen, prompt+rejected (the padded layout's row width)
+    vision: list[int] = field(default_factory=list)  # vision-tower positions (patches) of each pair's images, once
 
 
 @dataclass(frozen=True)
@@ -103,9 +118,10 @@ def parse_memory(text: str, flag: str = "--gpu-memory") -> float:
 
 # ---- inputs: model shape and data lengths ----------------------------------------------------------------------
 
-def lora_param_count(model, lora_cfg: LoraConfig) -> int:
+def lora_param_count(model, lora_cfg: LoraConfig, skip: str | None = None) -> int:
     """Trainable LoRA parameters peft adds: r * (in + out) for each adapted linear layer. 'all-linear' adapts every
-    Linear (and GPT-2 Conv1D) but the output head, as peft does; a list adapts modules whose name ends with it."""
+    Linear (and GPT-2 Conv1D) but the output head, as peft does; a list adapts modules whose name ends with it.
+    `skip`: a module-name prefix left out (a frozen vision tower, `dpokit.train.vision.lora_targets`)."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
@@ -118,6 +134,8 @@ def lora_param_count(model, lora_cfg: LoraConfig) -> int:
         elif isinstance(module, Conv1D):
             fan_in, fan_out = module.weight.shape
         else:
+            continue
+        if skip and (name == skip or name.startswith(skip + ".")):
             continue
         if targets == "all-linear":
             chosen = module is not head
@@ -152,14 +170,15 @@ def linear_weights(model) -> tuple[int, int]:
     return sum(sizes), max(sizes, default=0)
 
 
-def _meta_model(name_or_path: str, cfg: RunConfig):
-    """The model built from its config on the meta device: exact parameter shapes, no memory, no weights read."""
+def _meta_model(name_or_path: str, cfg: RunConfig, vision: bool = False):
+    """The model built from its config on the meta device: exact parameter shapes, no memory, no weights read.
+    `vision`: a vision-language model (`AutoModelForImageTextToText`)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from dpokit.core.models import resolve_model_path
+    from dpokit.core.vision import resolve_vlm_path
 
-    path = resolve_model_path(name_or_path)
+    path = resolve_vlm_path(name_or_path)
     try:  # a hub id downloads config.json only
         config = AutoConfig.from_pretrained(path, revision=cfg.model.revision,
                                             trust_remote_code=cfg.model.trust_remote_code)
@@ -167,14 +186,29 @@ def _meta_model(name_or_path: str, cfg: RunConfig):
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"model.name_or_path: cannot read the config of {name_or_path!r} ({first[:200]}); give a "
                         "local folder, a hub id reachable from here, or a dpokit alias") from None
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+        model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     model.tie_weights()  # from_config under init_empty_weights leaves tied heads untied (transformers 5)
     return model, config
 
 
-def model_shape(cfg: RunConfig) -> ModelShape:
-    model, config = _meta_model(cfg.model.name_or_path, cfg)
+def vision_shape(model, config, frozen: bool) -> tuple[VisionShape, str]:
+    """The vision tower's size and layer dimensions (from the model's `vision_config`), and its module name."""
+    from dpokit.core.vision import vision_tower
+
+    tower = vision_tower(model)
+    name = next(n for n, m in model.named_modules() if m is tower)
+    v = config.vision_config
+    shape = VisionShape(params=sum(p.numel() for p in tower.parameters()), hidden=v.hidden_size,
+                        layers=v.num_hidden_layers, intermediate=getattr(v, "intermediate_size", 4 * v.hidden_size),
+                        heads=v.num_attention_heads, patch=v.patch_size, frozen=frozen)
+    return shape, name
+
+
+def model_shape(cfg: RunConfig, vision: bool = False) -> ModelShape:
+    """The policy's shape from its config (`vision`: a vision-language model, with its tower)."""
+    model, config = _meta_model(cfg.model.name_or_path, cfg, vision)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     # configs map these standard names onto their own (GPT-2: n_embd, n_layer, n_head) through attribute_map
     hidden, layers, heads = text.hidden_size, text.num_hidden_layers, text.num_attention_heads
@@ -182,6 +216,7 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
     quantizable, largest = linear_weights(model)
+    tower, skip = vision_shape(model, config, cfg.train.freeze_vision) if vision else (None, None)
     reference_params = None
     if cfg.train.reference_model:
         ref, _ = _meta_model(cfg.train.reference_model, cfg)
@@ -190,20 +225,27 @@ def model_shape(cfg: RunConfig) -> ModelShape:
         params=sum(p.numel() for p in model.parameters()), embedding_params=embed.weight.numel(),
         vocab=embed.weight.shape[0], hidden=hidden, layers=layers, heads=heads, intermediate=intermediate,
         gated_mlp=any(n.endswith("gate_proj") for n, _ in model.named_modules()), tied=tied,
-        lora_params=lora_param_count(model, cfg.train.lora) if cfg.train.lora else 0,
-        default_lora_params=lora_param_count(model, LoraConfig()), reference_params=reference_params,
-        quantizable_params=quantizable, largest_linear=largest)
+        lora_params=lora_param_count(model, cfg.train.lora, skip if cfg.train.freeze_vision else None)
+        if cfg.train.lora else 0,
+        default_lora_params=lora_param_count(model, LoraConfig(), skip if cfg.train.freeze_vision else None),
+        reference_params=reference_params, quantizable_params=quantizable, largest_linear=largest, vision=tower)
 
 
-def data_lengths(cfg: RunConfig) -> Lengths:
-    """Tokenize the training pairs exactly as training does (dpokit.data.prepare.prepare_data): same template,
+def data_lengths(cfg: RunConfig, vision: VisionShape | None = None) -> Lengths:
+    """Tokenize the training pairs exactly as training does (dpokit.data.prepare.prepare_data; image pairs through
+    the model's processor, `dpokit.train.vision.prepare_vision_data`, image tokens expanded): same template,
     truncation and split, so the lengths are the ones the batches will have."""
-    from dpokit.core.models import load_tokenizer
-    from dpokit.data.prepare import prepare_data
+    if vision is not None:
+        from dpokit.train.vision import prepare_vision_data
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
-                               trust_remote_code=cfg.model.trust_remote_code)
-    _, train_enc, _ = prepare_data(cfg, tokenizer)
+        train_enc = prepare_vision_data(cfg).train_enc
+    else:
+        from dpokit.core.models import load_tokenizer
+        from dpokit.data.prepare import prepare_data
+
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
+                                   trust_remote_code=cfg.model.trust_remote_code)
+        _, train_enc, _ = prepare_data(cfg, tokenizer)
     pair, scored, padded = [], [], []
     for p in train_enc:
         # pairs hold chosen_ids/rejected_ids; ranked and unpaired rows a list of responses_ids
@@ -211,7 +253,9 @@ def data_lengths(cfg: RunConfig) -> Lengths:
         pair.append(pair_length(p))
         scored.append(sum(len(r) for r in responses) - (0 if p["prompt_ids"] else 1))
         padded.append(len(p["prompt_ids"]) + max(len(r) for r in responses))
-    return Lengths(pair=pair, scored=scored, padded=padded)
+    # The tower sees each image's pixels as patches: pixel values (..., 3, H, W) hold 3 * patch^2 values per patch.
+    patches = [int(p["pixel_values"].numel()) // (3 * vision.patch ** 2) for p in train_enc] if vision else []
+    return Lengths(pair=pair, scored=scored, padded=padded, vision=patches)
 
 
 # ---- the estimate ---------------------------------------------------------------------------------------------
@@ -222,6 +266,7 @@ class Batch:
     width: int
     scored: int  # tokens through the LM head
     pairs: int
+    vision: int = 0  # vision-tower positions of the batch's images (each pair's images once)
 
 
 def batches(cfg: RunConfig, lengths: Lengths) -> list[Batch]:
@@ -247,11 +292,13 @@ def batches(cfg: RunConfig, lengths: Lengths) -> list[Batch]:
     out = []
     for g in groups:
         scored = sum(lengths.scored[i] for i in g)
+        patches = sum(lengths.vision[i] for i in g) if lengths.vision else 0
         if t.packed:
             width = max(lengths.pair[i] for i in g)
-            out.append(Batch(len(_first_fit_rows([lengths.pair[i] for i in g], width)), width, scored, len(g)))
-        else:
-            out.append(Batch(2 * len(g), max(lengths.padded[i] for i in g), scored, len(g)))
+            out.append(Batch(len(_first_fit_rows([lengths.pair[i] for i in g], width)), width, scored, len(g),
+                             patches))
+        else:  # the padded layout encodes each image twice (chosen row and rejected row)
+            out.append(Batch(2 * len(g), max(lengths.padded[i] for i in g), scored, len(g), 2 * patches))
     return out
 
 
@@ -295,6 +342,14 @@ def activation_bytes(shape: ModelShape, b: Batch, act: int, checkpointing: bool,
     return act * tokens * (shape.layers * per_token_layer + 3 * h)
 
 
+def vision_activation_bytes(vision: VisionShape | None, b: Batch, act: int) -> float:
+    """A trained vision tower's saved tensors, per patch and layer as a text layer's (ViT: plain MLP, no mask).
+    A frozen tower keeps none: nothing before it needs a gradient."""
+    if vision is None or vision.frozen:
+        return 0.0
+    return act * b.vision * vision.layers * (10 * vision.hidden + 2 * vision.intermediate + vision.heads)
+
+
 def logits_bytes(shape: ModelShape, scored: int, act: int, backward: bool) -> float:
     """The LM head over the scored tokens: its output, an fp32 copy for log-softmax when the output is half
     precision, and in the backward pass the gradient of the logits and softmax's exp (fp32 each)."""
@@ -311,7 +366,8 @@ def estimate(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Target
     if not all_batches:
         raise UserError("data: no training pairs to plan for; check data.source and data.max_rows")
     lora = t.lora is not None
-    trainable = shape.lora_params if lora else shape.params
+    frozen_tower = shape.vision.params if shape.vision and shape.vision.frozen else 0
+    trainable = shape.lora_params if lora else shape.params - frozen_tower
     train_w = 4 if lora else w  # peft keeps adapter weights in fp32 whatever the base dtype
     n = target.gpus
     shard_states = n if target.sharding in ("zero2", "zero3") else 1
@@ -332,8 +388,11 @@ def estimate(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Target
         parts["reference_model"] = (shape.reference_params or shape.params) * w
     eager = cfg.model.attn_implementation == "eager"
     worst = max(all_batches, key=lambda b: (activation_bytes(shape, b, act, t.gradient_checkpointing, eager)
+                                            + vision_activation_bytes(shape.vision, b, act)
                                             + logits_bytes(shape, b.scored, act, True)))
     parts["activations"] = activation_bytes(shape, worst, act, t.gradient_checkpointing, eager)
+    if shape.vision is not None and not shape.vision.frozen:
+        parts["vision_activations"] = vision_activation_bytes(shape.vision, worst, act)
     head = logits_bytes(shape, worst.scored, act, True)
     if reference in ("model", "adapter"):  # the reference forward runs while the policy's activations are held
         head = max(head, logits_bytes(shape, worst.scored, act, False) * 2)
@@ -361,6 +420,10 @@ def estimate(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: Target
                 "batch_size": t.batch_size, "max_tokens_per_batch": t.max_tokens_per_batch,
                 "pairs": len(lengths.pair), "largest_batch": {"rows": worst.rows, "width": worst.width,
                                                               "pairs": worst.pairs, "scored_tokens": worst.scored}}
+    if shape.vision is not None:
+        settings.update(vision_params=shape.vision.params, freeze_vision=shape.vision.frozen,
+                        vision_patches_per_epoch=sum(b.vision for b in all_batches))
+        settings["largest_batch"]["vision_patches"] = worst.vision
     return Estimate(peak_memory_mb=peak_mb, fits=fits, memory_limit_mb=limit,
                     seconds_per_epoch=time["seconds_per_epoch"], breakdown_mb=breakdown, time=time,
                     settings=settings)
@@ -372,7 +435,8 @@ def time_per_epoch(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: 
     token, the LM head on scored tokens only); training adds a backward of 4 (LoRA: 2 for the input gradients of the
     frozen weights, plus 6 per adapter weight); gradient checkpointing one more forward; a reference forward 2."""
     t = cfg.train
-    body = shape.params - shape.embedding_params - (0 if shape.tied else shape.vocab * shape.hidden)
+    tower = shape.vision.params if shape.vision else 0
+    body = shape.params - tower - shape.embedding_params - (0 if shape.tied else shape.vocab * shape.hidden)
     head = shape.vocab * shape.hidden
     tokens = sum(b.rows * b.width for b in all_batches) if not t.packed else sum(lengths.pair)
     scored = sum(lengths.scored)
@@ -381,6 +445,11 @@ def time_per_epoch(cfg: RunConfig, shape: ModelShape, lengths: Lengths, target: 
         train = forward * (2 + t.gradient_checkpointing) + 6 * shape.lora_params * tokens
     else:
         train = forward * (3 + t.gradient_checkpointing)
+    if shape.vision is not None:  # the tower on every patch: a forward, and when trained its backward too
+        patches = sum(b.vision for b in all_batches)
+        vision_forward = 2 * tower * patches
+        forward += vision_forward
+        train += vision_forward * (1 if shape.vision.frozen else 3 + t.gradient_checkpointing)
     ref = forward if reference in ("model", "adapter") else 0.0
     flops = train + ref
     seconds = flops / (target.flops_per_second * target.gpus)

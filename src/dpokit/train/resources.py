@@ -33,9 +33,6 @@ def plan_resources(cfg: RunConfig, *, gpus: int = 1, gpu_memory_mb: float | None
     if tflops is not None and not tflops > 0:
         raise UserError(f"--tflops: {tflops} is not a throughput; give a positive number (TFLOP/s per device)")
     plan = plan_training(cfg, resume=resume, evaluate=evaluate, origin=origin)
-    if plan.vision:  # before any config or tokenizer is read: the estimate would be a text model's, and wrong
-        raise UserError("dpokit plan: image preference data is not estimated yet (image tokens and the vision tower "
-                        "are not in the planner's arithmetic); train with dpokit train and read its peak memory")
     reference = plan.reference
     if sharding == "zero3" and cfg.model.quantization != "none":
         raise UserError(f"--shard zero3: bitsandbytes' {cfg.model.quantization} weights cannot be sharded; plan with "
@@ -52,8 +49,8 @@ def plan_resources(cfg: RunConfig, *, gpus: int = 1, gpu_memory_mb: float | None
         process_mb = training_process_mb()
     target = est.Target(device=device, gpus=gpus, memory_mb=gpu_memory_mb, process_mb=process_mb,
                         flops_per_second=tflops * 1e12 if tflops else flops, sharding=sharding)
-    shape = est.model_shape(cfg)
-    lengths = est.data_lengths(cfg)
+    shape = est.model_shape(cfg, vision=plan.vision)
+    lengths = est.data_lengths(cfg, shape.vision)
     result = est.estimate(cfg, shape, lengths, target, reference)
     if result.fits is False:
         result.suggestions = est.suggestions(cfg, shape, lengths, target, reference, result)

@@ -39,6 +39,9 @@ def vision_plan_problems(cfg: RunConfig, evaluate: bool) -> list[str]:
         problems.append("train.engine: trl is not wired for image data; use train.engine: native")
     if cfg.train.reference == "precomputed":
         problems.append("train.reference: precomputed is not supported for image data yet; use auto")
+    if cfg.train.layout == "padded":
+        problems.append("train.layout: padded: image pairs are always laid out once (the prompt and its images once, "
+                        "then both answers); unset train.layout")
     if cfg.data.kind not in ("auto", "pair"):
         problems.append(f"data.kind: image data trains pairs only, not {cfg.data.kind}; use data.kind: pair")
     if cfg.data.eval_source or cfg.data.eval_split:
