@@ -152,3 +152,43 @@ def test_resumed_vision_run_matches_the_straight_one(tmp_path):
     loss = [[r for r in map(json.loads, (tmp_path / n / "run" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r][-1] for n in ("straight", "split")]
     assert loss[0]["step"] == loss[1]["step"] == 6 and loss[1]["loss"] == pytest.approx(loss[0]["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_image_pairs_matches_one_process(tmp_path):
+    """DDP (two gloo processes through `accelerate launch`, the shipped config) on the shapes set: each rank packs
+    its half of the batch with its images, and the losses and margins equal one process with the same global
+    batch (8 pairs per step in both)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import CONFIGS, run_cli
+
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["data"]["source"] = str((CONFIG.parent / raw["data"]["source"]).resolve())
+    steps = {"max_steps": 3, "logging_steps": 1, "save_steps": 100}
+    for name, batch in (("single", 8), ("ddp", 4)):
+        cfg = {**raw, "train": {**raw["train"], **steps, "batch_size": batch},
+               "output": {"dir": str(tmp_path / name)}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate" / "ddp.yaml"),
+           "--num_processes", "2", "--main_process_port", "0", "-m", "dpokit", "train", str(tmp_path / "ddp.yaml")]
+    ddp = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = run_cli("train", tmp_path / "single.yaml")
+    assert single.returncode == 0, single.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert (summary["distributed"]["type"], summary["distributed"]["processes"]) == ("ddp", 2)
+
+    def logged(run):
+        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    a, b = logged(tmp_path / "single"), logged(tmp_path / "ddp")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
+            assert abs(ra[key] - rb[key]) <= 1e-4, (ra["step"], key, ra[key], rb[key])
