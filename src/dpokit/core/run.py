@@ -495,6 +495,7 @@ class EvalSample(Model):
     base_score: float | None = None
     tuned_score: float | None = None
     kl_sequence: float
+    images: list[str] | None = None  # vision runs: the prompt's images (absolute paths, as data/eval.jsonl has them)
 
 
 class RunManifest(Artifact):
@@ -527,7 +528,7 @@ ARTIFACTS: list[tuple[str, str]] = [
     ("train_summary.json", "final training metrics, wall time, reference used, step-0 check (`TrainSummary`)"),
     ("eval.json", "evaluation results (`EvalResult`, see below)"),
     ("eval_samples.jsonl", "one row per answer pair: prompt, base, tuned, token counts, judge scores, outcome, "
-                           "per-sample log-ratio"),
+                           "per-sample log-ratio; vision runs: the prompt's `images` (absolute paths)"),
     ("report.html", "`dpokit report`: self-contained HTML report; `report.md` and `report_plots/` beside it"),
 ]
 

@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 
 from dpokit.core.config import RunConfig
+from dpokit.core.judges import image_judge_problem
 from dpokit.core.models import pick_dtype
 from dpokit.core.run import DataChecks, DataReport, Malformed, ReadCounts, RowChecks, SharedPrompts, Split
 from dpokit.core.vision import load_processor, load_vlm, pack_vision_pairs, vision_tower
@@ -44,9 +45,11 @@ def vision_plan_problems(cfg: RunConfig, evaluate: bool) -> list[str]:
     if cfg.data.eval_source or cfg.data.eval_split:
         problems.append("data.eval_source / data.eval_split: image data holds out data.eval_fraction of its rows; "
                         "unset them")
-    if evaluate:
-        problems.append("eval.enabled: evaluating a vision-language run is not built yet; set eval.enabled: false "
-                        "(or pass --no-eval)")
+    if evaluate and cfg.eval.generate:
+        problems += [p for p in [image_judge_problem(cfg.eval.judge)] if p]
+    if cfg.train.select == "best_judge":
+        problems.append("train.select: best_judge is not wired for image data (its sampler is text-only); use "
+                        "train.select: last (or auto)")
     return problems
 
 
