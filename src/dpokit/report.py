@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import jinja2
 from markupsafe import Markup
 
 from dpokit.core.errors import UserError
-from dpokit.core.io import atomic_write_text
+from dpokit.core.io import atomic_write_text, image_data_uri
 from dpokit.core.quant import describe
 from dpokit.core.run import RunDir
 from dpokit.eval.doctor import NORMAL_SHAPES, diagnose, verdict
@@ -133,21 +132,13 @@ THUMBNAIL_PX = 96  # the longer side of a report thumbnail
 
 
 def thumbnail(path: str) -> dict:
-    """A sample's image for the HTML report: {src: a PNG data URI at most THUMBNAIL_PX a side, alt, path}, or
+    """A sample's image for the HTML report: {src: a data URI at most THUMBNAIL_PX a side, alt, path}, or
     {missing: why} when the file cannot be read now (moved since the evaluation)."""
-    from PIL import Image, UnidentifiedImageError
-
-    name = Path(path).name
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+        src = image_data_uri(path, THUMBNAIL_PX)
+    except (OSError, ValueError) as err:
         return {"missing": f"image {path} cannot be read ({type(err).__name__})", "path": path}
-    return {"src": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "alt": f"prompt image {name}",
-            "path": path}
+    return {"src": src, "alt": f"prompt image {Path(path).name}", "path": path}
 
 
 def _sample_rows(samples: list[dict], limit: int, fmt: str = "html") -> list[list[str]]:
