@@ -1,4 +1,5 @@
-"""Evaluation of a finished run. Entry point: `evaluate_run(run_dir) -> EvalResult` (also written to eval.json)."""
+"""Evaluation of a finished run. Entry point: `evaluate_run(run_dir) -> EvalResult` (also written to eval.json).
+A vision-language run (held-out rows with images) goes through `dpokit.eval.vision`."""
 
 from __future__ import annotations
 

@@ -5,8 +5,12 @@ model's processor; each pair is laid out once, `[prompt with image tokens, chose
 encoded once (`dpokit.core.vision.pack_vision_pairs`); the loss is the same `DPOTrainer.compute_loss` as for text.
 `train.freeze_vision` (default true) keeps the vision tower's weights fixed: with LoRA no adapter goes into it.
 
+The evaluation after training (eval.enabled) and `dpokit eval` work on vision runs (`dpokit.eval.vision`): held-out
+preference accuracy, answers generated from the held-out images, judges that see the images; planning refuses the
+judges that read text only (reward-model, llm) with the fix.
+
 Not yet for vision runs (each refused at planning with the fix): train.engine trl, train.reference precomputed,
-ranked or unpaired feedback, a separate eval_source, and the evaluation after training (eval.enabled).
+ranked or unpaired feedback, a separate eval_source, and train.select best_judge (its sampler is text-only).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ def is_vision_run(cfg: RunConfig) -> bool:
 
 
 def vision_plan_problems(cfg: RunConfig, evaluate: bool) -> list[str]:
-    """What a vision run cannot do yet, each with the fix (planning reports them with every other problem)."""
+    """What a vision run cannot do yet, each with the fix (planning reports them with every other problem). With
+    `evaluate`, a judge of generated answers that cannot see the images is one of them."""
     problems = []
     if cfg.train.engine != "native":
         problems.append("train.engine: trl is not wired for image data; use train.engine: native")
