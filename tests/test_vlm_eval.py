@@ -264,3 +264,47 @@ def test_end_to_end_shapes_train_eval_report_in_the_browser(cli, tmp_path):
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         driver.quit()
+
+
+def test_parquet_image_bytes_are_kept_in_the_run_folder_and_evaluate(tmp_path):
+    """RLAIF-V rows whose images are parquet bytes (no file): training saves each in RUN/data/images/ and records
+    that path, so the run evaluates (the images read again) and the samples name them."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    from dpokit import evaluate
+    from dpokit.train.trainer import run_training
+
+    images, chosen, rejected = [], [], []
+    for i in range(6):
+        colour = [(220, 30, 30), (30, 60, 220)][i % 2]
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(buf, format="PNG")
+        images.append({"bytes": buf.getvalue(), "path": None})
+        chosen.append("Red." if i % 2 == 0 else "Blue.")
+        rejected.append("Blue." if i % 2 == 0 else "Red.")
+    ds = Dataset.from_dict({"image": images, "question": ["Colour?"] * 6, "chosen": chosen, "rejected": rejected},
+                           features=Features({"image": ImageFeature(), "question": Value("string"),
+                                              "chosen": Value("string"), "rejected": Value("string")}))
+    ds.to_parquet(str(tmp_path / "rlaif.parquet"))
+    run = tmp_path / "run"
+    cfg = load_config(CONFIG, [f"data.source={tmp_path / 'rlaif.parquet'}", f"output.dir={run}", "train.max_steps=1",
+                               "data.eval_fraction=0.34", "eval.generate=false"])
+    run_training(cfg)
+    held_out = [json.loads(line) for line in (run / "data" / "eval.jsonl").read_text().splitlines()]
+    paths = [Path(p) for r in held_out for p in r["images"]]
+    assert len(held_out) == 2 and all(p.parent == (run / "data" / "images").resolve() and p.is_file() for p in paths)
+    with Image.open(paths[0]) as img:
+        assert img.size == (32, 32)
+    result = evaluate(run)
+    assert result.preference.n_pairs == 2 and result.generation is None
+
+
+def test_export_answers_of_a_vision_run_is_refused_before_any_model_loads(vision_run, tmp_path):
+    from dpokit.core.errors import UserError
+    from dpokit.eval.answers import export_answers
+
+    run, _ = vision_run
+    with pytest.raises(UserError, match="--export: .* is a vision-language run"):
+        export_answers(run, "alpaca_eval", tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()

@@ -1,6 +1,7 @@
 """Evaluation of a vision-language run (issue 29): what `evaluate_run` does when the held-out rows carry images.
 
-The held-out rows are data/eval.jsonl as training recorded them: messages plus each image's absolute path. Every
+The held-out rows are data/eval.jsonl as training recorded them: messages plus each image's absolute path (images
+given as bytes or PIL images were saved in the run folder's data/images/ by training). Every
 image is read again before any model loads; one moved or deleted since training is one line naming the file, the
 row and the image (exit 2), and nothing is written.
 
@@ -58,8 +59,8 @@ def read_eval_images(rows: list[dict], where: Path) -> list[list]:
         images = []
         for ref in refs:
             if not isinstance(ref, str) or not Path(ref).is_absolute():
-                raise UserError(f"{loc}: image {ref!r} was given to training as bytes or a PIL image, which the run "
-                                "folder does not keep; train from image files (paths) to evaluate the run")
+                raise UserError(f"{loc}: image {ref!r} is not a file path (a run from before dpokit kept such images "
+                                "in data/images/); train it again to evaluate it")
             if not Path(ref).is_file():
                 raise UserError(f"{loc}: image {ref} not found (it was there when the run trained); put the file "
                                 "back at that path, or fix the path in that row")
