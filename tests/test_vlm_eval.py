@@ -308,3 +308,22 @@ def test_export_answers_of_a_vision_run_is_refused_before_any_model_loads(vision
     with pytest.raises(UserError, match="--export: .* is a vision-language run"):
         export_answers(run, "alpaca_eval", tmp_path / "out.json")
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("sets", [
+    ["model.name_or_path=dpokit-tiny-smolvlm", "eval.samples_per_prompt=2"],  # Idefics3-style, LoRA
+    ["train.lora=null"],  # a full fine-tune: base is the untouched model, not the disabled adapter
+])
+def test_evaluate_idefics3_style_and_full_fine_tune_runs(tmp_path, sets):
+    from dpokit import evaluate
+    from dpokit.train.trainer import run_training
+
+    run = tmp_path / "run"
+    run_training(load_config(CONFIG, [f"output.dir={run}", "train.max_steps=2", "eval.num_prompts=2",
+                                      "eval.max_new_tokens=4", f"eval.judge_options.function={SHAPES_JUDGE}:score",
+                                      *sets]))
+    result = evaluate(run)
+    k = 2 if "eval.samples_per_prompt=2" in sets else 1
+    assert result.preference.n_pairs == 12 and result.generation.n_samples == 2 * k and result.kl.n_samples == 2 * k
+    samples = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["sample"] for s in samples] == list(range(k)) * 2 and all(len(s["images"]) == 1 for s in samples)
