@@ -138,16 +138,19 @@ def test_report_shows_thumbnails_beside_the_answers_escaped(vision_run, tmp_path
     if not (copy / "eval.json").is_file():
         from dpokit import evaluate
 
-        evaluate(copy, overrides=["eval.judge=sentiment"])
+        evaluate(copy, overrides=["eval.judge=sentiment", "eval.judge_options={}"])
     samples = [json.loads(line) for line in (copy / "eval_samples.jsonl").read_text().splitlines()]
     samples[0]["prompt"][0]["content"][1]["text"] = "<script>window.pwned=1</script> & what?"
+    gone = str(tmp_path / "moved-since.png")
+    samples.append(dict(samples[-1], images=[gone]))  # an image gone by report time: named, not fatal
     (copy / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     html = write_report(copy).read_text()
     assert "<script>window.pwned" not in html and "&lt;script&gt;window.pwned=1&lt;/script&gt; &amp; what?" in html
     samples_table = html[html.index('<table class="samples">'):]
     rows = samples_table.split('<tr class="sample">')[1:]
     assert len(rows) == len(samples)
-    for row, sample in zip(rows, samples, strict=True):
+    assert f'<span class="missing">image {gone} cannot be read (FileNotFoundError)</span>' in rows[-1]
+    for row, sample in zip(rows[:-1], samples[:-1], strict=True):
         first_cell = row.split("</td>")[0]
         assert f'alt="prompt image {Path(sample["images"][0]).name}"' in first_cell
         src = first_cell.split('src="')[1].split('"')[0]

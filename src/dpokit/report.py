@@ -132,13 +132,15 @@ THUMBNAIL_PX = 96  # the longer side of a report thumbnail
 
 
 def thumbnail(path: str) -> dict:
-    """A sample's image for the HTML report: {src: a data URI at most THUMBNAIL_PX a side, alt, path}, or
-    {missing: why} when the file cannot be read now (moved since the evaluation)."""
+    """A sample's image for the HTML report: {src: a data URI at most THUMBNAIL_PX a side, alt, path, missing: None},
+    or src None and `missing` saying why when the file cannot be read now (moved since the evaluation)."""
     try:
         src = image_data_uri(path, THUMBNAIL_PX)
     except (OSError, ValueError) as err:
-        return {"missing": f"image {path} cannot be read ({type(err).__name__})", "path": path}
-    return {"src": src, "alt": f"prompt image {Path(path).name}", "path": path}
+        src, missing = None, f"image {path} cannot be read ({type(err).__name__})"
+    else:
+        missing = None
+    return {"src": src, "alt": f"prompt image {Path(path).name}", "path": path, "missing": missing}
 
 
 def _sample_rows(samples: list[dict], limit: int, fmt: str = "html") -> list[list[str]]:
