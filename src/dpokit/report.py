@@ -16,7 +16,7 @@ import jinja2
 from markupsafe import Markup
 
 from dpokit.core.errors import UserError
-from dpokit.core.io import atomic_write_text
+from dpokit.core.io import atomic_write_text, image_data_uri
 from dpokit.core.quant import describe
 from dpokit.core.run import RunDir
 from dpokit.eval.doctor import NORMAL_SHAPES, diagnose, verdict
@@ -117,16 +117,58 @@ def selection_context(run: RunDir) -> dict | None:
 def _prompt_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+    return "\n".join(f"{m['role']}: {_content_text(m['content'])}" for m in prompt)
 
 
-def _sample_rows(samples: list[dict], limit: int) -> list[list[str]]:
+def _content_text(content) -> str:
+    """A message's content as text: a vision prompt's parts with each image as [image]."""
+    if not isinstance(content, list):
+        return str(content)
+    return "".join("[image] " if isinstance(p, dict) and p.get("type") == "image" else
+                   str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
+
+
+THUMBNAIL_PX = 96  # the longer side of a report thumbnail
+
+
+def thumbnail(path: str) -> dict:
+    """A sample's image for the HTML report: {src: a data URI at most THUMBNAIL_PX a side, alt, path, missing: None},
+    or src None and `missing` saying why when the file cannot be read now (moved since the evaluation)."""
+    try:
+        src = image_data_uri(path, THUMBNAIL_PX)
+    except (OSError, ValueError) as err:
+        src, missing = None, f"image {path} cannot be read ({type(err).__name__})"
+    else:
+        missing = None
+    return {"src": src, "alt": f"prompt image {Path(path).name}", "path": path, "missing": missing}
+
+
+def _sample_rows(samples: list[dict], limit: int, fmt: str = "html") -> list[list[str]]:
+    """The samples table's rows; in Markdown a vision prompt names its image files after the text."""
     marks = {1: "tuned", 0: "tie", -1: "base", None: "unparseable"}
     rows = []
     for s in samples[:limit]:
-        rows.append([_prompt_text(s["prompt"]), s["base"], s["tuned"], marks.get(s["outcome"], "?"),
+        prompt = _prompt_text(s["prompt"])
+        if fmt == "md" and s.get("images"):
+            prompt += " (images: " + ", ".join(s["images"]) + ")"
+        rows.append([prompt, s["base"], s["tuned"], marks.get(s["outcome"], "?"),
                      f"{_num(s['base_score'])} / {_num(s['tuned_score'])}", f"{s['base_tokens']} / {s['tuned_tokens']}"])
     return rows
+
+
+def _sample_images(samples: list[dict], limit: int) -> list[list[dict]] | None:
+    """Per shown sample, its prompt's images as thumbnails (vision runs); None when no sample has images. One
+    thumbnail per distinct file (a prompt answered several times shows the same picture)."""
+    if not any(s.get("images") for s in samples[:limit]):
+        return None
+    cache: dict[str, dict] = {}
+
+    def thumb(path: str) -> dict:
+        if path not in cache:
+            cache[path] = thumbnail(path)
+        return cache[path]
+
+    return [[thumb(p) for p in s.get("images") or []] for s in samples[:limit]]
 
 
 def training_rows(run: RunDir) -> list[list[str]]:
@@ -286,6 +328,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_samples
                            "rows": [list(r) for r in metric_rows(result)]},
                "plots": [{"key": key, "caption": caption} for key, caption, _ in plots],
                "samples": {"header": SAMPLE_HEADER, "rows": _sample_rows(samples, max_samples),
+                           "md_rows": _sample_rows(samples, max_samples, "md"),
+                           "images": _sample_images(samples, max_samples),
                            "shown": min(len(samples), max_samples), "total": len(samples)} if samples else None}
     _write(out, "run", context, {key: png for key, _, png in plots}, out.parent / "report_plots")
     return out

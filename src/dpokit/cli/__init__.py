@@ -115,7 +115,7 @@ def train(
         return
     if not result.evaluate:
         typer.echo(f"trained in {result.wall_seconds:.1f} s; run folder: {result.run_dir}")
-        if not quiet and not plan.vision:  # evaluating a vision-language run is not built yet
+        if not quiet:
             typer.echo(f"next: dpokit eval {result.run_dir}")
         return
     from dpokit.report import write_report

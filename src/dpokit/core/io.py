@@ -73,3 +73,21 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def image_data_uri(path: str | os.PathLike, max_px: int) -> str:
+    """An image file as a `data:` URI, scaled down to at most `max_px` a side (a report's thumbnail, the label
+    page's picture): PNG for small images (lossless, tiny), JPEG for photos. Raises OSError / ValueError (PIL's
+    UnidentifiedImageError is an OSError) when the file cannot be read as an image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        img.thumbnail((max_px, max_px))
+    buf = io.BytesIO()
+    small = img.width * img.height <= 128 * 128
+    img.save(buf, format="PNG" if small else "JPEG", **({} if small else {"quality": 85}))
+    return f"data:image/{'png' if small else 'jpeg'};base64," + base64.b64encode(buf.getvalue()).decode()

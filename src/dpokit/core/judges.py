@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -47,15 +48,18 @@ def sign(x: float, tie_margin: float = 0.0) -> int:
     return 0 if abs(x) <= tie_margin else (1 if x > 0 else -1)
 
 
-def compare(judge, prompts: list, a: list[str], b: list[str], scores_b: list[float] | None = None) -> Comparison:
+def compare(judge, prompts: list, a: list[str], b: list[str], scores_b: list[float] | None = None,
+            images: list[list] | None = None) -> Comparison:
     """Compare answer lists a and b with any judge. Pointwise: score both, the higher score wins (ties within the
     judge's `tie_margin`). Pairwise: the judge's own verdicts. `scores_b`: b's pointwise scores already computed
-    (the same answers judged before; training's checkpoint selection scores the base answers once)."""
+    (the same answers judged before; training's checkpoint selection scores the base answers once). `images`: each
+    prompt's PIL images (vision runs), handed to a judge that takes them (`takes_images`)."""
     if getattr(judge, "kind", "pointwise") == "pairwise":
         outcomes = judge.compare(prompts, a, b)
         return Comparison(outcomes=outcomes, details=dict(getattr(judge, "last_details", {}) or {}))
-    scores_a = [float(s) for s in judge.score(prompts, a)]
-    scores_b = [float(s) for s in (judge.score(prompts, b) if scores_b is None else scores_b)]
+    extra = {"images": images} if images is not None and getattr(judge, "takes_images", False) else {}
+    scores_a = [float(s) for s in judge.score(prompts, a, **extra)]
+    scores_b = [float(s) for s in (judge.score(prompts, b, **extra) if scores_b is None else scores_b)]
     margin = float(getattr(judge, "tie_margin", 0.0))
     return Comparison(outcomes=[sign(x - y, margin) for x, y in zip(scores_a, scores_b, strict=False)],
                       scores_a=scores_a, scores_b=scores_b)
@@ -334,19 +338,36 @@ def _load_file(path: Path):  # a user's .py file as a module, run once per (file
     return module
 
 
+def takes_three_arguments(fn) -> bool:
+    """Whether `fn` can be called with three positional arguments (a python judge's `score(prompt, response,
+    images)`); a two-parameter function is called as before."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return True
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 3
+
+
 @dataclass
 class PythonJudge:
-    """Your own scoring function: `fn(prompt, response) -> float` (higher is better)."""
+    """Your own scoring function: `fn(prompt, response) -> float` (higher is better). On a vision run a function
+    with a third parameter is called `fn(prompt, response, images)` with the prompt's PIL images."""
 
     function: object
     tie_margin: float = 0.0
     key: str = "eval"
     kind = "pointwise"
 
-    def score(self, prompts: list, responses: list[str]) -> list[float]:
+    @property
+    def takes_images(self) -> bool:
+        return takes_three_arguments(self.function)
+
+    def score(self, prompts: list, responses: list[str], images: list[list] | None = None) -> list[float]:
         out = []
-        for p, r in zip(prompts, responses, strict=False):
-            value = self.function(p, r)
+        for k, (p, r) in enumerate(zip(prompts, responses, strict=False)):
+            value = self.function(p, r, images[k]) if images is not None and self.takes_images else self.function(p, r)
             try:
                 out.append(float(value))
             except (TypeError, ValueError):
@@ -529,6 +550,21 @@ JUDGES: dict[str, JudgeKind] = {kind.name: kind for kind in (
     JudgeKind("python", PythonOptions,
               lambda opts, key: PythonJudge(load_function(opts.function, key), opts.tie_margin, key)),
 )}
+
+
+# --- images (vision-language runs) ------------------------------------------------------------------------------
+
+IMAGE_BLIND_JUDGES = ("reward-model", "llm")  # read the prompt's text only: they would judge without the picture
+
+
+def image_judge_problem(name: str, key: str = "eval") -> str | None:
+    """Why judge `name` cannot judge answers to image prompts (None when it can): the reward-model and llm judges
+    read text only, so an answer about a picture would be scored without the picture."""
+    if name not in IMAGE_BLIND_JUDGES:
+        return None
+    return (f"{key}.judge: {name} reads text only and cannot see the prompts' images of a vision-language run; use "
+            f"{key}.judge: python with a function score(prompt, response, images) (it receives the PIL images), "
+            f"or {key}.generate: false for the held-out preference metrics alone")
 
 
 # --- check and build ---------------------------------------------------------------------------------------------

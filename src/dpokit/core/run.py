@@ -520,6 +520,7 @@ class EvalSample(Model):
     base_score: float | None = None
     tuned_score: float | None = None
     kl_sequence: float
+    images: list[str] | None = None  # vision runs: the prompt's images (absolute paths, as data/eval.jsonl has them)
 
 
 class RunManifest(Artifact):
@@ -535,6 +536,8 @@ ARTIFACTS: list[tuple[str, str]] = [
     ("config.yaml", "the resolved run config (every default filled in), plus `schema_version`"),
     ("data/train.jsonl", "the canonical pairs trained on, exactly (after `data.truncation: drop`)"),
     ("data/eval.jsonl", "the held-out canonical pairs"),
+    ("data/images/", "vision runs: the images given as bytes or PIL images (parquet, the API), as PNG; "
+                     "data/*.jsonl name them by path (image files are named where they are)"),
     ("data/report.json", "the data report (`DataReport`): counts, drops, checks, token lengths"),
     ("metrics.jsonl", "one JSON row per logged step: `loss`, `rewards/chosen`, `rewards/rejected`, "
                       "`rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, `learning_rate`, "
@@ -552,7 +555,7 @@ ARTIFACTS: list[tuple[str, str]] = [
     ("train_summary.json", "final training metrics, wall time, reference used, step-0 check (`TrainSummary`)"),
     ("eval.json", "evaluation results (`EvalResult`, see below)"),
     ("eval_samples.jsonl", "one row per answer pair: prompt, base, tuned, token counts, judge scores, outcome, "
-                           "per-sample log-ratio"),
+                           "per-sample log-ratio; vision runs: the prompt's `images` (absolute paths)"),
     ("report.html", "`dpokit report`: self-contained HTML report; `report.md` and `report_plots/` beside it"),
 ]
 
@@ -608,6 +611,7 @@ class RunDir:
     train_pairs = property(lambda self: self.path / "data" / "train.jsonl")
     eval_pairs = property(lambda self: self.path / "data" / "eval.jsonl")
     data_report = property(lambda self: self.path / "data" / "report.json")
+    images_dir = property(lambda self: self.path / "data" / "images")
     reference_eval_logps = property(lambda self: self.path / "data" / "reference_eval_logps.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
@@ -669,6 +673,14 @@ class RunDir:
         write_jsonl(self.train_pairs, train)
         write_jsonl(self.eval_pairs, evals)
         atomic_write_text(self.data_report, _dump(report))
+
+    def write_images(self, images: list[tuple[Path, Any]]) -> None:
+        """Vision runs: the (path, PIL image) pairs of images given without a file, each written atomically as PNG."""
+        for path, image in images:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            image.save(tmp, format="PNG")
+            os.replace(tmp, path)
 
     def read_eval_pairs(self) -> list[dict]:
         return read_jsonl(self.eval_pairs) if self.eval_pairs.is_file() else []

@@ -1,4 +1,5 @@
-"""Evaluation of a finished run. Entry point: `evaluate_run(run_dir) -> EvalResult` (also written to eval.json)."""
+"""Evaluation of a finished run. Entry point: `evaluate_run(run_dir) -> EvalResult` (also written to eval.json).
+A vision-language run (held-out rows with images) goes through `dpokit.eval.vision`."""
 
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ from dpokit.eval.metrics import (
     length_summary,
     outcome_summary,
     score_length_regression,
+)
+from dpokit.eval.vision import (
+    check_vision_judge,
+    distinct_vision_prompts,
+    encode_eval_pairs,
+    is_vision_eval,
+    load_vision_models,
+    read_eval_images,
+    vision_generation_metrics,
+    vision_pair_logps,
 )
 
 
@@ -83,9 +94,27 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, quiet:
     if not rows:
         raise UserError(f"{run.path}: no held-out pairs in {run.eval_pairs}; set data.eval_fraction > 0 or "
                         "data.eval_source")
+    images = None
+    if is_vision_eval(rows):  # every image read again and the judge checked, before any model loads
+        check_vision_judge(settings.judge, settings.generate)
+        images = read_eval_images(rows, run.eval_pairs)
     judge = None
     if settings.generate:  # a bad judge config fails here, before any model is loaded or file written
         judge = build_judge(settings.judge, settings.judge_options)
+    if images is not None:
+        result, samples = evaluate_vision(run, cfg, rows, images, judge)
+    else:
+        result, samples = _evaluate_text(run, cfg, rows, judge)
+    typed = EvalResult.model_validate(result)
+    run.write_eval(typed, [EvalSample.model_validate(s) for s in samples])
+    if not quiet:
+        print_eval_table(typed.model_dump(mode="python"))
+    return typed
+
+
+def _evaluate_text(run: RunDir, cfg: RunConfig, rows: list[dict], judge) -> tuple[dict, list[dict]]:
+    """eval.json's content and the sample records of a text run."""
+    settings = cfg.eval
     tuned, base, tokenizer = load_tuned_and_base(run, cfg)
     setup_chat_template(tokenizer, cfg.data.chat_template)
     encoded, _ = encode_rows(rows, tokenizer, cfg.data, origin=str(run.eval_pairs))
@@ -111,11 +140,31 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, quiet:
     if judge is not None:
         result["generation"], result["kl"], samples = generation_metrics(
             cfg, judge, eval_prompts(rows, settings.num_prompts), tuned, base, tokenizer, bs)
-    typed = EvalResult.model_validate(result)
-    run.write_eval(typed, [EvalSample.model_validate(s) for s in samples])
-    if not quiet:
-        print_eval_table(typed.model_dump(mode="python"))
-    return typed
+    return result, samples
+
+
+def evaluate_vision(run: RunDir, cfg: RunConfig, rows: list[dict], images: list[list], judge) -> tuple[dict, list]:
+    """eval.json's content and the sample records of a vision-language run (dpokit.eval.vision)."""
+    settings = cfg.eval
+    tuned, base, processor = load_vision_models(run, cfg)
+    encoded = encode_eval_pairs(rows, images, processor)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tuned.to(device)
+    if base is not None:
+        base.to(device)
+    pad_id, bs = processor.tokenizer.pad_token_id, settings.batch_size
+    tuned_lp = vision_pair_logps(tuned, encoded, pad_id, bs)
+    with _as_base(tuned, base) as base_model:
+        base_lp = vision_pair_logps(base_model, encoded, pad_id, bs)
+    result = {"run_dir": str(run.path), "model": cfg.model.name_or_path, "beta": cfg.train.beta,
+              "settings": settings.model_dump(mode="json"),
+              "preference": preference_metrics(tuned_lp, base_lp, cfg.train.beta)}
+    samples = []
+    if judge is not None:
+        prompts = distinct_vision_prompts(rows, images, settings.num_prompts)
+        result["generation"], result["kl"], samples = vision_generation_metrics(
+            cfg, judge, prompts, tuned, lambda: _as_base(tuned, base), processor)
+    return result, samples
 
 
 def base_logps_from_training(run: RunDir, base_model, encoded: list[dict], pad_id: int, batch_size: int,

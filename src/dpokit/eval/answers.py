@@ -147,6 +147,10 @@ def export_answers(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike,
     """Answer the held-out prompts (or `prompts`) with the tuned model and write them as `fmt` to `out`."""
     path = check_export(run_dir, fmt, out, overwrite)
     run = RunDir(run_dir)
+    held_out = run.read_eval_pairs()
+    if held_out and "images" in held_out[0]:  # before any model loads: the leaderboards' prompts are text
+        raise UserError(f"--export: {run.path} is a vision-language run; alpaca_eval and arena_hard ask text "
+                        "questions and dpokit's sampler for them is text-only; evaluate it with dpokit eval instead")
     questions = read_questions(prompts) if prompts else held_out_questions(run)
     generator = generator or run.path.resolve().name
     cfg, model, tokenizer = _load_tuned(run)

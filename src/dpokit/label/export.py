@@ -3,7 +3,8 @@
 Per item, the non-skip answers vote first / second / tie. The item becomes a pair when one answer has strictly more
 votes than the other and than ties (majority with overlap > 1; the only vote with overlap 1); otherwise it is
 counted as tied and written nowhere. Pairs are `{"prompt", "chosen", "rejected"}` (what `dpokit train` reads; a
-message-list prompt gets one-message assistant lists) plus a `label` object: item, source line, votes and each
+message-list prompt gets one-message assistant lists), with `images` (the prompt's image files, absolute paths) for
+a vision item, so the file trains as vision data, plus a `label` object: item, source line, votes and each
 answer's annotator, choice, seconds spent, which answer was on the left, and reason.
 
 Agreement, over items with two or more non-skip answers: percent agreement (the share of agreeing annotator pairs
@@ -120,8 +121,10 @@ def export_labels(db: str | Path, out: str | Path, *, overwrite: bool = False) -
         prompt = json.loads(item["prompt"])
         loser = "second" if winner == "first" else "first"
         role = {winner: "chosen", loser: "rejected", "tie": "tie", "skip": "skip"}
+        images = json.loads(item["images"]) if "images" in item.keys() else []
         pairs.append({
             "prompt": prompt, "chosen": _response(item[winner], prompt), "rejected": _response(item[loser], prompt),
+            **({"images": images} if images else {}),  # a vision pair: trains again as vision data
             "label": {
                 "item": item_id, "source_line": item["line"],
                 "chosen_from": item[f"{winner}_name"], "rejected_from": item[f"{loser}_name"],

@@ -9,6 +9,8 @@ Security: the page and its scripts are the same for everyone, so they are public
 MAX_BODY bytes. On 127.0.0.1 without a token the Host header must name this machine, so another web site cannot
 reach the server through DNS rebinding. The Content-Security-Policy allows only this server's own script and
 style, so even a mistake in the page could not run model text as code (the page writes it with textContent).
+A vision item's images travel inside /api/next's answer as data URIs, made from the files the source named (the
+item's own image list): there is no route that reads a file by name, so no path can be smuggled in.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from dpokit.core.io import image_data_uri
 from dpokit.label.store import SIDES, Conflict, LabelStore
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "label"
@@ -74,12 +77,26 @@ def annotator_name(data: dict) -> str:
     return name.strip()
 
 
+IMAGE_PX = 512  # the longer side of a prompt's picture on the page
+
+
+def picture(path: str) -> dict:
+    """One of an item's images for the page: {src: a data URI, alt}, or {missing: why} when the file went away
+    since the DB was made. Only the files the source named reach here (the item's own `images`): the page never
+    names a path, so nothing else on disk can be read through the server."""
+    name = Path(path).name
+    try:
+        return {"src": image_data_uri(path, IMAGE_PX), "alt": f"prompt image {name}"}
+    except (OSError, ValueError) as err:
+        return {"missing": f"image {name} cannot be read now ({type(err).__name__})", "alt": f"prompt image {name}"}
+
+
 def build_app(store: LabelStore, *, token: str | None = None, local_only: bool = True) -> Starlette:
     """The ASGI app over an open store. `local_only`: accept only Host headers naming this machine."""
 
     def payload(annotator: str, shown=None) -> dict:
         item = None if shown is None else {"id": shown.item, "prompt": shown.prompt, "left": shown.left,
-                                           "right": shown.right}
+                                           "right": shown.right, "images": [picture(p) for p in shown.images]}
         return {"item": item, "progress": store.progress(annotator)}
 
     async def index(request: Request):

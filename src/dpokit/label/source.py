@@ -5,7 +5,14 @@ Three shapes, detected per line (docs/labelling.md):
   `dpokit data generate --keep-all` writes;
 - `eval_samples.jsonl` rows of a run folder (`base` and `tuned` answers; `dpokit.core.run.EvalSample`);
 - a response may be a string, a `{"role", "content"}` message or a list of messages (the last one's content is
-  shown). A prompt is a string or a list of `{"role", "content"}` messages.
+  shown). A prompt is a string or a list of `{"role", "content"}` messages; a message's content may be a list of
+  parts (`{"type": "text", "text": ...}`, `{"type": "image"}`), as in vision preference data.
+
+Images (vision rows): `images`, a list of image file paths (relative to the source file's folder, or absolute), one
+per `{"type": "image"}` part of the prompt, as `eval_samples.jsonl` of a vision run and TRL's vision format have
+them. Each is checked to be a readable image before the DB is written; the items keep their absolute paths, the
+page shows exactly those files (nothing else can be read through the server), and the export writes them back with
+each pair, so the exported file trains again as vision data.
 
 With more than two answers, two different ones are picked at random, seeded by the line number (the same file
 always gives the same items). A line whose answers hold fewer than two *different* non-empty texts (identical
@@ -17,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,7 @@ class Item:
     second: str
     first_name: str      # where each answer came from: "responses[3]", "base", "tuned"
     second_name: str
+    images: list[str] = field(default_factory=list)  # the prompt's image files (absolute paths), vision rows
 
 
 def fingerprint(path: str | Path) -> str:
@@ -57,12 +65,55 @@ def _text(answer, where: str) -> str:
     raise UserError(f"{where}: expected a string or a {{role, content}} message, got {type(answer).__name__}")
 
 
+def _is_content(content) -> bool:
+    """Text, or a list of text / image parts."""
+    return isinstance(content, str) or (isinstance(content, list) and all(
+        isinstance(p, dict) and (p.get("type") == "image" or (p.get("type") == "text" and isinstance(p.get("text"), str)))
+        for p in content))
+
+
 def _check_prompt(prompt, where: str) -> None:
     ok = (isinstance(prompt, str) and prompt.strip()) or (
         isinstance(prompt, list) and prompt
-        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in prompt))
+        and all(isinstance(m, dict) and _is_content(m.get("content")) and "role" in m for m in prompt))
     if not ok:
-        raise UserError(f"{where}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
+        raise UserError(f"{where}: 'prompt' must be a non-empty string or a list of {{role, content}} messages "
+                        "(content: text, or a list of {\"type\": \"text\"} / {\"type\": \"image\"} parts)")
+
+
+def _images(row: dict, base: Path, where: str) -> list[str]:
+    """The row's image files as absolute paths, each checked to be a readable image; [] for a text row."""
+    from PIL import Image, UnidentifiedImageError
+
+    from dpokit.data.vision import count_placeholders
+
+    refs = row.get("images", [])
+    if refs is None:
+        refs = []
+    if not isinstance(refs, list) or not all(isinstance(r, str) and r.strip() for r in refs):
+        raise UserError(f"{where}: 'images' must be a list of image file paths; fix that line")
+    parts = 0 if isinstance(row["prompt"], str) else sum(
+        1 for m in row["prompt"] if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image")
+    # a text row's prompt may well mention "<image>": placeholders in text count only when the row has images
+    wanted = count_placeholders(row["prompt"]) if refs else parts
+    if wanted != len(refs):
+        raise UserError(f"{where}: the prompt has {wanted} image placeholder(s) ({{\"type\": \"image\"}} parts or "
+                        f"<image>) and {len(refs)} image(s) in 'images'; give one image per placeholder")
+    out = []
+    for ref in refs:
+        path = Path(ref).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            raise UserError(f"{where}: image {ref!r} not found (looked for {path}); give a path relative to the "
+                            "source file's folder, or an absolute one")
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise UserError(f"{where}: image {ref!r} cannot be read ({type(err).__name__}); replace it with a PNG or "
+                            "JPEG file") from None
+        out.append(str(path.resolve()))
+    return out
 
 
 def _answers(row: dict, where: str) -> list[tuple[str, str]]:
@@ -106,6 +157,7 @@ def read_source(path: str | Path) -> tuple[list[Item], int]:
         if "prompt" not in row:
             raise UserError(f"{where}: missing 'prompt'; {SHAPES_HINT}")
         _check_prompt(row["prompt"], where)
+        images = _images(row, path.parent.resolve(), where)
         seen: dict[str, str] = {}
         for name, text in _answers(row, where):
             if text.strip() and text not in seen:
@@ -117,7 +169,7 @@ def read_source(path: str | Path) -> tuple[list[Item], int]:
         candidates = [(name, text) for text, name in seen.items()]
         i, j = sorted(random.Random(lineno).sample(range(len(candidates)), 2))
         (a_name, a_text), (b_name, b_text) = candidates[i], candidates[j]
-        items.append(Item(lineno, row["prompt"], a_text, b_text, a_name, b_name))
+        items.append(Item(lineno, row["prompt"], a_text, b_text, a_name, b_name, images))
     if not items:
         raise UserError(f"{path}: no items with two different answers ({skipped} lines skipped); {SHAPES_HINT}")
     return items, skipped

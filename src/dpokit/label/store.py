@@ -16,7 +16,7 @@ import json
 import random
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpokit.core.errors import UserError
@@ -30,7 +30,8 @@ SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE items (
     id INTEGER PRIMARY KEY, line INTEGER NOT NULL, prompt TEXT NOT NULL,
-    first TEXT NOT NULL, second TEXT NOT NULL, first_name TEXT NOT NULL, second_name TEXT NOT NULL);
+    first TEXT NOT NULL, second TEXT NOT NULL, first_name TEXT NOT NULL, second_name TEXT NOT NULL,
+    images TEXT NOT NULL DEFAULT '[]');
 CREATE TABLE claims (
     item INTEGER NOT NULL REFERENCES items(id), annotator TEXT NOT NULL, shown_at REAL NOT NULL,
     PRIMARY KEY (item, annotator));
@@ -59,6 +60,7 @@ class Shown:
     prompt: object
     left: str
     right: str
+    images: list[str] = field(default_factory=list)  # the prompt's image files (absolute paths)
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
@@ -104,10 +106,11 @@ class LabelStore:
         return "first" if random.Random(f"{self.seed}:{item}:{annotator}").random() < 0.5 else "second"
 
     def _shown(self, item: int, annotator: str) -> Shown:
-        prompt, first, second = self.conn.execute(
-            "SELECT prompt, first, second FROM items WHERE id = ?", (item,)).fetchone()
+        prompt, first, second, images = self.conn.execute(
+            "SELECT prompt, first, second, images FROM items WHERE id = ?", (item,)).fetchone()
         left, right = (first, second) if self.left_answer(item, annotator) == "first" else (second, first)
-        return Shown(item, json.loads(prompt), left, right)
+        return Shown(item, json.loads(prompt), left, right, json.loads(images))
+
 
     def next_item(self, annotator: str) -> Shown | None:
         """The item to show `annotator` now (claimed for them), or None when nothing is left for them."""
@@ -214,6 +217,7 @@ def open_store(db: str | Path, source: str | Path, *, overlap: int = 1, seed: in
         conn = connect(db)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
+        add_images_column(conn)
         return LabelStore(conn, int(meta["seed"]), overlap)
     if not db.parent.is_dir():
         raise UserError(f"--db {db}: folder {db.parent} does not exist; create it first")
@@ -230,7 +234,8 @@ def open_store(db: str | Path, source: str | Path, *, overlap: int = 1, seed: in
                 "source_path": str(source), "seed": str(seed), "created": str(time.time())}
         conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
         conn.executemany(
-            "INSERT INTO items (id, line, prompt, first, second, first_name, second_name) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO items (id, line, prompt, first, second, first_name, second_name, images) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [_item_row(i, item) for i, item in enumerate(items)])
         conn.execute("COMMIT")
     except BaseException:
@@ -241,6 +246,13 @@ def open_store(db: str | Path, source: str | Path, *, overlap: int = 1, seed: in
     return LabelStore(conn, seed, overlap)
 
 
+def add_images_column(conn: sqlite3.Connection) -> None:
+    """A DB written before items had images (text items only): the column, empty for each item."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(items)")}
+    if "images" not in columns:
+        conn.execute("ALTER TABLE items ADD COLUMN images TEXT NOT NULL DEFAULT '[]'")
+
+
 def _item_row(i: int, item: Item) -> tuple:
     return (i, item.line, json.dumps(item.prompt, ensure_ascii=False), item.first, item.second, item.first_name,
-            item.second_name)
+            item.second_name, json.dumps(item.images, ensure_ascii=False))

@@ -97,8 +97,7 @@ def plan_training(cfg: RunConfig, *, resume: bool = False, evaluate: bool | None
     vision = is_vision_run(cfg)
     if vision:
         problems += vision_plan_problems(cfg, evaluate)
-        evaluate = False
-    select = check(resolve_select, cfg, evaluate) or "last"
+    select = "last" if vision else check(resolve_select, cfg, evaluate) or "last"  # best_judge samples text only
     if (evaluate and cfg.eval.generate) or select == "best_judge":
         problems += check_judge(cfg.eval.judge, cfg.eval.judge_options)
 

@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -413,6 +413,7 @@ class Setup:
     ref_model: object | None
     precomputed: dict | None
     processor: object | None = None  # vision-language runs: saved with the model
+    images: list = field(default_factory=list)  # vision runs: (run-folder path, PIL image) of images without a file
 
 
 def precompute_reference(cfg: RunConfig, model, tokenizer, train_enc, eval_enc, refresh: bool = False) -> dict:
@@ -482,7 +483,8 @@ def setup_vision(plan: TrainPlan) -> Setup:
                            lora_targets(model, cfg.train.lora.target_modules, cfg.train.freeze_vision))
     if cfg.train.gradient_checkpointing and cfg.train.lora is not None:
         model.enable_input_require_grads()
-    return Setup(model, v.processor.tokenizer, v.data, v.train_enc, v.eval_enc, ref_model, None, v.processor)
+    return Setup(model, v.processor.tokenizer, v.data, v.train_enc, v.eval_enc, ref_model, None, v.processor,
+                 v.images_to_save)
 
 
 def write_run_start(plan: TrainPlan, s: Setup) -> None:
@@ -495,6 +497,7 @@ def write_run_start(plan: TrainPlan, s: Setup) -> None:
     else:
         plan.run_dir.create(plan.cfg, replace=plan.replace_run_dir)  # --overwrite deletes only now, after setup
         plan.run_dir.metrics.unlink(missing_ok=True)
+    plan.run_dir.write_images(s.images)  # before the rows that name them
     plan.run_dir.write_data(s.data.train, s.data.eval, s.data.report)
     held_out = held_out_reference_logps(s.eval_enc)
     if held_out is not None:

@@ -5,18 +5,33 @@ model's processor; each pair is laid out once, `[prompt with image tokens, chose
 encoded once (`dpokit.core.vision.pack_vision_pairs`); the loss is the same `DPOTrainer.compute_loss` as for text.
 `train.freeze_vision` (default true) keeps the vision tower's weights fixed: with LoRA no adapter goes into it.
 
+The evaluation after training (eval.enabled) and `dpokit eval` work on vision runs (`dpokit.eval.vision`): held-out
+preference accuracy, answers generated from the held-out images, judges that see the images; planning refuses the
+judges that read text only (reward-model, llm) with the fix.
+
 Not yet for vision runs (each refused at planning with the fix): train.engine trl, train.reference precomputed,
-ranked or unpaired feedback, a separate eval_source, and the evaluation after training (eval.enabled).
+ranked or unpaired feedback, a separate eval_source, and train.select best_judge (its sampler is text-only).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from dpokit.core.config import RunConfig
+from dpokit.core.judges import image_judge_problem
 from dpokit.core.models import pick_dtype
-from dpokit.core.run import DataChecks, DataReport, Malformed, ReadCounts, RowChecks, SharedPrompts, Split
+from dpokit.core.run import (
+    DataChecks,
+    DataReport,
+    Malformed,
+    ReadCounts,
+    RowChecks,
+    RunDir,
+    SharedPrompts,
+    Split,
+)
 from dpokit.core.vision import load_processor, load_vlm, pack_vision_pairs, vision_tower
 from dpokit.data import PreferenceData
 from dpokit.data.vision import (
@@ -33,7 +48,8 @@ def is_vision_run(cfg: RunConfig) -> bool:
 
 
 def vision_plan_problems(cfg: RunConfig, evaluate: bool) -> list[str]:
-    """What a vision run cannot do yet, each with the fix (planning reports them with every other problem)."""
+    """What a vision run cannot do yet, each with the fix (planning reports them with every other problem). With
+    `evaluate`, a judge of generated answers that cannot see the images is one of them."""
     problems = []
     if cfg.train.engine != "native":
         problems.append("train.engine: trl is not wired for image data; use train.engine: native")
@@ -47,9 +63,11 @@ def vision_plan_problems(cfg: RunConfig, evaluate: bool) -> list[str]:
     if cfg.data.eval_source or cfg.data.eval_split:
         problems.append("data.eval_source / data.eval_split: image data holds out data.eval_fraction of its rows; "
                         "unset them")
-    if evaluate:
-        problems.append("eval.enabled: evaluating a vision-language run is not built yet; set eval.enabled: false "
-                        "(or pass --no-eval)")
+    if evaluate and cfg.eval.generate:
+        problems += [p for p in [image_judge_problem(cfg.eval.judge)] if p]
+    if cfg.train.select == "best_judge":
+        problems.append("train.select: best_judge is not wired for image data (its sampler is text-only); use "
+                        "train.select: last (or auto)")
     return problems
 
 
@@ -71,6 +89,7 @@ class VisionSetup:
     data: PreferenceData
     train_enc: list[dict]
     eval_enc: list[dict]
+    images_to_save: list[tuple[Path, object]] = field(default_factory=list)  # (run-folder path, PIL image)
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -93,9 +112,18 @@ def _report(cfg: RunConfig, n_in: int, n_train: int, n_eval: int, formats: list[
         tokenizer=cfg.model.tokenizer or cfg.model.name_or_path)
 
 
-def _record(row: dict) -> dict:
-    """A row as data/train.jsonl records it: the messages and the images' absolute paths (or their kind)."""
-    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"], "images": row["image_refs"]}
+def _record(row: dict, index: int, images_dir: Path, saves: list) -> dict:
+    """A row as data/train.jsonl records it: the messages and the images' absolute paths. An image given as bytes
+    or a PIL image (parquet, the API) has no path: it is saved in the run folder (data/images/, by write_run_start)
+    and recorded by that path, so evaluation, the report and labelling can read it again."""
+    refs = []
+    for k, (ref, image) in enumerate(zip(row["image_refs"], row["images"], strict=True), start=1):
+        if not Path(ref).is_absolute():
+            path = images_dir / f"row-{index + 1:05d}-{k}.png"
+            saves.append((path, image))
+            ref = str(path)
+        refs.append(ref)
+    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"], "images": refs}
 
 
 def prepare_vision_data(cfg: RunConfig) -> VisionSetup:
@@ -112,11 +140,13 @@ def prepare_vision_data(cfg: RunConfig) -> VisionSetup:
     if cfg.data.max_eval_rows is not None:
         eval_idx = eval_idx[:cfg.data.max_eval_rows]
     rows, enc, where = loaded.rows, loaded.encoded, loaded.locations
-    data = PreferenceData(train=[_record(rows[i]) for i in train_idx], eval=[_record(rows[i]) for i in eval_idx],
+    images_dir, saves = RunDir(cfg.output.dir).images_dir.resolve(), []
+    data = PreferenceData(train=[_record(rows[i], i, images_dir, saves) for i in train_idx],
+                          eval=[_record(rows[i], i, images_dir, saves) for i in eval_idx],
                           format="+".join(loaded.formats), report=_report(cfg, n, len(train_idx), len(eval_idx),
                                                                           loaded.formats),
                           train_locations=[where[i] for i in train_idx], eval_locations=[where[i] for i in eval_idx])
-    return VisionSetup(processor, data, [enc[i] for i in train_idx], [enc[i] for i in eval_idx])
+    return VisionSetup(processor, data, [enc[i] for i in train_idx], [enc[i] for i in eval_idx], saves)
 
 
 def lora_targets(model, target_modules, freeze_vision: bool):

@@ -13,6 +13,13 @@
   const setState = (state) => { document.body.dataset.state = state; };
   const setStatus = (text) => { $('[data-role="status"]').textContent = text || ""; };
 
+  function contentText(content) {
+    // text, or a vision prompt's parts: text parts as they are, each image part as [image N]
+    if (!Array.isArray(content)) return String(content);
+    let n = 0;
+    return content.map((part) => part && part.type === "image" ? `[image ${++n}] ` : String(part.text ?? "")).join("");
+  }
+
   function renderPrompt(el, prompt) {
     el.replaceChildren();
     if (typeof prompt === "string") { el.textContent = prompt; return; }
@@ -21,9 +28,34 @@
       const role = document.createElement("span");
       role.className = "role";
       role.textContent = String(message.role) + ":";
-      line.append(role, document.createTextNode(String(message.content)));
+      line.append(role, document.createTextNode(contentText(message.content)));
       el.append(line);
     }
+  }
+
+  function renderImages(el, images) {
+    // the prompt's pictures (vision items): data: URIs from the server, never a path the page chose
+    el.replaceChildren();
+    (images || []).forEach((image, i) => {
+      const figure = document.createElement("figure");
+      const caption = document.createElement("figcaption");
+      caption.textContent = `image ${i + 1}`;
+      if (typeof image.src === "string" && image.src.startsWith("data:image/")) {
+        const img = document.createElement("img");
+        img.src = image.src;
+        img.alt = String(image.alt || `prompt image ${i + 1}`);
+        img.dataset.role = "prompt-image";
+        figure.append(img);
+      } else {
+        const missing = document.createElement("span");
+        missing.className = "missing";
+        missing.textContent = String(image.missing || "image missing");
+        figure.append(missing);
+      }
+      figure.append(caption);
+      el.append(figure);
+    });
+    el.hidden = !(images && images.length);
   }
 
   function show(data) {
@@ -39,6 +71,7 @@
       setState("done");
       return;
     }
+    renderImages($('[data-role="images"]'), current.images);
     renderPrompt($('[data-role="prompt"]'), current.prompt);
     $('[data-side="left"]').textContent = current.left;
     $('[data-side="right"]').textContent = current.right;
