@@ -112,15 +112,16 @@ def test_vision_pair_logps_match_the_padded_reference_layout(vision_run):
     from peft import PeftModel
 
     from dpokit.core.batching import sequence_logps
+    from dpokit.core.scoring import pair_logps
     from dpokit.core.vision import load_processor, load_vlm, pad_vision_pairs
-    from dpokit.eval.vision import encode_eval_pairs, read_eval_images, vision_pair_logps
+    from dpokit.eval.vision import encode_eval_pairs, read_eval_images
 
     run, _ = vision_run
     rows = [json.loads(line) for line in (run / "data" / "eval.jsonl").read_text().splitlines()][:4]
     processor = load_processor(str(run / "model"))
     model = PeftModel.from_pretrained(load_vlm("dpokit-tiny-vlm"), str(run / "model")).eval()
     enc = encode_eval_pairs(rows, read_eval_images(rows, run / "data" / "eval.jsonl"), processor)
-    packed = vision_pair_logps(model, enc, processor.tokenizer.pad_token_id, batch_size=4)
+    packed = pair_logps(model, enc, processor.tokenizer.pad_token_id, batch_size=4)
     with torch.no_grad():
         padded = sequence_logps(model, pad_vision_pairs(enc, processor.tokenizer.pad_token_id))
     for key in ("chosen", "rejected"):

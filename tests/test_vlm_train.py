@@ -81,7 +81,7 @@ def test_full_fine_tune_keeps_the_vision_tower_fixed(tmp_path):
 
 @pytest.mark.parametrize("update, needle", [
     ({"engine": "trl"}, "train.engine: trl is not wired for image data"),
-    ({"reference": "precomputed"}, "train.reference: precomputed is not supported for image data"),
+    ({"reference_model": "dpokit-tiny-vlm"}, "train.reference_model: a separate reference model is not wired"),
 ])
 def test_vision_plan_refuses_what_is_not_wired(tmp_path, update, needle):
     from dpokit.core.errors import UserError

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from dpokit.core.batching import pad_pairs, token_logps
+from dpokit.core.batching import IMAGE_KEYS, pad_pairs, token_logps
 from dpokit.core.packing import (
     batch_logps,
     collate_lists,
@@ -18,6 +18,7 @@ from dpokit.core.packing import (
     probe_pair,
     to_device,
 )
+from dpokit.core.vision import is_vision_pair, pack_vision_pairs
 
 
 @torch.no_grad()
@@ -31,6 +32,12 @@ def pairs_fingerprint(*splits: list[dict]) -> str:
                 h.update(json.dumps([p["prompt_ids"], p["responses_ids"]]).encode())
             else:
                 h.update(json.dumps([p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]]).encode())
+            for key in IMAGE_KEYS:  # vision pairs: the images as the model sees them (pixels after the processor)
+                if key in p:
+                    tensor = p[key].detach().cpu().contiguous()
+                    h.update(f"{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
+                    h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.dtype == torch.bfloat16
+                             else tensor.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -43,8 +50,11 @@ def pair_logps(model, encoded: list[dict], pad_id: int, batch_size: int = 8,
     """
     device = next(model.parameters()).device
     out = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
-    packed = packing and bool(encoded) and packing_self_check(model, encoded[0], pad_id) is None
-    collate = pack_pairs if packed else pad_pairs
+    if encoded and is_vision_pair(encoded[0]):  # image pairs: training's layout, each image encoded once
+        collate = pack_vision_pairs
+    else:
+        packed = packing and bool(encoded) and packing_self_check(model, encoded[0], pad_id) is None
+        collate = pack_pairs if packed else pad_pairs
     model.eval()
     for start in range(0, len(encoded), batch_size):
         batch = to_device(collate(encoded[start:start + batch_size], pad_id), device)

@@ -176,6 +176,11 @@ def encode_vision_prompt(prompt_text: str, images: list, processor) -> dict:
     return enc
 
 
+def is_vision_pair(pair: dict) -> bool:
+    """An encoded pair that carries image tensors (`encode_vision_pair`)."""
+    return any(key in pair for key in IMAGE_KEYS)
+
+
 def _image_tensors(pairs: list[dict], order: list[int]) -> dict[str, torch.Tensor]:
     """The pairs' image tensors in `order` (a pair's images in its prompt's order). LLaVA-style tensors are one row
     per image and stack on dim 0; Idefics3-style ones are (prompts, images, ...) and every image goes into one

@@ -41,7 +41,6 @@ from dpokit.eval.vision import (
     load_vision_models,
     read_eval_images,
     vision_generation_metrics,
-    vision_pair_logps,
 )
 
 
@@ -153,9 +152,9 @@ def evaluate_vision(run: RunDir, cfg: RunConfig, rows: list[dict], images: list[
     if base is not None:
         base.to(device)
     pad_id, bs = processor.tokenizer.pad_token_id, settings.batch_size
-    tuned_lp = vision_pair_logps(tuned, encoded, pad_id, bs)
+    tuned_lp = pair_logps(tuned, encoded, pad_id, bs)  # image pairs: training's layout, each image encoded once
     with _as_base(tuned, base) as base_model:
-        base_lp = vision_pair_logps(base_model, encoded, pad_id, bs)
+        base_lp = pair_logps(base_model, encoded, pad_id, bs)
     result = {"run_dir": str(run.path), "model": cfg.model.name_or_path, "beta": cfg.train.beta,
               "settings": settings.model_dump(mode="json"),
               "preference": preference_metrics(tuned_lp, base_lp, cfg.train.beta)}

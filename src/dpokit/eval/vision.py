@@ -28,10 +28,9 @@ from dpokit.core.errors import UserError
 from dpokit.core.judges import compare as judge_pairs
 from dpokit.core.judges import image_judge_problem
 from dpokit.core.models import pick_dtype
-from dpokit.core.packing import batch_logps, to_device
 from dpokit.core.run import RunDir
 from dpokit.core.sampling import Sample
-from dpokit.core.vision import encode_vision_pair, image_token_id, load_processor, load_vlm, pack_vision_pairs
+from dpokit.core.vision import encode_vision_pair, image_token_id, load_processor, load_vlm
 from dpokit.data import prompt_key
 from dpokit.data.vision import load_image
 
@@ -91,20 +90,6 @@ def encode_eval_pairs(rows: list[dict], images: list[list], processor) -> list[d
 
 
 @torch.no_grad()
-def vision_pair_logps(model, encoded: list[dict], pad_id: int, batch_size: int) -> dict[str, list[float]]:
-    """Summed chosen / rejected log-probs and token counts of vision pairs, in training's layout (each pair once,
-    its images once: `pack_vision_pairs`)."""
-    device = next(model.parameters()).device
-    model.eval()
-    out = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
-    for start in range(0, len(encoded), batch_size):
-        batch = to_device(pack_vision_pairs(encoded[start:start + batch_size], pad_id), device)
-        res = batch_logps(model, batch)
-        for key in out:
-            out[key].extend(res[key].float().cpu().tolist())
-    return out
-
-
 def distinct_vision_prompts(rows: list[dict], images: list[list], limit: int) -> list[tuple[dict, list]]:
     """(row, its PIL images) of the distinct held-out prompts (the prompt's text and its images), in file order."""
     seen, out = set(), []

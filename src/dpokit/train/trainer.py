@@ -463,10 +463,10 @@ def setup(plan: TrainPlan, refresh_reference: bool = False) -> Setup:
     return Setup(model, tokenizer, data, train_enc, eval_enc, ref_model, precomputed)
 
 
-def setup_vision(plan: TrainPlan) -> Setup:
+def setup_vision(plan: TrainPlan, refresh: bool = False) -> Setup:
     """setup() for image data: processor and data (every check) first, then the vision-language model, its vision
-    tower frozen (train.freeze_vision), LoRA outside it, the reference as for text (vision.py's plan refuses
-    precomputed)."""
+    tower frozen (train.freeze_vision), LoRA outside it, the reference as for text (`precomputed`: the pairs'
+    fingerprint holds their pixel values, so other images are another cache entry)."""
     cfg = plan.cfg
     set_seed(cfg.train.seed)
     apply_token_env(cfg.model)
@@ -477,13 +477,15 @@ def setup_vision(plan: TrainPlan) -> Setup:
     init_from = cfg.train.lora.init_from if cfg.train.lora is not None else None
     if init_from:
         model = load_lora(model, init_from)
+    precomputed = (precompute_reference(cfg, model, v.processor.tokenizer, v.train_enc, v.eval_enc, refresh)
+                   if plan.reference == "precomputed" else None)
     ref_model = build_reference(cfg, model, plan.reference)
     if cfg.train.lora is not None and not init_from:
         model = apply_lora(model, cfg.train.lora,
                            lora_targets(model, cfg.train.lora.target_modules, cfg.train.freeze_vision))
     if cfg.train.gradient_checkpointing and cfg.train.lora is not None:
         model.enable_input_require_grads()
-    return Setup(model, v.processor.tokenizer, v.data, v.train_enc, v.eval_enc, ref_model, None, v.processor,
+    return Setup(model, v.processor.tokenizer, v.data, v.train_enc, v.eval_enc, ref_model, precomputed, v.processor,
                  v.images_to_save)
 
 
@@ -667,7 +669,7 @@ def run_training(cfg: RunConfig | TrainPlan, resume: bool = False, callbacks: li
     quiet_non_main_process()
     plan = cfg if isinstance(cfg, TrainPlan) else plan_training(cfg, resume=resume)
     threads = apply_num_threads(plan.cfg.train.num_threads)
-    s = setup_vision(plan) if plan.vision else setup(plan, refresh_reference)
+    s = setup_vision(plan, refresh_reference) if plan.vision else setup(plan, refresh_reference)
     # After setup: bad data has failed by now with its one line. The sample excludes this process's own CPU time.
     if progress and not torch.cuda.is_available():
         warning = oversubscription_warning(threads, cpu_load_of_others())

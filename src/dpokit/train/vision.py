@@ -9,7 +9,7 @@ The evaluation after training (eval.enabled) and `dpokit eval` work on vision ru
 preference accuracy, answers generated from the held-out images, judges that see the images; planning refuses the
 judges that read text only (reward-model, llm) with the fix.
 
-Not yet for vision runs (each refused at planning with the fix): train.engine trl, train.reference precomputed,
+Not yet for vision runs (each refused at planning with the fix): train.engine trl, train.reference_model,
 ranked or unpaired feedback, a separate eval_source, and train.select best_judge (its sampler is text-only).
 """
 
@@ -53,8 +53,9 @@ def vision_plan_problems(cfg: RunConfig, evaluate: bool) -> list[str]:
     problems = []
     if cfg.train.engine != "native":
         problems.append("train.engine: trl is not wired for image data; use train.engine: native")
-    if cfg.train.reference == "precomputed":
-        problems.append("train.reference: precomputed is not supported for image data yet; use auto")
+    if cfg.train.reference_model:
+        problems.append("train.reference_model: a separate reference model is not wired for image data yet (it would "
+                        "load as a text-only model); unset it: the reference is the initial policy")
     if cfg.train.layout == "padded":
         problems.append("train.layout: padded: image pairs are always laid out once (the prompt and its images once, "
                         "then both answers); unset train.layout")
