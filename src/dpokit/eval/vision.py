@@ -201,8 +201,7 @@ def vision_generation_metrics(cfg, judge, prompts: list[tuple[dict, list]], tune
     lp_t, n_tok = vision_response_logps(tuned, encs, [s.response_ids for s in tuned_s])
     with as_base() as base_model:
         lp_b, _ = vision_response_logps(base_model, encs, [s.response_ids for s in tuned_s])
-    kl = kl_summary(lp_t, lp_b, n_tok)
-    kl["exact_sampling"] = e.temperature == 1.0 and e.top_p == 1.0
+    kl = kl_summary(lp_t, lp_b, n_tok, exact_sampling=e.temperature == 1.0 and e.top_p == 1.0)
     records = []
     for j, ((row, _, _), t, b) in enumerate(zip(flat, tuned_s, base_s, strict=True)):
         records.append({"prompt": row["prompt"], "sample": j % k, "base": b.text, "tuned": t.text,
