@@ -19,10 +19,15 @@ the samplers draw.
 
 Identical on both sides: fp32 weights, full fine-tuning (no LoRA), the vision tower frozen (train.freeze_vision:
 true, dpokit's default; `requires_grad_(False)` on the tower in both arms; the projector and decoder train), a
-separate frozen reference model (a second load of the same weights), sigmoid loss with beta 0.1, the Trainer's
+separate frozen reference model (a second load of the same weights) on both sides, sigmoid loss with beta 0.1, the Trainer's
 default optimizer (AdamW) at --lr, --batch-size pairs per step, no gradient checkpointing (TRL's DPOConfig turns it
 on by default; it is turned off here as for dpokit), dropout off, sdpa attention, the machine's default torch
 threads.
+
+dpokit's arm is set up as `dpokit train` sets up a vision run: its pairs packed once per pair
+(VisionPairCollator) and its reference reusing the policy's image encodes of the same batch (the tower is frozen
+and equal in both models: `dpokit.core.vision.share_frozen_tower`), so each image goes through a tower once per
+step; TRL's goes through four times (two rows, two models).
 
 Timing: each arm runs in its own fresh Python process (--rounds rounds, the arm order alternating) and trains
 --warmup-steps untimed steps, then --steps timed steps. A step is timed from the end of the previous step to the end
@@ -236,13 +241,15 @@ def step_timer():
 
 
 class ImageCounter:
-    """Images the vision tower encodes (a forward hook)."""
+    """Images the vision tower really encodes (a forward hook on its patch embeddings, inside the tower: a tower
+    call answered from dpokit's SharedTowerOutput does not reach them)."""
 
     def __init__(self, model):
         from dpokit.core.vision import vision_tower
 
         self.images = 0
-        vision_tower(model).register_forward_hook(self._hook, with_kwargs=True)
+        embeddings = next(m for n, m in vision_tower(model).named_modules() if n.endswith("embeddings"))
+        embeddings.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs, out):
         self.images += (args[0] if args else kwargs["pixel_values"]).shape[0]
@@ -271,7 +278,7 @@ def arm_dpokit(opts, examples, processor, tmp):
     from transformers import TrainingArguments
 
     from dpokit.core.config import TrainConfig
-    from dpokit.core.vision import encode_vision_pair
+    from dpokit.core.vision import encode_vision_pair, share_frozen_tower
     from dpokit.train.trainer import DPOTrainer
     from dpokit.train.vision import VisionPairCollator
 
@@ -287,12 +294,15 @@ def arm_dpokit(opts, examples, processor, tmp):
                          data_collator=VisionPairCollator(processor.tokenizer.pad_token_id),
                          dpo_cfg=TrainConfig(loss="sigmoid", beta=0.1, learning_rate=opts.lr), ref_model=ref,
                          callbacks=[timer])
+    trainer.vision_share = share_frozen_tower(policy, ref)  # as `dpokit train` sets it up (build_trainer)
     trainer.train()
     image_id = policy.config.image_token_id
     layout = {"prompt_tokens": len(pairs[0]["prompt_ids"]), "image_tokens": pairs[0]["prompt_ids"].count(image_id),
               "chosen_tokens": len(pairs[0]["chosen_ids"]), "rejected_tokens": len(pairs[0]["rejected_ids"]),
               "rows_per_step": opts.batch_size, "row_tokens": len(pairs[0]["prompt_ids"]) + 2 * opts.answer_tokens}
-    return timer.seconds(), [c.images for c in counters], {"encode_s": round(encode_s, 3), "layout": layout}
+    shared = trainer.vision_share.hits if trainer.vision_share is not None else 0
+    return timer.seconds(), [c.images for c in counters], {"encode_s": round(encode_s, 3), "layout": layout,
+                                                           "reference_reused_policy_encodes": shared}
 
 
 def arm_trl(opts, examples, processor, tmp):
@@ -442,6 +452,7 @@ def main(argv=None) -> dict:
             row["encode_s"] = round(encode, 3)
             row["encode_s_per_pair"] = round(encode / pairs, 4)
             row["pairs_per_s_with_encode"] = round(opts.batch_size / (median + opts.batch_size * encode / pairs), 4)
+            row["reference_reused_policy_encodes"] = rs[0]["reference_reused_policy_encodes"]
         arms[arm] = row
     ours, theirs = arms["dpokit"], arms["trl"]
     ratios = {"pairs_per_s": round(ours["pairs_per_s"] / theirs["pairs_per_s"], 3),
@@ -457,6 +468,8 @@ def main(argv=None) -> dict:
                      "freeze_vision": True, "reference": "separate frozen model (second load of the same weights), "
                      "both arms", "loss": "sigmoid, beta 0.1", "optimizer": "Trainer default (adamw_torch), both arms",
                      "gradient_checkpointing": False, "attention": "sdpa",
+                     "dpokit_reference_image_encodes": "reused from the policy's frozen tower in the same step "
+                     "(share_frozen_tower, as `dpokit train` does); TRL encodes in both models",
                      "timing": "end of previous step to end of step (includes the batch fetch + collation); "
                      "dpokit's one-time encode is outside (see encode_s, pairs_per_s_with_encode)",
                      "memory": "peak RSS growth of the arm's process after imports (data, two model loads, trainer, "
