@@ -21,6 +21,7 @@ Layout. A vision pair is encoded as `prompt_ids` (image tokens already expanded 
 in the packed rows (the model scatters image features into image-token positions in row-major order), so the vision
 tower encodes each image once per pair. `pad_vision_pairs` is the reference layout (two rows per pair, each image
 encoded twice, as TRL's `DataCollatorForVisionPreference` does). `dpokit.core.packing.batch_logps` scores both.
+With a frozen tower, `share_frozen_tower` lets the reference forward reuse the policy's encodes of the same batch.
 """
 
 from __future__ import annotations
