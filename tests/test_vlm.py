@@ -248,3 +248,93 @@ def test_qwen2vl_mrope_positions_in_the_shared_layout():
                 alone = token_logps(logits[0, n - 1:-1], ids[0, n:]).sum()
                 torch.testing.assert_close(packed[slot][i], alone, rtol=1e-5, atol=1e-5)
     counter.close()
+
+
+class EncodeCounter(ImageCounter):
+    """Images the tower really encodes: a hook on its patch embeddings, inside the tower's forward (a tower call
+    answered from SharedTowerOutput runs the tower's own hooks, not its layers)."""
+
+    def __init__(self, model):
+        self.images = self.calls = 0
+        embeddings = next(m for n, m in vision_tower(model).named_modules() if n.endswith("embeddings"))
+        self.handle = embeddings.register_forward_hook(self._hook, with_kwargs=True)
+
+
+def _one_step(base, processor, examples, tmp_path, share: bool, lora: bool = False):
+    """Loss, gradients and tower encodes (policy, reference) of one training batch through dpokit's DPOTrainer, the
+    towers frozen and the reference the initial weights (a frozen copy, or with LoRA the adapter switched off)."""
+    from transformers import TrainingArguments
+
+    from dpokit.core.vision import share_frozen_tower
+    from dpokit.train.trainer import DPOTrainer, apply_lora, disable_dropout
+
+    pairs = _pairs(examples, processor)
+    pad = processor.tokenizer.pad_token_id
+    policy = copy.deepcopy(base)
+    disable_dropout(policy)
+    vision_tower(policy).requires_grad_(False)
+    ref = None if lora else copy.deepcopy(base).eval().requires_grad_(False)
+    if lora:
+        from dpokit.core.config import LoraConfig
+        from dpokit.train.vision import lora_targets
+
+        policy = apply_lora(policy, LoraConfig(r=4), lora_targets(policy, "all-linear", freeze_vision=True))
+    args = TrainingArguments(output_dir=str(tmp_path / f"share{share}{lora}"), report_to=[],
+                             remove_unused_columns=False, per_device_train_batch_size=len(pairs))
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=pairs, processing_class=processor.tokenizer,
+                         data_collator=lambda rows: pack_vision_pairs(rows, pad),
+                         dpo_cfg=TrainConfig(loss="sigmoid", beta=0.1), ref_model=ref)
+    if share:
+        trainer.vision_share = share_frozen_tower(policy, ref)
+        assert trainer.vision_share is not None
+    counters = [EncodeCounter(policy)] + ([] if lora else [EncodeCounter(ref)])
+    policy.train()
+    batch = pack_vision_pairs(pairs, pad)
+    with torch.no_grad():  # move the trainable weights off the reference's, so the loss is not ln 2
+        gen = torch.Generator().manual_seed(3)
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    loss = trainer.compute_loss(policy, batch)
+    loss.backward()
+    images = [c.images for c in counters]
+    for c in counters:
+        c.close()
+    hits = trainer.vision_share.hits if share else 0
+    return loss.item(), _grads(policy), images, hits
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_reference_reuses_the_frozen_towers_image_encodes(family, lora, tmp_path):
+    """With the tower frozen, the reference forward reuses the policy's image encodes of the batch
+    (share_frozen_tower, what `dpokit train` turns on): the same loss and gradients as encoding again, and the
+    images go through a tower once per step instead of twice."""
+    name, base, processor = family
+    examples = _examples(2)
+    loss, grads, images, hits = _one_step(base, processor, examples, tmp_path, share=False, lora=lora)
+    loss_s, grads_s, images_s, hits_s = _one_step(base, processor, examples, tmp_path, share=True, lora=lora)
+    assert abs(loss - 0.6931) > 1e-4
+    assert loss_s == pytest.approx(loss, rel=1e-6, abs=1e-7)
+    assert set(grads_s) == set(grads) and grads
+    for key, grad in grads.items():
+        torch.testing.assert_close(grads_s[key], grad, rtol=1e-5, atol=1e-7)
+    n_images = len(examples) * 2
+    assert (images, hits) == (([n_images, n_images] if not lora else [2 * n_images]), 0)
+    # shared: the policy's tower encodes once, the reference's is not run (LoRA: one tower, one encode)
+    assert (images_s, hits_s) == (([n_images, 0] if not lora else [n_images]), 1)
+
+
+def test_towers_are_not_shared_unless_it_is_exact(family):
+    from dpokit.core.vision import share_frozen_tower
+
+    name, base, _ = family
+    frozen = copy.deepcopy(base)
+    vision_tower(frozen).requires_grad_(False)
+    ref = copy.deepcopy(base).eval().requires_grad_(False)
+    assert share_frozen_tower(frozen, ref) is not None
+    assert share_frozen_tower(copy.deepcopy(base), ref) is None  # the tower trains
+    other = _perturbed(base).eval().requires_grad_(False)
+    assert share_frozen_tower(frozen, other) is None  # another reference model: other tower weights
+    attention = next(m for m in vision_tower(frozen).modules() if isinstance(getattr(m, "dropout", None), float))
+    attention.dropout = 0.1  # attention dropout in the training policy's tower: its encodes are not the reference's
+    assert share_frozen_tower(frozen, ref) is None

@@ -21,10 +21,12 @@ Layout. A vision pair is encoded as `prompt_ids` (image tokens already expanded 
 in the packed rows (the model scatters image features into image-token positions in row-major order), so the vision
 tower encodes each image once per pair. `pad_vision_pairs` is the reference layout (two rows per pair, each image
 encoded twice, as TRL's `DataCollatorForVisionPreference` does). `dpokit.core.packing.batch_logps` scores both.
+With a frozen tower, `share_frozen_tower` lets the reference forward reuse the policy's encodes of the same batch.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -278,3 +280,108 @@ def encode_vision_pair(row: dict, images: list, processor) -> dict:
     enc["rejected_ids"] = tokenizer(rejected_text, add_special_tokens=False)["input_ids"]
     enc["num_images"] = len(images)
     return enc
+
+
+def _same_call(a, b) -> bool:
+    """Whether two (args, kwargs) of a tower call are the same inputs (tensors by value)."""
+    (args_a, kw_a), (args_b, kw_b) = a, b
+    if len(args_a) != len(args_b) or set(kw_a) != set(kw_b):
+        return False
+    for x, y in zip([*args_a, *(kw_a[k] for k in sorted(kw_a))], [*args_b, *(kw_b[k] for k in sorted(kw_b))]):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                    and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """The tensors in a module output (a tensor, a ModelOutput / dict, tuples of them)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def _tower_is_deterministic(tower: torch.nn.Module) -> bool:
+    """No dropout left in the tower (nn.Dropout modules at p=0, attention dropout rates at 0) and no batch norm
+    (whose train mode differs from eval)."""
+    for module in tower.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            return False
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            return False
+        for name in ("dropout", "attention_dropout", "dropout_p"):
+            rate = getattr(module, name, None)
+            if isinstance(rate, float) and rate > 0:
+                return False
+    return True
+
+
+class SharedTowerOutput:
+    """The policy's frozen vision-tower output, reused by the reference forward of the same batch.
+
+    With train.freeze_vision the policy's tower never changes, and the reference (a frozen copy of the initial
+    policy, or the policy itself with its adapter off) has the same tower: the reference forward would encode the
+    same images with the same weights again. A forward hook records the policy tower's last call (inputs and
+    output) when the output carries no gradient; inside `reusing()` the reference tower returns that output
+    when it is called on equal inputs (tensors compared by value), and computes as usual otherwise.
+    `share_frozen_tower` builds one only when this is exact; `hits` counts the encodes saved."""
+
+    def __init__(self, policy_tower: torch.nn.Module, ref_tower: torch.nn.Module):
+        self.ref_tower = ref_tower
+        self.last = None
+        self.hits = 0
+        self.handle = policy_tower.register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs, out):
+        tensors = _tensors(out)
+        self.last = None if not tensors or any(t.requires_grad for t in tensors) else ((args, kwargs), out)
+
+    @contextmanager
+    def reusing(self):
+        tower, last = self.ref_tower, self.last
+
+        def forward(*args, **kwargs):
+            if last is not None and _same_call((args, kwargs), last[0]):
+                self.hits += 1
+                return last[1]
+            return type(tower).forward(tower, *args, **kwargs)
+
+        tower.forward = forward  # an instance attribute: Module.__call__ runs it, the class is untouched
+        try:
+            yield
+        finally:
+            del tower.forward
+            self.last = None  # one batch's features only
+
+    def close(self):
+        self.handle.remove()
+
+
+def share_frozen_tower(policy, ref_model=None) -> SharedTowerOutput | None:
+    """A SharedTowerOutput when reusing the policy's tower output in the reference forward is exact: the policy's
+    tower is frozen (no parameter requires grad) and has no dropout, and the reference's tower is the same module
+    (LoRA: the reference is the policy with its adapter off; `ref_model` None) or a module with equal weights and
+    buffers (a frozen copy). None otherwise (a trained tower, another reference model, a model without a tower)."""
+    try:
+        tower = vision_tower(policy)
+        ref_tower = tower if ref_model is None else vision_tower(ref_model)
+    except UserError:
+        return None
+    if any(p.requires_grad for p in tower.parameters()) or not _tower_is_deterministic(tower):
+        return None
+    if ref_tower is not tower:
+        if type(ref_tower) is not type(tower) or not _tower_is_deterministic(ref_tower):
+            return None
+        mine, theirs = tower.state_dict(), ref_tower.state_dict()
+        if mine.keys() != theirs.keys() or not all(
+                mine[k].shape == theirs[k].shape and mine[k].dtype == theirs[k].dtype and
+                torch.equal(mine[k], theirs[k].to(mine[k].device)) for k in mine):
+            return None
+    return SharedTowerOutput(tower, ref_tower)

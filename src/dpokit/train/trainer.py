@@ -41,6 +41,7 @@ from dpokit.core.run import ReferenceEvalLogps, TrainSummary
 from dpokit.core.scoring import pairs_fingerprint
 from dpokit.core.secrets import apply_token_env
 from dpokit.core.threads import apply_num_threads, cpu_load_of_others, oversubscription_warning
+from dpokit.core.vision import share_frozen_tower
 from dpokit.data import PreferenceData
 from dpokit.data.prepare import prepare_data
 from dpokit.train.console import ConsoleCallback
@@ -94,6 +95,7 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
         self.model_accepts_loss_kwargs = False
         self._stored = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.reference_forwards = 0  # reference forward passes during training (0 with precomputed log-probs)
+        self.vision_share = None  # a SharedTowerOutput (dpokit.core.vision) when the reference can reuse image encodes
         self.step0_check: dict | None = None
         self._step_loss: torch.Tensor | None = None  # sum of this optimizer step's micro-batch losses, on the device
         self._sparse_metrics: set[str] = set()  # metrics a batch may lack (ranked/unpaired feedback): NaN = none
@@ -102,7 +104,9 @@ class DPOTrainer(CpuFsdpMixin, AtomicCheckpointMixin, PackingTrainerMixin, Train
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         self.reference_forwards += 1
-        with torch.no_grad():
+        # vision runs: the reference reuses the policy's frozen image encodes of this batch (share_frozen_tower)
+        share = self.vision_share.reusing() if self.vision_share is not None else contextlib.nullcontext()
+        with torch.no_grad(), share:
             ld_alpha = self.dpo_cfg.ld_alpha
             if self.ref_model is not None:
                 out = batch_logps(self.ref_model, batch, ld_alpha)
@@ -525,6 +529,7 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
         trainer = DPOTrainer(model=s.model, args=args, train_dataset=s.train_enc, eval_dataset=s.eval_enc or None,
                              processing_class=s.tokenizer, dpo_cfg=cfg.train, ref_model=s.ref_model,
                              data_collator=VisionPairCollator(s.tokenizer.pad_token_id))
+        trainer.vision_share = share_frozen_tower(trainer.model, s.ref_model)  # None unless exact (frozen tower)
         trainer.attention_choice = {"backend": "dense", "passed_over": {}}
     elif cfg.train.engine == "trl":
         trainer = build_trl_trainer(cfg, s.model, s.tokenizer, args, s.train_enc, s.eval_enc, s.ref_model,

@@ -3,7 +3,8 @@
 The data (`dpokit.data.vision`: TRL's vision format or RLAIF-V, every check before weights load) goes through the
 model's processor; each pair is laid out once, `[prompt with image tokens, chosen, rejected]`, with its images
 encoded once (`dpokit.core.vision.pack_vision_pairs`); the loss is the same `DPOTrainer.compute_loss` as for text.
-`train.freeze_vision` (default true) keeps the vision tower's weights fixed: with LoRA no adapter goes into it.
+`train.freeze_vision` (default true) keeps the vision tower's weights fixed: with LoRA no adapter goes into it, and
+the reference forward reuses the policy's image encodes of the batch (`dpokit.core.vision.share_frozen_tower`).
 
 The evaluation after training (eval.enabled) and `dpokit eval` work on vision runs (`dpokit.eval.vision`): held-out
 preference accuracy, answers generated from the held-out images, judges that see the images; planning refuses the
