@@ -63,3 +63,29 @@ def test_the_cache_key_holds_the_pixels(tmp_path):
     assert a["prompt_ids"] == b["prompt_ids"] and not torch.equal(a["pixel_values"], b["pixel_values"])
     assert pairs_fingerprint([a]) != pairs_fingerprint([b])
     assert pairs_fingerprint([a]) == pairs_fingerprint([a2])
+
+
+def test_token_budget_batches_of_image_pairs(tmp_path):
+    """train.max_tokens_per_batch on image pairs: every batch the trainer draws holds at most the budget of
+    prefix-shared tokens (image tokens included), each pair once an epoch, and the run trains."""
+    from dpokit.core.config import load_config
+    from dpokit.core.packing import pair_length
+    from dpokit.train.plan import plan_training
+    from dpokit.train.trainer import build_trainer, setup_vision
+
+    budget = 200
+    cfg = load_config(_config(tmp_path, "budget", max_tokens_per_batch=budget))
+    plan = plan_training(cfg)
+    s = setup_vision(plan)
+    trainer = build_trainer(plan, s, [])
+    lengths = [pair_length(p) for p in s.train_enc]
+    assert max(lengths) <= budget < sum(lengths)
+    seen = []
+    for batch in trainer.get_train_dataloader():
+        n = int(batch["num_pairs"])
+        assert 0 < n and batch["input_ids"].numel() <= budget * 2  # rows as wide as the longest pair
+        seen.append(n)
+    groups = trainer.token_budget_sampler.batches
+    assert sum(seen) == len(s.train_enc) and all(sum(lengths[i] for i in g) <= budget for g in groups)
+    result = run_cli("train", _config(tmp_path, "budget-run", max_tokens_per_batch=budget))
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -34,7 +34,7 @@ from dpokit.core.config import RunConfig, reference_batch_size
 from dpokit.core.errors import UserError
 from dpokit.core.io import chmod_tree_as_created
 from dpokit.core.models import load_model, load_model_and_tokenizer, load_tokenizer, quiet_hf
-from dpokit.core.packing import batch_logps, is_list_batch, list_logps
+from dpokit.core.packing import batch_logps, is_list_batch, list_logps, pair_length
 from dpokit.core.processes import is_main_process, join_process_group, no_accelerator
 from dpokit.core.quant import bnb_config, is_quantized, prepare_for_kbit_training
 from dpokit.core.run import ReferenceEvalLogps, TrainSummary
@@ -48,7 +48,7 @@ from dpokit.train.console import ConsoleCallback
 from dpokit.train.distributed import CpuFsdpMixin, check_strategy, distributed_summary
 from dpokit.train.feedback import feedback_inputs, feedback_metrics
 from dpokit.train.losses import REGISTRY, PairLogps, combined_loss, needs_reference, parse_loss_spec
-from dpokit.train.packing import PackingTrainerMixin, choose_collator
+from dpokit.train.packing import PackingTrainerMixin, TokenBudgetBatchSampler, choose_collator
 from dpokit.train.plan import TrainPlan, check_loss_kind, plan_training
 from dpokit.train.reference import precompute
 from dpokit.train.resilience import (
@@ -531,6 +531,9 @@ def build_trainer(plan: TrainPlan, s: Setup, callbacks: list | None) -> Trainer:
                              data_collator=VisionPairCollator(s.tokenizer.pad_token_id))
         trainer.vision_share = share_frozen_tower(trainer.model, s.ref_model)  # None unless exact (frozen tower)
         trainer.attention_choice = {"backend": "dense", "passed_over": {}}
+        if cfg.train.max_tokens_per_batch:  # a pair's length holds its prompt's image tokens
+            trainer.token_budget_sampler = TokenBudgetBatchSampler(
+                [pair_length(p) for p in s.train_enc], cfg.train.max_tokens_per_batch, seed=cfg.train.seed)
     elif cfg.train.engine == "trl":
         trainer = build_trl_trainer(cfg, s.model, s.tokenizer, args, s.train_enc, s.eval_enc, s.ref_model,
                                     plan.reference)
