@@ -496,7 +496,7 @@ class EvalResult(Artifact):
     model: str = Field(description="the base model")
     beta: float = Field(description="train.beta, the scale of the implicit reward")
     settings: EvalSettings | None = Field(None, description="the `eval` config section used for this evaluation "
-                                            "(after any `dpokit eval --set eval.KEY=VALUE`)")
+                                          "(after any `dpokit eval --set eval.KEY=VALUE`; keys: docs/config.md)")
     preference: PreferenceMetrics
     generation: Generation | None = Field(None, description="judged answers of tuned vs base (`null` with "
                                           "eval.generate: false)")
@@ -753,7 +753,8 @@ class RunDir:
 
 
 def describe_artifact_keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted key, description) for every documented field, depth first: the README's `eval.json` table."""
+    """(dotted key, description) for every documented field, depth first: the README's `eval.json` table. A config
+    section (`settings`) is one row: its keys are docs/config.md's."""
     rows = []
     for name, field in model.model_fields.items():
         if name == "schema_version":
@@ -763,7 +764,7 @@ def describe_artifact_keys(model: type[BaseModel], prefix: str = "") -> list[tup
             rows.append((key, field.description))
         ann = field.annotation
         sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, BaseModel)
-                    and c is not Metric), None)
+                    and c is not Metric and not issubclass(c, EvalConfig)), None)
         if sub is not None:
             rows.extend(describe_artifact_keys(sub, key + "."))
     return rows
