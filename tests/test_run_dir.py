@@ -78,7 +78,7 @@ def test_eval_settings_change_with_set_and_are_recorded(finished_run, tmp_path):
                   "--set", "eval.seed=7")
     assert res.returncode == 0, res.stderr[-3000:]
     result = run.read_eval()
-    assert result.settings["num_prompts"] == 2 and result.settings["seed"] == 7
+    assert result.settings.num_prompts == 2 and result.settings.seed == 7
     assert result.generation.n_prompts == 2 and result.generation.decoding.max_new_tokens == 4
     assert run.read_config().eval.num_prompts == 4  # the run's own config is untouched
     for bad, needle in ((["--set", "train.beta=0.5"], "only eval settings"),
