@@ -49,8 +49,6 @@ Prints a table and writes JSON (--out) with both arms, the ratios dpokit / TRL, 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import math
 import os
@@ -59,7 +57,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -67,9 +64,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this tree's dpokit, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput.py: the peak-memory sampler
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from throughput import PeakMemory  # noqa: E402  (peak RSS growth sampled every 5 ms after malloc_trim)
 
 ARMS = ("dpokit", "trl")
 TARGET = {"pairs_per_s_ratio_min": 1.7, "peak_memory_ratio_max": 0.7}
@@ -185,41 +184,6 @@ def make_examples(processor, n: int, answer_tokens: int, seed: int) -> list[dict
             "rejected": [{"role": "assistant", "content": answer_text(rng, words, answer_tokens, length)}],
         })
     return out
-
-
-# --------------------------------------------------------------------------------------------------------- memory
-class PeakRSS:
-    """Peak RSS growth during a block, sampled every 5 ms, after handing freed heap back to the OS."""
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.base = self.peak = self.rss()
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self.peak = max(self.peak, self.rss())
-                time.sleep(0.005)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-        self.peak_mb = (self.peak - self.base) / 2**20
-        return False
 
 
 # ------------------------------------------------------------------------------------------------------------ arm
@@ -342,7 +306,7 @@ def run_arm(opts) -> dict:
     import dpokit.train.trainer  # noqa: F401
     import dpokit.train.vision  # noqa: F401
 
-    with tempfile.TemporaryDirectory() as tmp, PeakRSS() as mem:
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory("cpu") as mem:
         examples = make_examples(processor, opts.batch_size * (opts.warmup_steps + opts.steps), opts.answer_tokens,
                                  opts.seed)
         seconds, images, info = (arm_dpokit if opts.arm == "dpokit" else arm_trl)(opts, examples, processor, tmp)
