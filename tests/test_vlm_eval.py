@@ -162,12 +162,17 @@ def test_report_shows_thumbnails_beside_the_answers_escaped(vision_run, tmp_path
     assert f"(images: {samples[1]['images'][0]})" in md
 
 
-def test_moved_image_at_eval_time_exits_2_with_one_line_and_writes_nothing(vision_run, cli, tmp_path):
-    run, data_dir = vision_run
+def _unevaluated_copy(run: Path, tmp_path: Path) -> Path:
+    """A copy of the trained run without its evaluation, so a refused `dpokit eval` must leave none behind."""
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     for name in ("eval.json", "eval_samples.jsonl"):
         (copy / name).unlink(missing_ok=True)
+    return copy
+
+
+def test_moved_image_at_eval_time_exits_2_with_one_line_and_writes_nothing(vision_run, cli, tmp_path):
+    copy = _unevaluated_copy(vision_run[0], tmp_path)
     held_out = [json.loads(line) for line in (copy / "data" / "eval.jsonl").read_text().splitlines()]
     image = Path(held_out[2]["images"][0])
     moved = image.with_suffix(".moved")
@@ -221,11 +226,7 @@ def test_vision_plan_allows_image_judges_and_no_generation(tmp_path):
 
 
 def test_text_only_judge_at_dpokit_eval_of_a_vision_run_exits_2(vision_run, cli, tmp_path):
-    run, _ = vision_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    for name in ("eval.json", "eval_samples.jsonl"):
-        (copy / name).unlink(missing_ok=True)
+    copy = _unevaluated_copy(vision_run[0], tmp_path)
     result = cli("eval", copy, "--set", "eval.judge=llm", "--set", "eval.judge_options.model=smollm2-135m-instruct")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "eval.judge: llm reads text only" in lines[0], lines
