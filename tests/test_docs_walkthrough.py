@@ -310,3 +310,49 @@ def test_docs_walkthrough(tmp_path, capsys):
               f"{sum(r[1] == 'skip' for r in results)} skipped, {total:.0f} s in all (cpu {cpu:.0f} s)", flush=True)
     assert not failures, f"{len(failures)} doc command(s) failed (the first may cause the rest):\n\n" + \
         "\n\n".join(failures)
+
+
+def _train_output_dir(cmd: Command, written: dict[str, str]) -> str | None:
+    """The run folder a `dpokit train CONFIG ...` command writes: its `--set output.dir=` or the config's output.dir
+    (the config read from the checkout or from an earlier `# file:` block)."""
+    import shlex
+
+    import yaml
+
+    words = shlex.split(cmd.text.split("&&")[0].split("|")[0])
+    if words[:2] != ["dpokit", "train"] or len(words) < 3:
+        return None
+    for i, word in enumerate(words):
+        value = words[i + 1] if word == "--set" and i + 1 < len(words) else ""
+        if value.startswith("output.dir="):
+            return value.split("=", 1)[1]
+    config = words[2]
+    text = written.get(config) or ((ROOT / config).read_text(encoding="utf-8") if (ROOT / config).is_file() else None)
+    if text is None:
+        return None
+    return ((yaml.safe_load(text) or {}).get("output") or {}).get("dir")
+
+
+def test_doc_trainings_do_not_collide():
+    """Fast: two `dpokit train` commands of the walkthrough (README, CONTRIBUTING, docs/ in that order, one folder)
+    never write the same run folder unless the later one says `--overwrite` or `--resume`. The slow walkthrough
+    would stop there at exit 2 ("already exists"), 40 minutes into CI."""
+    written: dict[str, str] = {}
+    first_use: dict[str, str] = {}
+    clashes = []
+    for path in doc_files():
+        for cmd in extract_commands(path):
+            if cmd.kind == "file":
+                written[cmd.path] = cmd.text
+            if cmd.skip or cmd.kind != "bash":
+                continue
+            out = _train_output_dir(cmd, written)
+            if out is None:
+                continue
+            where = f"{cmd.doc}:{cmd.line}"
+            if out in first_use and not re.search(r"--(overwrite|resume)\b", cmd.text):
+                clashes.append(f"{where}: `{cmd.text}` writes {out}, which {first_use[out]} already wrote; "
+                               "give it its own `--set output.dir=...` (or --overwrite)")
+            first_use.setdefault(out, where)
+    assert not clashes, "\n".join(clashes)
+    assert "runs/tiny" in first_use   # the README's own training was found (the parser reads the docs at all)
