@@ -20,6 +20,26 @@ from importlib.metadata import PackageNotFoundError, version
 # any torch import; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _quiet_bitsandbytes_hub_kernel_fallback() -> None:
+    """Workaround: bitsandbytes 0.50 on a CPU with AVX512-BF16 asks the `kernels` package, as it is imported, for
+    the hub kernel kernels-community/quantization-bitsandbytes; offline, or where the publisher is not trusted, it
+    logs two WARNING lines and falls back to its own CPU kernel (the same results). peft imports bitsandbytes
+    whenever it is installed, so every dpokit command printed those lines, even a one-line error. Only these two
+    messages are dropped. Remove when bitsandbytes loads hub kernels on request only or logs this at DEBUG."""
+    import logging
+
+    def drop(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+                    or message.startswith("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"))
+
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).addFilter(drop)
+
+
+_quiet_bitsandbytes_hub_kernel_fallback()
+
 try:
     __version__ = version("dpokit")
 except PackageNotFoundError:  # running from a source tree without install
