@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, tiny_config
-from dpokit.train.resilience import last_complete_checkpoint
+from dpokit.train.checkpoints import last_complete_checkpoint
 
 MAX_STEPS = 24
 

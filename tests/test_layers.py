@@ -93,6 +93,27 @@ def test_cli_startup_imports_no_heavy_library(args):
         assert res.stdout.startswith("dpokit "), res.stdout
 
 
+# What a config mistake must not wait for: transformers' Trainer pulls in peft, which imports bitsandbytes, which
+# imports torch's compiler (about 5 s of a 9 s start on the 2-core CPU).
+TRAINER_STACK = ("peft", "bitsandbytes", "trl", "transformers.trainer", "transformers.training_args")
+
+
+@pytest.mark.parametrize("args", [
+    ["plan", "configs/tiny.yaml", "--set", "eval.judge=sentimnt"],
+    ["train", "configs/tiny.yaml", "--set", "eval.judge=sentimnt"],
+    ["train", "configs/tiny.yaml", "--set", "train.loss=sigmod"],
+    ["train", "configs/tiny.yaml", "--set", "train.engine=trl", "--set", "train.loss=listwise_pl"],
+    ["eval", "no-such-run-folder"],
+], ids=lambda args: " ".join(args[:1] + args[-1:]))
+def test_a_refused_command_stops_before_the_trainers_imports(args):
+    res = _python(_CLI_PROBE.format(args=args, heavy=TRAINER_STACK))
+    probe = json.loads(res.stdout.rsplit("PROBE ", 1)[1])
+    assert probe["exit"] == 2, (probe, res.stderr[-3000:])
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert probe["heavy"] == [], (
+        f"`dpokit {' '.join(args)}` imported {probe['heavy']} before refusing: plan first, then import the trainer "
+        "(src/dpokit/cli/__init__.py train; checks in dpokit.train.plan import no Trainer)")
+
 def test_import_linter_contract_holds():
     exe = shutil.which("lint-imports")
     if exe is None:

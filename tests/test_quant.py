@@ -307,7 +307,7 @@ def test_4bit_run_killed_after_a_checkpoint_resumes_to_the_straight_run(tmp_path
     import time
 
     from conftest import run_cli
-    from dpokit.train.resilience import last_complete_checkpoint
+    from dpokit.train.checkpoints import last_complete_checkpoint
 
     steps = {"max_steps": 10, "save_steps": 3, "batch_size": 4}
     straight = run_cli("train", qlora_yaml(tmp_path, "straight", **steps))

@@ -19,8 +19,8 @@ from dpokit.core.config import RunConfig, load_config, read_config_file
 from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text
 from dpokit.core.run import RunDir
+from dpokit.train.checkpoints import last_complete_checkpoint
 from dpokit.train.plan import plan_training
-from dpokit.train.resilience import last_complete_checkpoint
 
 INPUTS_STAMP = ".dpokit-inputs"  # in a run folder: the hash of the pairs it was trained on
 

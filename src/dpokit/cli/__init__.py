@@ -102,13 +102,15 @@ def train(
 ) -> None:
     """Train with DPO as the config says; writes the run folder (output.dir), then evaluates it (eval.enabled)."""
     from dpokit.core.processes import is_main_process
-    from dpokit.eval import evaluate_run
     from dpokit.train.plan import plan_training
-    from dpokit.train.trainer import run_training
 
     cfg = _load(config, set_, overwrite, check_files=False)  # the plan checks the paths with everything else
-    # Every static check, the evaluation's judge included, runs before any weights load.
+    # Every static check, the evaluation's judge included, runs before any weights load, and before the trainer's
+    # and the evaluation's imports (transformers' Trainer, peft, bitsandbytes: seconds), so a mistake is told at once.
     plan = plan_training(cfg, resume=resume, evaluate=False if no_eval else None, origin=config)
+    from dpokit.eval import evaluate_run
+    from dpokit.train.trainer import run_training
+
     quiet = _state["quiet"]
     result = run_training(plan, progress=not quiet)
     if not is_main_process():  # one summary per job, not per rank
@@ -152,6 +154,9 @@ def eval_(
         return
     if prompts is not None or overwrite:
         raise UserError("--prompts and --overwrite go with --export FORMAT FILE; add it, or drop them")
+    from dpokit.core.run import RunDir
+
+    RunDir(run_dir).require_model()   # a wrong folder is told before the evaluation's imports (seconds)
     from dpokit.eval import evaluate_run
 
     overrides = list(set_ or [])

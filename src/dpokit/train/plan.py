@@ -18,9 +18,9 @@ from dpokit.core.judges import check_judge
 from dpokit.core.processes import is_main_process, world_size
 from dpokit.core.quant import bitsandbytes_problem
 from dpokit.core.run import RunDir
+from dpokit.train.checkpoints import last_complete_checkpoint
 from dpokit.train.distributed import launcher_problems, requested_strategy
 from dpokit.train.losses import loss_names, needs_reference, option_problems, parse_loss_spec, terms_kind
-from dpokit.train.resilience import last_complete_checkpoint
 from dpokit.train.trackers import check_report_to
 from dpokit.train.trl_engine import check_trl_config
 from dpokit.train.vision import is_vision_run, vision_plan_problems

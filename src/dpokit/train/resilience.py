@@ -4,7 +4,6 @@
 - `AtomicCheckpointMixin`: Trainer writes `checkpoint-N` straight into its output folder, so a kill during a save
   leaves a half-written checkpoint that `get_last_checkpoint` would pick. The mixin makes Trainer write into
   `checkpoints/.staging/checkpoint-N` and renames the folder into place once every rank has finished.
-- `last_complete_checkpoint()`: what `--resume` continues from (only renamed, complete checkpoints).
 - `StopOnSignal`: the first SIGINT/SIGTERM asks Trainer to save a checkpoint and stop at the end of the current
   step (agreed across ranks, so no rank waits in a collective for one that left); a second one stops at once.
 - `destroy_process_group_at_exit()`: after a finished run, the launcher's process group is destroyed when the
@@ -16,7 +15,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import re
 import shutil
 import signal
 import threading
@@ -30,10 +28,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from dpokit.core.errors import UserError
 from dpokit.core.io import atomic_write_text, chmod_tree_as_created
 from dpokit.core.processes import is_main_process
-
-STAGING = ".staging"
-TRAINER_STATE = "trainer_state.json"  # Trainer writes it last, so its presence marks a finished save
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+from dpokit.train.checkpoints import STAGING
 
 
 def quiet_non_main_process() -> None:
@@ -75,23 +70,6 @@ _destroy_registered = False
 def _destroy_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def last_complete_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
-    """The highest-step `checkpoint-N` folder holding a trainer state; staging folders and partial saves are ignored."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return None
-    found = []
-    for child in ckpt_dir.iterdir():
-        match = _CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and (child / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), child))
-    return str(max(found)[1]) if found else None
-
-
-def checkpoint_step(checkpoint: str) -> int:
-    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"]
 
 
 def clean_staging(ckpt_dir: str | os.PathLike) -> None:

@@ -91,7 +91,7 @@ def check_report_to(value: list[str] | str | None) -> list[str]:
         problems.append(f"train.report_to: {value!r}: 'none' and 'all' stand alone; give one of them or a list of "
                         "tracker names")
         return problems
-    if names == ["all"]:
+    if names in ([], ["all"]):   # nothing to look up: transformers' trackers table imports its Trainer (seconds)
         return problems
     known = known_trackers()
     for name in dict.fromkeys(names):

@@ -44,6 +44,7 @@ from dpokit.core.threads import apply_num_threads, cpu_load_of_others, oversubsc
 from dpokit.core.vision import share_frozen_tower
 from dpokit.data import PreferenceData
 from dpokit.data.prepare import prepare_data
+from dpokit.train.checkpoints import checkpoint_step, last_complete_checkpoint
 from dpokit.train.console import ConsoleCallback
 from dpokit.train.distributed import CpuFsdpMixin, check_strategy, distributed_summary
 from dpokit.train.feedback import feedback_inputs, feedback_metrics
@@ -55,10 +56,8 @@ from dpokit.train.resilience import (
     AtomicCheckpointMixin,
     StopOnSignal,
     TrainingStopped,
-    checkpoint_step,
     clean_staging,
     destroy_process_group_at_exit,
-    last_complete_checkpoint,
     quiet_non_main_process,
     restore_loss_sum,
     restore_synced_reference,

@@ -10,12 +10,16 @@ ignores it there) and reference `model` or `adapter`.
 from __future__ import annotations
 
 import dataclasses
-
-from transformers import TrainingArguments
+from typing import TYPE_CHECKING
 
 from dpokit.core.errors import UserError
 from dpokit.train.losses import parse_loss_spec, trl_loss_names
-from dpokit.train.resilience import AtomicCheckpointMixin
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+# transformers' TrainingArguments and Trainer (and with them peft and bitsandbytes, seconds of imports) load only
+# when a TRL run is built: `dpokit plan` and `dpokit train`'s checks import `check_trl_config` from here.
 
 
 def trl_loss_types(train_cfg) -> tuple[list[str], list[float]]:
@@ -51,6 +55,7 @@ def check_trl_config(train_cfg, reference: str) -> str:
 
 
 def dpo_config(args: TrainingArguments, train_cfg):
+    from transformers import TrainingArguments
     from trl import DPOConfig
 
     loss_type, loss_weights = trl_loss_types(train_cfg)
@@ -76,6 +81,8 @@ def trl_loss_options(train_cfg) -> dict:
 def build_trl_trainer(cfg, model, tokenizer, args, train_enc, eval_enc, ref_model, reference):
     from datasets import Dataset
     from trl import DPOTrainer
+
+    from dpokit.train.resilience import AtomicCheckpointMixin
 
     class TRLDPOTrainer(AtomicCheckpointMixin, DPOTrainer):
         """TRL's trainer with dpokit's checkpoints: written to a staging folder, renamed into place when complete."""
