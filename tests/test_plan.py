@@ -219,3 +219,30 @@ def test_cpu_plan_total_is_the_peak_resident_memory_of_train(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     peak_mb = int(res.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
     assert 0.75 <= peak_mb / out["peak_memory_mb"] <= 1.25, (peak_mb, out["peak_memory_mb"], out["breakdown_mb"])
+
+
+def test_process_memory_is_measured_once_per_interpreter_and_library_versions(tmp_path, monkeypatch):
+    """The `process` line costs a fresh interpreter importing the training stack (seconds), so it is kept in the
+    dpokit cache under the interpreter and the libraries' versions: a second plan reads it, another key measures
+    again."""
+    from dpokit.train import resources
+
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path))
+    resources.training_process_mb.cache_clear()
+    monkeypatch.setattr(resources, "_training_stack_key", lambda: "python-a torch=1")
+    measured = resources.training_process_mb()
+    assert 300 < measured < 4000, measured   # torch and transformers imported, nothing trained
+    stored = json.loads((tmp_path / "training_process_mb.json").read_text(encoding="utf-8"))
+    assert stored == {"python-a torch=1": measured}
+    # Read back, not measured: a value no measurement gives proves the file is what answers.
+    (tmp_path / "training_process_mb.json").write_text(json.dumps({"python-a torch=1": 123.0}), encoding="utf-8")
+    resources.training_process_mb.cache_clear()
+    assert resources.training_process_mb() == 123.0
+    # An upgrade (another key) measures again and keeps the other entry.
+    monkeypatch.setattr(resources, "_training_stack_key", lambda: "python-a torch=2")
+    resources.training_process_mb.cache_clear()
+    again = resources.training_process_mb()
+    assert 300 < again < 4000 and again != 123.0
+    assert set(json.loads((tmp_path / "training_process_mb.json").read_text(encoding="utf-8"))) == {
+        "python-a torch=1", "python-a torch=2"}
+    resources.training_process_mb.cache_clear()

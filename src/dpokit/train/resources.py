@@ -63,7 +63,44 @@ def training_process_mb() -> float:
     peft, accelerate and dpokit's training stack imported (about 860 MB with torch 2.14 on x86_64). Measured in a
     fresh interpreter that imports what `dpokit train` imports, so it follows this machine's builds of those
     libraries and not whatever the caller's process (a notebook, a test runner) holds besides. On the CPU the
-    device is the host, so this is part of the peak the user sees."""
+    device is the host, so this is part of the peak the user sees.
+
+    That import takes seconds (10 s on a 2-core CPU), so the figure is kept in dpokit's cache under the interpreter
+    and the versions of the libraries it imports; another interpreter or any upgrade measures again."""
+    import json
+
+    from dpokit.core.io import atomic_write_text
+    from dpokit.core.models import cache_dir
+
+    path, key = cache_dir() / "training_process_mb.json", _training_stack_key()
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
+            return float(known[key])
+    except (OSError, ValueError):
+        known = {}
+    measured = _measure_training_process_mb()
+    try:
+        atomic_write_text(path, json.dumps({**(known if isinstance(known, dict) else {}), key: measured}, indent=1))
+    except OSError:   # a read-only cache only costs the next plan the same measurement
+        pass
+    return measured
+
+
+def _training_stack_key() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+
+    libraries = ("dpokit", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "trl")
+    return " ".join([sys.executable, sys.version.split()[0], *(f"{n}={installed(n)}" for n in libraries)])
+
+
+def _measure_training_process_mb() -> float:
     code = ("import gc, psutil, dpokit.train.trainer; gc.collect(); "
             "print(psutil.Process().memory_info().rss)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
