@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import run_main
 from dpokit.core.errors import UserError
 from dpokit.data.vision import load_vision_preferences
 
@@ -92,8 +93,8 @@ def test_image_tokens_count_toward_max_length():
         load_vision_preferences("dpokit-tiny-vlm", rows=rows, max_length=total - 1)
 
 
-def _inspect(cli, path, model="dpokit-tiny-vlm", *extra):
-    return cli("data", "inspect", path, "--model", model, *extra)
+def _inspect(run, path, model="dpokit-tiny-vlm", *extra):
+    return run("data", "inspect", path, "--model", model, *extra)
 
 
 def _assert_one_line_exit_2(result, *needles):
@@ -105,7 +106,12 @@ def _assert_one_line_exit_2(result, *needles):
     return lines[0]
 
 
-def test_bad_inputs_exit_2_with_one_line(cli, tmp_path):
+def test_bad_inputs_exit_2_with_one_line(cli, capfd, tmp_path):
+    """The first case in a real process, the others through the CLI's entry point in this one (the same code, without
+    a fresh interpreter's 5 s each)."""
+    def in_process(*args):
+        return run_main(capfd, *args)
+
     (tmp_path / "images").mkdir()
     Image.new("RGB", (32, 32), "red").save(tmp_path / "images" / "ok.png")
     (tmp_path / "images" / "broken.png").write_bytes(b"not an image at all")
@@ -115,20 +121,20 @@ def test_bad_inputs_exit_2_with_one_line(cli, tmp_path):
     _assert_one_line_exit_2(_inspect(cli, missing), f"{missing}:2", "'images/nope.png' not found",
                             "relative to the data file")
     unreadable = _write_jsonl(tmp_path / "unreadable.jsonl", [_row(["images/broken.png"])])
-    _assert_one_line_exit_2(_inspect(cli, unreadable), f"{unreadable}:1", "cannot be read", "PNG or JPEG")
+    _assert_one_line_exit_2(_inspect(in_process, unreadable), f"{unreadable}:1", "cannot be read", "PNG or JPEG")
     count = _write_jsonl(tmp_path / "count.jsonl", [_row(["images/ok.png"], parts=[{"type": "image"}] * 2)])
-    _assert_one_line_exit_2(_inspect(cli, count), f"{count}:1", "2 image placeholders", "1 image;",
+    _assert_one_line_exit_2(_inspect(in_process, count), f"{count}:1", "2 image placeholders", "1 image;",
                             "one image per placeholder")
     ok = _write_jsonl(tmp_path / "ok.jsonl", [_row(["images/ok.png"])])
-    _assert_one_line_exit_2(_inspect(cli, ok, "dpokit-tiny-llama"), f"{ok}:1", "text-only model",
+    _assert_one_line_exit_2(_inspect(in_process, ok, "dpokit-tiny-llama"), f"{ok}:1", "text-only model",
                             "vision-language model")
-    _assert_one_line_exit_2(_inspect(cli, ok, "dpokit-tiny-vlm", "--max-length", "20"), f"{ok}:1",
+    _assert_one_line_exit_2(_inspect(in_process, ok, "dpokit-tiny-vlm", "--max-length", "20"), f"{ok}:1",
                             "16 image tokens", "--max-length")
     # nothing written beside the data
     after = sorted(p.name for p in tmp_path.rglob("*"))
     assert set(after) - set(before) == {"missing.jsonl", "unreadable.jsonl", "count.jsonl", "ok.jsonl"}
 
-    good = _inspect(cli, ok, "dpokit-tiny-vlm", "--json")
+    good = _inspect(in_process, ok, "dpokit-tiny-vlm", "--json")
     assert good.returncode == 0, good.stderr
     report = json.loads(good.stdout)
     assert report["pairs"] == 1 and report["image_sizes"] == {"32x32": 1} and report["image_tokens"] == 16
