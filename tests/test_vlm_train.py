@@ -91,13 +91,15 @@ def test_vision_plan_refuses_what_is_not_wired(tmp_path, update, needle):
         plan_training(_vision_cfg(tmp_path, **update))
 
 
-def test_bad_image_inputs_to_dpokit_train_exit_2_with_one_line_and_nothing_written(cli, tmp_path):
+def test_bad_image_inputs_to_dpokit_train_exit_2_with_one_line_and_nothing_written(cli, capfd, tmp_path):
     """Each before any weights load: a missing image (file and row named), image data with a text-only model, a
-    model folder whose processor has no image processor."""
+    model folder whose processor has no image processor. The first in a real process, the others through the CLI's
+    entry point in this one (the same code without a fresh interpreter each)."""
     import shutil
 
     from PIL import Image
 
+    from conftest import run_main
     from dpokit.core.vision import resolve_vlm_path
 
     (tmp_path / "images").mkdir()
@@ -117,9 +119,10 @@ def test_bad_image_inputs_to_dpokit_train_exit_2_with_one_line_and_nothing_writt
          ["shapes_prefs.jsonl:1", "text-only model", "vision-language model"]),
         ((f"model.name_or_path={no_image_processor}",), ["has no image processor", "with its processor"]),
     ]
-    for sets, needles in cases:
+    for i, (sets, needles) in enumerate(cases):
         args = [a for s in (*sets, f"output.dir={run}") for a in ("--set", s)]
-        result = cli("train", CONFIG, *args, env={"OMP_NUM_THREADS": "1"})
+        result = (cli("train", CONFIG, *args, env={"OMP_NUM_THREADS": "1"}) if i == 0
+                  else run_main(capfd, "train", CONFIG, *args))
         assert result.returncode == 2, result.stderr[-2000:]
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and all(n in lines[0] for n in needles), lines
