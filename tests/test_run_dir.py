@@ -7,7 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, run_cli, run_main
 from dpokit.core.config import load_config
 from dpokit.core.run import (
     SCHEMA_VERSION,
@@ -71,7 +71,7 @@ def test_train_jsonl_holds_exactly_the_pairs_trained_on(finished_run):
     assert report.train_tokenization.pairs == len(trained) + dropped
 
 
-def test_eval_settings_change_with_set_and_are_recorded(finished_run, tmp_path):
+def test_eval_settings_change_with_set_and_are_recorded(finished_run, tmp_path, capfd):
     # On a copy: this re-evaluation rewrites eval.json, which the other tests read from the shared run (any order).
     run = RunDir(shutil.copytree(finished_run[0].path, tmp_path / "run"))
     res = run_cli("eval", run.path, "--set", "eval.num_prompts=2", "--set", "eval.max_new_tokens=4",
@@ -86,7 +86,7 @@ def test_eval_settings_change_with_set_and_are_recorded(finished_run, tmp_path):
                         (["--set", "eval.judge=sentimnt"], "sentiment"),
                         (["--set", "evalnum_prompts"], "section.key=value")):
         before = run.eval_result.read_bytes()
-        res = run_cli("eval", run.path, *bad)
+        res = run_main(capfd, "eval", run.path, *bad)   # in this process: the same entry point, no 5 s start
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and needle in lines[0], (bad, res.stderr[-2000:])
         assert run.eval_result.read_bytes() == before
