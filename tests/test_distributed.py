@@ -109,3 +109,30 @@ print("group alive after training:", dist.is_initialized())
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split("\n")[:2] == ["group alive after training: True", "group alive at exit: False"]
+
+
+@pytest.mark.parametrize("launched", [{}, {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}])
+@pytest.mark.parametrize("argv, code", [(["losses"], 0), (["eval", "/nonexistent-run"], 2)])
+def test_a_launched_rank_runs_its_exit_handlers_and_skips_interpreter_shutdown(launched, argv, code):
+    """Under a launcher, `dpokit` leaves with its atexit handlers run and its exit code kept, but without Python's
+    interpreter shutdown (where gloo's worker threads can abort a finished run: docs/distributed.md); a plain run
+    shuts down as usual."""
+    script = f"""
+import atexit, sys
+class Finalized:
+    def __del__(self):
+        print("interpreter shutdown ran", flush=True)
+witness = Finalized()
+atexit.register(print, "atexit ran")
+sys.argv = ["dpokit", *{argv!r}]
+from dpokit.cli import main
+main()
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    res = subprocess.run([sys.executable, "-c", script], env={**env, **launched}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == code, res.stderr[-2000:]
+    assert "atexit ran" in res.stdout
+    assert ("interpreter shutdown ran" in res.stdout) is not bool(launched), res.stdout[-2000:]
+    if code == 2:
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr

@@ -357,6 +357,19 @@ def _click_exception_types():
 
 
 def main() -> None:
+    """The `dpokit` command. A rank started by a launcher leaves through `leave_launched_rank` (no interpreter
+    shutdown, where gloo's threads can abort a finished run)."""
+    from dpokit.core.processes import leave_launched_rank
+
+    try:
+        _main()
+    except SystemExit as done:
+        leave_launched_rank(done.code)
+        raise
+    leave_launched_rank(0)
+
+
+def _main() -> None:
     try:
         app(args=hoist_global_flags(sys.argv[1:]), prog_name="dpokit", standalone_mode=False)
     except UserError as err:
