@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import CONFIGS
 
 
@@ -31,6 +33,7 @@ def test_debug_shows_traceback(cli, tmp_path):
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
+@pytest.mark.slow
 def test_train_then_eval_tiny(cli, tmp_path):
     run = tmp_path / "run"
     res = cli("train", CONFIGS / "tiny.yaml", "--set", f"output.dir={run}")

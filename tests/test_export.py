@@ -46,6 +46,7 @@ def test_run_folder_follows_the_umask(lora_run):
     assert not wrong, f"modes other than 0644/0755 under umask 022: {wrong}"
 
 
+@pytest.mark.slow
 def test_adapter_export_is_portable_and_loads_from_another_folder_without_the_dpokit_cache(lora_run, tmp_path):
     out = tmp_path / "export"
     res = subprocess.run([sys.executable, "-c", "import os, sys; os.umask(0o022); from dpokit.cli import main; "

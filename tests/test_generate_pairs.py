@@ -13,6 +13,7 @@ PROMPTS = ["Describe a rainy Monday.", "What do you think of fresh bread?", "Tel
            "What do you think of winter?", "Tell me about your neighbors."]
 
 
+@pytest.mark.slow
 def test_data_generate_pairs_respect_the_gap(cli, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# a comment\n" + "\n".join(PROMPTS) + "\n\n", encoding="utf-8")
@@ -76,6 +77,7 @@ def test_data_generate_samples_in_bfloat16(cli, tmp_path):
         assert rows and all(r["score_chosen"] > r["score_rejected"] for r in rows)
 
 
+@pytest.mark.slow
 def test_data_generate_takes_the_pairs_section(cli, tmp_path):
     """--set pairs.KEY=VALUE and --config's pairs section drive the command; flags and --set override the file."""
     prompts = tmp_path / "prompts.txt"

@@ -452,6 +452,7 @@ def test_gradient_checkpointing_recomputes_with_the_packed_layout(tiny_llama, la
     assert_same(padded, packed)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_with_varlen_equal_one_padded_process(tiny_llama, tmp_path):
     """2 processes (torch.distributed.run, gloo, DDP; tests/ddp_varlen_worker.py), each scoring half of the pairs
     with the varlen layout through the DDP wrapper, give the loss and the all-reduced gradients of one process

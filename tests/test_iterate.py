@@ -85,6 +85,7 @@ def _policy_logps(run_dir, adapter=None):
     return torch.tensor([[c, r] for c, r in zip(res["chosen"], res["rejected"], strict=True)])
 
 
+@pytest.mark.slow
 def test_iterate_rounds_resume_and_offline_arm(tmp_path):
     """One test, so the runs are shared: 2 rounds; then 3 (stopped between rounds 2 and 3), killed inside round 3;
     then resumed, with the offline arm."""
@@ -185,6 +186,7 @@ def _train_tiny(tmp_path, name, **train):
     return tmp_path / name
 
 
+@pytest.mark.slow
 def test_lora_init_from_reference_at_the_train_layer(tmp_path):
     """train.lora.init_from continues an adapter. With reference: precomputed the reference is the policy as loaded
     (step 0: ln 2, and the cached log-probs are that policy's); with reference: adapter it is still pi0, so step 0

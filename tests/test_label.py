@@ -312,6 +312,7 @@ def _snapshot(db: Path) -> tuple:
             db_rows(db, "SELECT COUNT(*) FROM items"))
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_line_and_leave_the_db_unchanged(tmp_path):
     source, db = items_source(tmp_path), tmp_path / "labels.sqlite"
     store = open_store(db, source)

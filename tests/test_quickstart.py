@@ -23,6 +23,7 @@ def test_shipped_quickstart_config_is_valid_and_packaged():
     assert cfg.eval.num_prompts >= 60 and cfg.pairs.eval_prompts >= 60
 
 
+@pytest.mark.slow
 def test_quickstart_refuses_data_source_and_foreign_out_dir(cli, tmp_path):
     cfg = tmp_path / "qs.yaml"
     cfg.write_text("data:\n  source: pairs.jsonl\n", encoding="utf-8")

@@ -141,6 +141,7 @@ def test_precompute_split_over_processes_reassembles_in_pair_order(tiny_llama, t
     assert split == pytest.approx(alone, abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False])
 def test_eval_reuses_the_held_out_reference_logps_and_equals_recomputing_them(tmp_path, monkeypatch, lora):
     """With reference: precomputed, training already scored the held-out pairs under the base model: evaluation

@@ -46,6 +46,7 @@ def _assert_same_steps(a: dict, b: dict, steps, keys, tol=1e-6):
                 (step, key, a[step][key], b[step][key])
 
 
+@pytest.mark.slow
 def test_two_identical_lora_runs_in_one_process_are_identical(tmp_path, monkeypatch):
     """Must-show 1. The first run builds the tiny model in a fresh cache, the second finds it built, and the
     process RNG is disturbed in between (as earlier tests would): metrics.jsonl must still be identical."""
@@ -100,6 +101,7 @@ def test_tied_rewards_are_not_accurate():
     assert _store(free)["rewards/accuracies"] == pytest.approx(1 / 2)
 
 
+@pytest.mark.slow
 def test_resume_with_dropout_equals_straight_run(tmp_path, tiny_gpt2):
     """GPT-2 keeps dropout on here (train.disable_dropout: false), so the steps after the resume draw random masks:
     they match the straight run only if the checkpoint's RNG state is restored."""

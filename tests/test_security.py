@@ -1,6 +1,7 @@
 """Security defaults: secrets only from environment variables and never in the run folder or the logs; weights as
 safetensors; no remote code unless the config turns it on."""
 
+import pytest
 import yaml
 
 from conftest import run_cli, tiny_config
@@ -9,6 +10,7 @@ from dpokit.core.config import config_from_dict
 SECRET = "hf_dpokitTestSecretValue0123456789"
 
 
+@pytest.mark.slow
 def test_token_env_value_never_reaches_run_folder_or_logs(tmp_path):
     cfg = tiny_config(tmp_path, model={"name_or_path": "dpokit-tiny-llama", "token_env": "DPOKIT_TEST_TOKEN"},
                       train={"max_steps": 2, "save_steps": 1})

@@ -123,6 +123,7 @@ class CrashAt(TrainerCallback):
             raise RuntimeError("simulated crash")
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_selection_state(tmp_path):
     # Full fine-tune (the kept point is a whole-model copy), the real sentiment judge. The crash comes after the
     # checkpoint at step 5 and after point 8 was evaluated: the resumed run drops point 8, evaluates it again and

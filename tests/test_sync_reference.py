@@ -3,6 +3,7 @@ alpha * policy + (1 - alpha) * the reference before, as TRL's SyncRefModelCallba
 
 import copy
 
+import pytest
 import torch
 from transformers import TrainerCallback
 
@@ -78,6 +79,7 @@ def test_engine_trl_gets_trls_sync_options():
     assert "sync_ref_model" not in trl_loss_options(TrainConfig())
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_a_sync_resumes_to_the_straight_runs_losses(tmp_path):
     """Sync every 2 steps, checkpoint every 3: the run stops after step 3 (one sync, at step 2, behind it); the
     checkpoint holds the synced reference, and the resumed steps 4-6 (a sync at step 4) equal the straight run's."""

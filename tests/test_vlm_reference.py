@@ -29,6 +29,7 @@ def _losses(run):
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_precomputed_reference_on_images_equals_the_adapter_reference_and_is_reused(tmp_path):
     """LoRA starts at the base, so the precomputed reference (the initial policy) is the adapter-disabled base: the
     same losses as `reference: adapter`, with no reference forward while training; a second run hits the cache."""
