@@ -63,6 +63,9 @@ def format_interval(value: float | None, ci: list | None = None, digits: int = 3
 
 # A row's fields as the user wrote them (shortened), with `where` (file:line): user data, so no fixed shape.
 Preview = dict[str, Any]
+# A prompt as the data has it: text, or chat messages ({"role", "content"}, content parts as the model's chat
+# template reads them, e.g. {"type": "image"}): the template's schema, not dpokit's, so messages stay dicts.
+UserPrompt = str | list[dict[str, Any]]
 
 
 class Examples(Model):
@@ -294,7 +297,7 @@ class Selection(Artifact):
     select: str = Field(description="`train.select` as resolved: best_judge")
     criterion: str = Field(description="how the kept point was chosen")
     judge: str = Field(description="the judge (eval.judge)")
-    prompts: list[Any] = Field(description="the held-out prompts answered at every point")
+    prompts: list[UserPrompt] = Field(description="the held-out prompts answered at every point")
     overlap_with_eval_prompts: int = Field(description="of those, prompts the final evaluation (eval.num_prompts) "
                                            "also answers: 0 = selection and evaluation are on disjoint prompts")
     decoding: Decoding = Field(description="temperature, top_p, max_new_tokens, seed, engine")
@@ -510,7 +513,7 @@ class EvalResult(Artifact):
 class EvalSample(Model):
     """One row of `eval_samples.jsonl`: a tuned and a base answer to the same prompt with the same seed."""
 
-    prompt: Any
+    prompt: UserPrompt
     sample: int
     base: str
     tuned: str
