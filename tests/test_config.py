@@ -142,6 +142,7 @@ def test_old_and_new_layout_keys_together_is_an_error(tmp_path, cli):
     res = cli("plan", path)
     assert res.returncode == 2 and "keep only train.layout" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+    assert "got {" not in res.stderr, res.stderr  # a section's own check names its keys, not the whole section
 
 
 def test_old_layout_spelling_through_the_cli_warns_on_one_line(tmp_path, cli):

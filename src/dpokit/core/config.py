@@ -441,6 +441,8 @@ def _format_validation_error(err: ValidationError, origin: str, prefix: tuple[st
             msg = e["msg"].replace("Value error, ", "")
             if key == "(top level)":
                 problems.append(msg)
+            elif isinstance(got, dict):  # a section's own check (a model validator): its message names the keys
+                problems.append(f"{shown}: {msg}")
             else:
                 problems.append(f"{shown}: {msg} (got {got!r}); see `dpokit config-keys` for its type")
     if from_set and all(from_set):  # the YAML file is fine: do not send the user there
