@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpokit.core.config import load_config
+from dpokit.core.config import load_config, section_from_dict
 from dpokit.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +143,13 @@ def test_old_and_new_layout_keys_together_is_an_error(tmp_path, cli):
     assert res.returncode == 2 and "keep only train.layout" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert "got {" not in res.stderr, res.stderr  # a section's own check names its keys, not the whole section
+
+
+def test_a_wrong_type_given_as_a_mapping_still_shows_it_and_the_type_hint():
+    """Only a section's own check drops the input from its line; a key of the wrong type keeps it and the pointer."""
+    with pytest.raises(UserError) as err:
+        section_from_dict("train", {"epochs": {"a": 1}})
+    assert "train.epochs: Input should be a valid number (got {'a': 1}); see `dpokit config-keys`" in str(err.value)
 
 
 def test_old_layout_spelling_through_the_cli_warns_on_one_line(tmp_path, cli):

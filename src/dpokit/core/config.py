@@ -441,7 +441,7 @@ def _format_validation_error(err: ValidationError, origin: str, prefix: tuple[st
             msg = e["msg"].replace("Value error, ", "")
             if key == "(top level)":
                 problems.append(msg)
-            elif isinstance(got, dict):  # a section's own check (a model validator): its message names the keys
+            elif kind == "value_error" and isinstance(got, dict):  # a section's own check: its message names the keys
                 problems.append(f"{shown}: {msg}")
             else:
                 problems.append(f"{shown}: {msg} (got {got!r}); see `dpokit config-keys` for its type")
